@@ -1,0 +1,47 @@
+"""Argument validation shared by the pattern library: every error names the argument, the bad
+value and what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    """Return ``value`` if it is an int > 0 (>= 0 with ``allow_zero``), else raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+    return value
+
+
+def check_per_axis(name: str, value: Any, kind: type, *, allow_none: bool = False) -> tuple:
+    """Normalise a scalar or a 3-tuple (t, h, w) of ``kind`` to a 3-tuple."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 3:
+            raise ValueError(f"{name} must be a single value or a (t, h, w) tuple of 3, got {value!r}")
+        items = tuple(value)
+    else:
+        items = (value, value, value)
+    for axis, item in zip("thw", items):
+        if item is None and allow_none:
+            continue
+        if kind is bool:
+            if not isinstance(item, bool):
+                raise ValueError(f"{name}[{axis}] must be a bool, got {item!r}")
+        else:
+            check_positive_int(f"{name}[{axis}]", item)
+    return items
+
+
+def check_block_size(name: str, value: Any, allowed: Sequence[int] = (16, 32, 64, 128, 256)) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+    return value

@@ -1,0 +1,425 @@
+"""BlockLayout: the compressed, kernel-ready form of an attention pattern.
+
+The ``N x N`` (query, key) plane is cut into tiles of ``block_q x block_k`` tokens. A layout lists,
+for every query block, the key blocks the kernel must visit, sorted ascending. A visited tile is
+either *full* (every in-range pair allowed: no element mask is read) or *partial* (it carries a
+packed bit mask). Tiles that are not listed are skipped entirely.
+
+Layouts are shared by all heads (leading dimension 1) or per head (leading dimension H), and can
+carry a token permutation: the kernel then works on ``x[..., permutation, :]`` and the output is
+scattered back. Everything here is plain tensors so that Triton kernels, the CPU path and later
+users (PSA's per-tile pooling level, ring attention) read the same structure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .base import Pattern
+    from .grid import VideoGrid
+
+# Partial-tile masks are packed 32 keys to an int32 word: bit ``b`` of word ``w`` in row ``r`` says
+# whether query ``r`` of the tile may attend key ``32 * w + b`` of the tile.
+MASK_WORD_BITS = 32
+# Partial tiles whose masks are built at once (bounds peak memory at ~chunk * block_q * block_k).
+_MASK_CHUNK_TILES = 256
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """Which ``block_q x block_k`` tiles of the attention matrix a kernel visits, and how.
+
+    Attributes:
+        num_tokens: sequence length ``N`` (queries and keys).
+        block_q: query tokens per tile row.
+        block_k: key tokens per tile column (a multiple of 32).
+        kv_counts: int32 ``[Hl, Mq]``: visited key blocks per query block (``Hl`` is 1 for a
+            layout shared by all heads, else the number of heads; ``Mq = ceil(N / block_q)``).
+        kv_indices: int32 ``[Hl, Mq, max_kv]``: visited key-block indices, ascending; entries
+            past ``kv_counts`` are 0 and must not be read.
+        kv_mask_ids: int32 ``[Hl, Mq, max_kv]``: ``-1`` for a full tile, else the row of
+            ``masks`` that holds the tile's element mask.
+        masks: int32 ``[P, block_q, block_k // 32]``: packed element masks of partial tiles.
+            Bits for query or key positions ``>= N`` are 0.
+        permutation: int64 ``[N]`` or None: the kernel's token ``p`` is the caller's token
+            ``permutation[p]`` (tile-major reordering of the video tokens).
+        allowed_pairs: allowed (query, key) pairs per head-layout, as Python ints.
+
+    A tile is *full* when every pair inside it with both indices ``< N`` is allowed: kernels must
+    still mask keys ``>= N`` in the last key block.
+
+    Example:
+        >>> from diffattn import VideoGrid, Neighborhood
+        >>> layout = Neighborhood(kernel_size=(3, 5, 5)).layout(VideoGrid(4, 8, 8), block_size=64)
+        >>> layout.kv_counts.shape, round(layout.density, 3)
+        (torch.Size([1, 4]), 0.551)
+    """
+
+    num_tokens: int
+    block_q: int
+    block_k: int
+    kv_counts: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_mask_ids: torch.Tensor
+    masks: torch.Tensor
+    permutation: torch.Tensor | None = None
+    allowed_pairs: tuple[int, ...] = field(default=())
+
+    # ----------------------------------------------------------------- shape and statistics
+    @property
+    def num_heads(self) -> int:
+        """1 for a layout shared by all heads, else the number of heads it describes."""
+        return int(self.kv_counts.shape[0])
+
+    @property
+    def num_q_blocks(self) -> int:
+        return int(self.kv_counts.shape[1])
+
+    @property
+    def num_k_blocks(self) -> int:
+        return math.ceil(self.num_tokens / self.block_k)
+
+    @property
+    def max_kv_blocks(self) -> int:
+        return int(self.kv_indices.shape[2])
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_counts.device
+
+    @property
+    def density(self) -> float:
+        """Fraction of the ``N * N`` (query, key) pairs that are allowed (mean over heads)."""
+        return sum(self.allowed_pairs) / (len(self.allowed_pairs) * self.num_tokens**2)
+
+    @cached_property
+    def visited_pairs(self) -> int:
+        """(query, key) pairs inside visited tiles, clipped to ``N`` (mean over heads).
+
+        This is what a block-sparse kernel computes; ``visited_pairs / N**2 >= density``, the gap
+        being the masked-out part of partial tiles.
+        """
+        rows = _block_lengths(self.num_tokens, self.block_q).to(torch.int64)
+        cols = _block_lengths(self.num_tokens, self.block_k).to(torch.int64)
+        slots = torch.arange(self.max_kv_blocks, device=self.device)
+        valid = slots[None, None, :] < self.kv_counts[..., None]
+        col_len = cols.to(self.device)[self.kv_indices.long()] * valid
+        total = (col_len.sum(-1) * rows.to(self.device)[None, :]).sum()
+        return int(total) // self.num_heads
+
+    @property
+    def tile_density(self) -> float:
+        """Fraction of ``N * N`` inside visited tiles (what the kernel pays for)."""
+        return self.visited_pairs / self.num_tokens**2
+
+    @property
+    def num_partial_tiles(self) -> int:
+        return int(self.masks.shape[0])
+
+    @property
+    def num_visited_tiles(self) -> int:
+        return int(self.kv_counts.sum())
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockLayout(N={self.num_tokens}, block=({self.block_q}, {self.block_k}), heads={self.num_heads}, "
+            f"tiles={self.num_visited_tiles} ({self.num_partial_tiles} partial), density={self.density:.4f}, "
+            f"tile_density={self.tile_density:.4f}, permuted={self.permutation is not None}, device={self.device})"
+        )
+
+    # ----------------------------------------------------------------- derived views
+    @cached_property
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same tiles listed per key block, for backward kernels (dK, dV).
+
+        Returns:
+            ``(q_counts [Hl, Mk], q_indices [Hl, Mk, max_q], q_mask_ids [Hl, Mk, max_q])``,
+            int32, query-block indices ascending, mask ids into the same ``masks`` table.
+        """
+        heads, num_q = self.num_heads, self.num_q_blocks
+        num_k = self.num_k_blocks
+        slots = torch.arange(self.max_kv_blocks, device=self.device)
+        valid = slots[None, None, :] < self.kv_counts[..., None]
+        head_idx, q_idx, slot_idx = valid.nonzero(as_tuple=True)
+        k_idx = self.kv_indices[head_idx, q_idx, slot_idx].long()
+        mask_id = self.kv_mask_ids[head_idx, q_idx, slot_idx]
+        # Sort by (head, key block, query block): stable sort on the composite key.
+        order = torch.argsort((head_idx * num_k + k_idx) * num_q + q_idx)
+        head_idx, q_idx, k_idx, mask_id = head_idx[order], q_idx[order], k_idx[order], mask_id[order]
+        q_counts = torch.zeros(heads, num_k, dtype=torch.int64, device=self.device)
+        q_counts.index_put_((head_idx, k_idx), torch.ones_like(k_idx), accumulate=True)
+        max_q = int(q_counts.max()) if q_counts.numel() else 0
+        starts = torch.cumsum(q_counts.flatten(), 0) - q_counts.flatten()
+        slot = torch.arange(head_idx.numel(), device=self.device) - starts[head_idx * num_k + k_idx]
+        q_indices = torch.zeros(heads, num_k, max(max_q, 1), dtype=torch.int32, device=self.device)
+        q_mask_ids = torch.full_like(q_indices, -1)
+        q_indices[head_idx, k_idx, slot] = q_idx.to(torch.int32)
+        q_mask_ids[head_idx, k_idx, slot] = mask_id
+        return q_counts.to(torch.int32), q_indices, q_mask_ids
+
+    def tile_masks(self, mask_ids: torch.Tensor) -> torch.Tensor:
+        """Unpack the element masks of tiles: bool ``[*mask_ids.shape, block_q, block_k]``.
+
+        ``mask_ids`` of ``-1`` (full tiles) give all-True masks (before clipping to ``N``).
+        """
+        flat = mask_ids.reshape(-1).long()
+        words = self.masks[flat.clamp(min=0)] if self.masks.shape[0] else torch.zeros(
+            flat.numel(), self.block_q, self.block_k // MASK_WORD_BITS, dtype=torch.int32, device=self.device
+        )
+        bits = torch.arange(MASK_WORD_BITS, device=self.device, dtype=torch.int32)
+        unpacked = ((words[..., None] >> bits) & 1).bool().reshape(flat.numel(), self.block_q, self.block_k)
+        unpacked |= (flat < 0)[:, None, None]
+        return unpacked.reshape(*mask_ids.shape, self.block_q, self.block_k)
+
+    def token_mask(self) -> torch.Tensor:
+        """Expand to a dense bool mask in the caller's token order (tests and small grids only).
+
+        Returns:
+            ``[N, N]`` for a shared layout, ``[H, N, N]`` for a per-head layout.
+        """
+        n, bq, bk = self.num_tokens, self.block_q, self.block_k
+        num_q, num_k = self.num_q_blocks, self.num_k_blocks
+        dense = torch.zeros(self.num_heads, num_q * bq, num_k * bk, dtype=torch.bool, device=self.device)
+        slots = torch.arange(self.max_kv_blocks, device=self.device)
+        valid = slots[None, None, :] < self.kv_counts[..., None]
+        head_idx, q_idx, slot_idx = valid.nonzero(as_tuple=True)
+        k_idx = self.kv_indices[head_idx, q_idx, slot_idx].long()
+        tiles = self.tile_masks(self.kv_mask_ids[head_idx, q_idx, slot_idx])
+        view = dense.view(self.num_heads, num_q, bq, num_k, bk).permute(0, 1, 3, 2, 4)
+        view[head_idx, q_idx, k_idx] = tiles
+        dense = dense[:, :n, :n]
+        if self.permutation is not None:
+            inverse = torch.empty_like(self.permutation)
+            inverse[self.permutation] = torch.arange(n, device=self.device)
+            dense = dense[:, inverse][:, :, inverse]
+        return dense[0] if self.num_heads == 1 else dense
+
+    # ----------------------------------------------------------------- transforms
+    def to(self, device: torch.device | str) -> "BlockLayout":
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return BlockLayout(
+            num_tokens=self.num_tokens,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            kv_counts=self.kv_counts.to(device),
+            kv_indices=self.kv_indices.to(device),
+            kv_mask_ids=self.kv_mask_ids.to(device),
+            masks=self.masks.to(device),
+            permutation=None if self.permutation is None else self.permutation.to(device),
+            allowed_pairs=self.allowed_pairs,
+        )
+
+    def permute_tokens(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        """Caller's order -> kernel order along ``dim`` (identity without a permutation)."""
+        if self.permutation is None:
+            return x
+        return x.index_select(dim, self.permutation.to(x.device))
+
+    def unpermute_tokens(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        """Kernel order -> caller's order along ``dim``."""
+        if self.permutation is None:
+            return x
+        out = torch.empty_like(x)
+        out.index_copy_(dim, self.permutation.to(x.device), x)
+        return out
+
+    @classmethod
+    def stack(cls, layouts: Sequence["BlockLayout"]) -> "BlockLayout":
+        """Combine single-head layouts (same N, block sizes and permutation) into a per-head one.
+
+        Example:
+            >>> per_head = BlockLayout.stack([dense_layout, local_layout])   # head 0, head 1
+        """
+        if not layouts:
+            raise ValueError("layouts must be a non-empty sequence of BlockLayout, got an empty one")
+        first = layouts[0]
+        for i, lay in enumerate(layouts):
+            if not isinstance(lay, BlockLayout):
+                raise ValueError(f"layouts[{i}] must be a BlockLayout, got {type(lay).__name__}")
+            same = (lay.num_tokens, lay.block_q, lay.block_k) == (first.num_tokens, first.block_q, first.block_k)
+            if not same:
+                raise ValueError(
+                    f"layouts[{i}] has (N, block_q, block_k) = {(lay.num_tokens, lay.block_q, lay.block_k)}, "
+                    f"layouts[0] has {(first.num_tokens, first.block_q, first.block_k)}; they must match"
+                )
+            if (lay.permutation is None) != (first.permutation is None) or (
+                lay.permutation is not None and not torch.equal(lay.permutation, first.permutation.to(lay.device))
+            ):
+                raise ValueError(f"layouts[{i}] has a different token permutation than layouts[0]")
+        device = first.device
+        max_kv = max(lay.max_kv_blocks for lay in layouts)
+        counts, indices, mask_ids, masks, allowed = [], [], [], [], []
+        offset = 0
+        for lay in layouts:
+            pad = max_kv - lay.max_kv_blocks
+            counts.append(lay.kv_counts.to(device))
+            indices.append(torch.nn.functional.pad(lay.kv_indices.to(device), (0, pad)))
+            ids = lay.kv_mask_ids.to(device)
+            ids = torch.where(ids >= 0, ids + offset, ids)
+            mask_ids.append(torch.nn.functional.pad(ids, (0, pad), value=-1))
+            masks.append(lay.masks.to(device))
+            offset += lay.num_partial_tiles
+            allowed.extend(lay.allowed_pairs)
+        return cls(
+            num_tokens=first.num_tokens,
+            block_q=first.block_q,
+            block_k=first.block_k,
+            kv_counts=torch.cat(counts),
+            kv_indices=torch.cat(indices),
+            kv_mask_ids=torch.cat(mask_ids),
+            masks=torch.cat(masks),
+            permutation=first.permutation,
+            allowed_pairs=tuple(allowed),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Building a layout from a pattern without materialising N x N.
+# --------------------------------------------------------------------------------------------
+
+
+def _block_lengths(n: int, block: int) -> torch.Tensor:
+    starts = torch.arange(0, n, block)
+    return (starts + block).clamp(max=n) - starts
+
+
+def _split_prefixes(grid: "VideoGrid", prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence prefix lengths -> (video tokens in the prefix, text tokens in the prefix)."""
+    if grid.text_position == "end":
+        video = prefix.clamp(max=grid.video_tokens)
+        return video, prefix - video
+    text = prefix.clamp(max=grid.text_tokens)
+    return prefix - text, text
+
+
+def pack_tile_masks(dense: torch.Tensor) -> torch.Tensor:
+    """bool ``[P, bq, bk]`` -> int32 ``[P, bq, bk // 32]`` (bit b of word w = key 32w + b)."""
+    packed = np.packbits(dense.cpu().numpy(), axis=-1, bitorder="little")  # uint8 [P, bq, bk/8]
+    packed = np.ascontiguousarray(packed).view("<i4")
+    return torch.from_numpy(packed.copy())
+
+
+def build_block_layout(
+    pattern: "Pattern",
+    grid: "VideoGrid",
+    block_q: int,
+    block_k: int,
+    tile_shape: tuple[int, int, int] | None,
+) -> BlockLayout:
+    """Build a pattern's layout on the CPU in O(tiles + partial-tile area), never O(N^2).
+
+    Tile classification uses exact pair counts: ``count(tile) = P(x1, y1) - P(x0, y1) - P(x1, y0) +
+    P(x0, y0)`` where ``P(x, y)`` counts allowed pairs among the first ``x`` queries and first
+    ``y`` keys (in kernel order). Text tokens are dense, so ``P`` is the pattern's video-video
+    prefix count plus closed-form text terms. A tile is full when its count equals its area and
+    empty when the count is 0; only partial tiles evaluate the pattern per element.
+    """
+    from .grid import VideoOrder
+
+    n = grid.num_tokens
+    order = VideoOrder(grid, tile_shape)
+    q_bounds = torch.cat([torch.arange(0, n, block_q), torch.tensor([n])])
+    k_bounds = torch.cat([torch.arange(0, n, block_k), torch.tensor([n])])
+    qv, qt = _split_prefixes(grid, q_bounds)
+    kv, kt = _split_prefixes(grid, k_bounds)
+    video_pairs = pattern.video_prefix_pair_counts(grid, order, qv, kv).to(torch.float64)
+    prefix = video_pairs + qt[:, None].double() * k_bounds[None, :].double() + qv[:, None].double() * kt[None, :].double()
+    counts = prefix[1:, 1:] - prefix[:-1, 1:] - prefix[1:, :-1] + prefix[:-1, :-1]
+    area = (q_bounds[1:] - q_bounds[:-1])[:, None].double() * (k_bounds[1:] - k_bounds[:-1])[None, :].double()
+    counts = counts.round()
+    visited = counts > 0
+    full = counts == area
+
+    # Per query block: the visited key blocks, ascending (row-major nonzero is already sorted).
+    kv_counts = visited.sum(1)
+    max_kv = max(int(kv_counts.max()), 1)
+    q_idx, k_idx = visited.nonzero(as_tuple=True)
+    row_start = torch.cumsum(kv_counts, 0) - kv_counts
+    slot = torch.arange(q_idx.numel()) - row_start[q_idx]
+    num_q = q_bounds.numel() - 1
+    kv_indices = torch.zeros(1, num_q, max_kv, dtype=torch.int32)
+    kv_mask_ids = torch.full((1, num_q, max_kv), -1, dtype=torch.int32)
+    kv_indices[0, q_idx, slot] = k_idx.to(torch.int32)
+    is_partial = ~full[q_idx, k_idx]
+    partial_q, partial_k = q_idx[is_partial], k_idx[is_partial]
+    kv_mask_ids[0, q_idx[is_partial], slot[is_partial]] = torch.arange(partial_q.numel(), dtype=torch.int32)
+
+    # Kernel position -> caller's token index.
+    permutation = None
+    if tile_shape is not None:
+        permutation = torch.arange(n)
+        off = grid.video_offset
+        permutation[off : off + grid.video_tokens] = order.raster_index() + off
+    masks = _partial_tile_masks(pattern, grid, permutation, partial_q, partial_k, block_q, block_k)
+    return BlockLayout(
+        num_tokens=n,
+        block_q=block_q,
+        block_k=block_k,
+        kv_counts=kv_counts.to(torch.int32)[None],
+        kv_indices=kv_indices,
+        kv_mask_ids=kv_mask_ids,
+        masks=masks,
+        permutation=permutation,
+        allowed_pairs=(int(counts.sum()),),
+    )
+
+
+def _partial_tile_masks(
+    pattern: "Pattern",
+    grid: "VideoGrid",
+    permutation: torch.Tensor | None,
+    tile_q: torch.Tensor,
+    tile_k: torch.Tensor,
+    block_q: int,
+    block_k: int,
+) -> torch.Tensor:
+    """Packed element masks of the partial tiles, built word-wise from the pattern's factors.
+
+    For each factor ``(feature, table)``, each key block ``kb`` and each feature value ``c``, the
+    bits ``table[c, feature[key j of kb]]`` are packed once into ``block_k / 32`` words. A tile row
+    is then the AND of one such word vector per factor, picked by the query's feature values:
+    work per partial tile is ``block_q * block_k / 32`` word operations, not ``block_q * block_k``
+    element look-ups.
+    """
+    n = grid.num_tokens
+    num_tiles = tile_q.numel()
+    words = block_k // MASK_WORD_BITS
+    if num_tiles == 0:
+        return torch.zeros(0, block_q, words, dtype=torch.int32)
+    to_token = (lambda pos: permutation[pos]) if permutation is not None else (lambda pos: pos)
+
+    # Key side: the distinct key blocks of partial tiles.
+    key_blocks, tile_key_slot = torch.unique(tile_k, return_inverse=True)
+    k_pos = key_blocks[:, None] * block_k + torch.arange(block_k)  # [K', bk]
+    k_in = k_pos < n
+    k_vid = grid.video_index_of(to_token(k_pos.clamp(max=n - 1)))
+    k_text = (k_vid < 0) & k_in
+    # Query side: the rows of every partial tile.
+    q_pos = tile_q[:, None] * block_q + torch.arange(block_q)  # [P, bq]
+    q_in = q_pos < n
+    q_vid = grid.video_index_of(to_token(q_pos.clamp(max=n - 1)))
+
+    out = pack_tile_masks(k_in[:, None, :].expand(-1, 1, -1))[:, 0][tile_key_slot][:, None, :].repeat(1, block_q, 1)
+    for feature, table in pattern.video_factors(grid):
+        k_feature = feature[k_vid.clamp(min=0)]  # [K', bk]
+        per_value = torch.empty(key_blocks.numel(), table.shape[0], words, dtype=torch.int32)
+        step = max(1, (1 << 24) // (table.shape[0] * block_k))
+        for start in range(0, key_blocks.numel(), step):
+            bits = table[:, k_feature[start : start + step]].permute(1, 0, 2)  # [kc, L, bk]
+            bits = bits | k_text[start : start + step, None, :]
+            per_value[start : start + step] = pack_tile_masks(bits)
+        q_feature = feature[q_vid.clamp(min=0)]  # [P, bq]
+        rows = per_value[tile_key_slot[:, None], q_feature]  # [P, bq, words]
+        rows = torch.where((q_vid < 0)[:, :, None], torch.full_like(rows, -1), rows)
+        out &= rows
+    out[~q_in] = 0
+    return out
