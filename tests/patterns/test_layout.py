@@ -1,0 +1,145 @@
+import pytest
+import torch
+
+from diffattn import BlockLayout, Dense, Neighborhood, Radial, VideoGrid
+
+GRIDS = [
+    VideoGrid(3, 5, 7, text_tokens=5),  # N = 110: not a block multiple
+    VideoGrid(4, 6, 10, text_tokens=7, text_position="start"),  # N = 247
+    VideoGrid(5, 9, 8),  # N = 360, no text
+]
+PATTERNS = [
+    (Dense(), None),
+    (Neighborhood(kernel_size=(3, 3, 5)), None),
+    (Neighborhood(kernel_size=(2, 4, 3), stride=(1, 2, 3), dilation=(1, 1, 2), causal=(True, False, False)), None),
+    (Neighborhood(kernel_size=(3, 3, 5)), (1, 4, 8)),
+    (Neighborhood(kernel_size=(3, 3, 3), causal=(True, True, False)), (2, 3, 4)),
+    (Dense(), (2, 2, 2)),
+    (Radial(block_size=32), None),
+    (Radial(block_size=64, decay=0.5), None),
+]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+@pytest.mark.parametrize("pattern, tile_shape", PATTERNS, ids=lambda x: repr(x)[:40])
+@pytest.mark.parametrize("block_q, block_k", [(64, 64), (128, 128), (32, 64), (64, 32)])
+def test_layout_round_trips_to_the_token_mask(grid, pattern, tile_shape, block_q, block_k):
+    layout = pattern.layout(grid, block_q=block_q, block_k=block_k, tile_shape=tile_shape)
+    expected = pattern.token_mask(grid)
+    assert torch.equal(layout.token_mask(), expected)
+    assert layout.density == pytest.approx(expected.double().mean().item(), abs=1e-12)
+    assert layout.visited_pairs >= layout.allowed_pairs[0]
+
+
+def test_layout_structure_invariants():
+    grid = VideoGrid(4, 6, 10, text_tokens=7)
+    layout = Neighborhood(kernel_size=(3, 3, 5)).layout(grid, block_size=32, tile_shape=(1, 4, 8))
+    n, bq, bk = grid.num_tokens, layout.block_q, layout.block_k
+    assert layout.kv_counts.dtype == layout.kv_indices.dtype == layout.kv_mask_ids.dtype == layout.masks.dtype == torch.int32
+    assert layout.kv_counts.shape == (1, -(-n // bq))
+    for qb in range(layout.num_q_blocks):
+        row = layout.kv_indices[0, qb, : layout.kv_counts[0, qb]].tolist()
+        assert row == sorted(set(row))
+    # Bits for keys beyond N are zero in every packed mask.
+    tiles = layout.tile_masks(torch.arange(layout.num_partial_tiles))
+    last_k_block = layout.kv_indices[0][layout.kv_mask_ids[0] >= 0]
+    ids = layout.kv_mask_ids[0][layout.kv_mask_ids[0] >= 0]
+    for mask_id, kb in zip(ids.tolist(), last_k_block.tolist()):
+        beyond = torch.arange(bk) + kb * bk >= n
+        assert not tiles[mask_id][:, beyond].any()
+    # The permutation is a permutation, and permute/unpermute are inverse.
+    assert sorted(layout.permutation.tolist()) == list(range(n))
+    x = torch.randn(2, 3, n, 4)
+    assert torch.equal(layout.unpermute_tokens(layout.permute_tokens(x)), x)
+
+
+def test_transposed_lists_the_same_tiles():
+    grid = VideoGrid(5, 9, 8, text_tokens=3)
+    layout = Neighborhood(kernel_size=(3, 5, 3), stride=(1, 2, 1)).layout(grid, block_q=32, block_k=64)
+    q_counts, q_indices, q_mask_ids = layout.transposed
+    forward = set()
+    for qb in range(layout.num_q_blocks):
+        for slot in range(layout.kv_counts[0, qb]):
+            forward.add((qb, int(layout.kv_indices[0, qb, slot]), int(layout.kv_mask_ids[0, qb, slot])))
+    backward = set()
+    for kb in range(layout.num_k_blocks):
+        row = q_indices[0, kb, : q_counts[0, kb]].tolist()
+        assert row == sorted(row)
+        for slot in range(q_counts[0, kb]):
+            backward.add((int(q_indices[0, kb, slot]), kb, int(q_mask_ids[0, kb, slot])))
+    assert forward == backward
+
+
+def test_per_head_layout_from_stack():
+    grid = VideoGrid(3, 5, 7, text_tokens=5)
+    patterns = [Dense(), Neighborhood(kernel_size=(1, 3, 3)), Radial(block_size=32)]
+    layouts = [p.layout(grid, block_size=32) for p in patterns]
+    stacked = BlockLayout.stack(layouts)
+    assert stacked.num_heads == 3
+    masks = stacked.token_mask()
+    for head, pattern in enumerate(patterns):
+        assert torch.equal(masks[head], pattern.token_mask(grid))
+    assert stacked.density == pytest.approx(sum(lay.density for lay in layouts) / 3)
+
+
+def test_stack_refuses_mismatched_layouts():
+    grid = VideoGrid(3, 5, 7)
+    with pytest.raises(ValueError, match="must match"):
+        BlockLayout.stack([Dense().layout(grid, 32), Dense().layout(grid, 64)])
+    with pytest.raises(ValueError, match="permutation"):
+        p = Neighborhood(kernel_size=3)
+        BlockLayout.stack([p.layout(grid, 32), p.layout(grid, 32, tile_shape=(1, 5, 7))])
+    with pytest.raises(ValueError, match="non-empty"):
+        BlockLayout.stack([])
+
+
+def test_layouts_are_cached_per_grid_and_block_size():
+    pattern = Neighborhood(kernel_size=(3, 3, 3))
+    a = pattern.layout(VideoGrid(4, 8, 8), block_size=64)
+    assert pattern.layout(VideoGrid(4, 8, 8), block_size=64) is a
+    assert Neighborhood(kernel_size=3).layout(VideoGrid(4, 8, 8), block_size=64) is a  # equal patterns share
+    other_grid = pattern.layout(VideoGrid(4, 8, 10), block_size=64)
+    assert other_grid is not a and other_grid.num_tokens == 320
+    assert pattern.layout(VideoGrid(4, 8, 8), block_size=32) is not a
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(block_size=100), "block_q"),
+        (dict(block_q=64, block_k=16), "block_k"),
+        (dict(tile_shape=(1, 0, 4)), r"tile_shape\[h\]"),
+        (dict(tile_shape=(1, 4)), "tile_shape"),
+    ],
+)
+def test_bad_layout_arguments(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        Neighborhood(kernel_size=3).layout(VideoGrid(4, 8, 8), **kwargs)
+
+
+def test_token_mask_refuses_real_sizes():
+    with pytest.raises(ValueError, match="N=32760"):
+        Dense().token_mask(VideoGrid(21, 30, 52))
+
+
+def test_large_layout_without_dense_mask():
+    # Wan2.1 480p: built from closed-form counts; spot-check rows against the element rule.
+    grid = VideoGrid(21, 30, 52)
+    pattern = Neighborhood(kernel_size=(3, 7, 7))
+    layout = pattern.layout(grid, block_size=128)
+    rows = torch.tensor([0, 777, 16000, 32759])
+    cols = torch.arange(grid.num_tokens)
+    expected = pattern.video_allowed(grid, rows[:, None], cols[None, :])
+    # Reconstruct just those rows from the layout tiles.
+    for r, want in zip(rows.tolist(), expected):
+        qb, off = divmod(r, layout.block_q)
+        got = torch.zeros(grid.num_tokens, dtype=torch.bool)
+        count = int(layout.kv_counts[0, qb])
+        tiles = layout.tile_masks(layout.kv_mask_ids[0, qb, :count])
+        for slot, kb in enumerate(layout.kv_indices[0, qb, :count].tolist()):
+            seg = slice(kb * layout.block_k, min((kb + 1) * layout.block_k, grid.num_tokens))
+            got[seg] = tiles[slot, off, : seg.stop - seg.start]
+        assert torch.equal(got, want)
+    # A separable rule's pair count is the product of its per-axis counts (Kronecker product).
+    per_axis = [int(table.sum()) for table in pattern.axis_tables(grid)]
+    assert layout.allowed_pairs[0] == per_axis[0] * per_axis[1] * per_axis[2]
