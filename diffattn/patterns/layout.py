@@ -407,9 +407,14 @@ def _partial_tile_masks(
     q_pos = tile_q[:, None] * block_q + torch.arange(block_q)  # [P, bq]
     q_in = q_pos < n
     q_vid = grid.video_index_of(to_token(q_pos.clamp(max=n - 1)))
+    q_text = q_vid < 0
+    any_q_text = bool(q_text.any())
 
-    out = pack_tile_masks(k_in[:, None, :].expand(-1, 1, -1))[:, 0][tile_key_slot][:, None, :].repeat(1, block_q, 1)
-    for feature, table in pattern.video_factors(grid):
+    # Factors whose table is all True (e.g. a full-axis window) constrain nothing: skip them.
+    factors = [(feature, table) for feature, table in pattern.video_factors(grid) if not bool(table.all())]
+    # Per factor: [K' * L, words] packed key bits for every (key block, query feature value).
+    packed_factors = []
+    for feature, table in factors:
         k_feature = feature[k_vid.clamp(min=0)]  # [K', bk]
         per_value = torch.empty(key_blocks.numel(), table.shape[0], words, dtype=torch.int32)
         step = max(1, (1 << 24) // (table.shape[0] * block_k))
@@ -417,9 +422,21 @@ def _partial_tile_masks(
             bits = table[:, k_feature[start : start + step]].permute(1, 0, 2)  # [kc, L, bk]
             bits = bits | k_text[start : start + step, None, :]
             per_value[start : start + step] = pack_tile_masks(bits)
-        q_feature = feature[q_vid.clamp(min=0)]  # [P, bq]
-        rows = per_value[tile_key_slot[:, None], q_feature]  # [P, bq, words]
-        rows = torch.where((q_vid < 0)[:, :, None], torch.full_like(rows, -1), rows)
-        out &= rows
-    out[~q_in] = 0
+        packed_factors.append((feature, table.shape[0], per_value.view(-1, words)))
+    key_in_range = pack_tile_masks(k_in[:, None, :])[:, 0]  # [K', words]
+
+    out = torch.empty(num_tiles, block_q, words, dtype=torch.int32)
+    for start in range(0, num_tiles, _MASK_CHUNK_TILES * 8):
+        stop = min(start + _MASK_CHUNK_TILES * 8, num_tiles)
+        slot = tile_key_slot[start:stop]
+        chunk = key_in_range[slot][:, None, :].expand(-1, block_q, -1).clone()
+        q_vid_chunk = q_vid[start:stop].clamp(min=0)
+        for feature, num_values, per_value in packed_factors:
+            flat = (slot[:, None] * num_values + feature[q_vid_chunk]).reshape(-1)
+            rows = per_value.index_select(0, flat).view(stop - start, block_q, words)
+            if any_q_text:  # text queries attend every key
+                rows.masked_fill_(q_text[start:stop, :, None], -1)
+            chunk &= rows
+        chunk.masked_fill_(~q_in[start:stop, :, None], 0)
+        out[start:stop] = chunk
     return out
