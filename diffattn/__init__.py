@@ -1,7 +1,28 @@
-"""diffattn: sparse and efficient attention for diffusion video and image models."""
+"""diffattn: sparse and efficient attention for diffusion video and image models.
 
+Example:
+    >>> import diffattn
+    >>> from diffattn import VideoGrid, Radial, SparsityConfig
+    >>> diffattn.apply(pipe, SparsityConfig(pattern=Radial(), dense_steps=12, dense_layers=(0,)))
+"""
+
+from .adapters import apply, remove
+from .kernels import block_sparse_attention
 from .patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
+from .processors import SparsityConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockLayout", "Dense", "Neighborhood", "Pattern", "Radial", "VideoGrid", "__version__"]
+__all__ = [
+    "BlockLayout",
+    "Dense",
+    "Neighborhood",
+    "Pattern",
+    "Radial",
+    "SparsityConfig",
+    "VideoGrid",
+    "__version__",
+    "apply",
+    "block_sparse_attention",
+    "remove",
+]

@@ -1,1 +1,75 @@
-"""(empty until its issue lands: see ../shared/DESIGN.md)"""
+"""diffusers integration: ``apply`` sparse attention to a pipeline, ``remove`` it again.
+
+One adapter per model family knows its token order, latent grid and self-attention layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..processors.config import SparsityConfig
+from ..patterns import Pattern
+from .base import INSTALLED_ATTRIBUTE, ModelAdapter, install, uninstall
+from .wan import WanAdapter
+
+ADAPTERS: tuple[ModelAdapter, ...] = (WanAdapter(),)
+
+
+def find_adapter(pipe: Any) -> ModelAdapter:
+    """The adapter for ``pipe``'s model family, or ValueError listing the supported families."""
+    for adapter in ADAPTERS:
+        if adapter.matches(pipe):
+            return adapter
+    names = ", ".join(a.family for a in ADAPTERS)
+    found = getattr(getattr(pipe, "transformer", None), "__class__", type(None)).__name__
+    raise ValueError(
+        f"{type(pipe).__name__} (transformer {found}) is not a supported pipeline; supported model families: {names}"
+    )
+
+
+def apply(pipe: Any, config: SparsityConfig | Pattern, **overrides: Any) -> Any:
+    """Sparsify the self-attention of a diffusers pipeline in place; returns ``pipe``.
+
+    Args:
+        pipe: a diffusers pipeline of a supported family.
+        config: a :class:`SparsityConfig`, or a bare pattern (then every layer and step is sparse).
+        **overrides: :class:`SparsityConfig` fields to replace (e.g. ``dense_steps=10``).
+
+    Applying again replaces the previous configuration (never stacks); :func:`remove` restores
+    the stock processors exactly.
+
+    Example:
+        >>> diffattn.apply(pipe, SparsityConfig(pattern=Radial(), dense_steps=12, dense_layers=(0,)))
+        >>> video = pipe(prompt_embeds=..., num_frames=81).frames
+        >>> diffattn.remove(pipe)
+    """
+    if isinstance(config, Pattern):
+        config = SparsityConfig(pattern=config)
+    if not isinstance(config, SparsityConfig):
+        raise ValueError(f"config must be a SparsityConfig or a Pattern, got {type(config).__name__}")
+    if overrides:
+        config = config.with_overrides(**overrides)
+    adapter = find_adapter(pipe)
+    remove(pipe)
+    scheduler = getattr(pipe, "scheduler", None)
+    for _, transformer in adapter.transformers(pipe):
+        install(adapter, transformer, config, scheduler)
+    return pipe
+
+
+def remove(pipe: Any) -> Any:
+    """Restore the stock attention processors and remove diffattn's hooks; returns ``pipe``."""
+    for attribute in ("transformer", "transformer_2"):
+        module = getattr(pipe, attribute, None)
+        if module is not None and hasattr(module, INSTALLED_ATTRIBUTE):
+            uninstall(module)
+    return pipe
+
+
+def sparsity_state(pipe: Any, attribute: str = "transformer"):
+    """The :class:`SparsityState` installed on ``pipe.<attribute>`` (None if not applied)."""
+    installed = getattr(getattr(pipe, attribute, None), INSTALLED_ATTRIBUTE, None)
+    return None if installed is None else installed.state
+
+
+__all__ = ["ADAPTERS", "ModelAdapter", "apply", "find_adapter", "remove", "sparsity_state"]

@@ -115,7 +115,7 @@ class Pattern(abc.ABC):
         self.validate_grid(grid)
         block_q = check_block_size("block_q", block_size if block_q is None else block_q)
         block_k = check_block_size("block_k", block_size if block_k is None else block_k, (32, 64, 128, 256))
-        tile_shape = check_tile_shape(grid, tile_shape)
+        tile_shape = check_tile_shape(tile_shape)
         if tile_shape is not None and not self.supports_permutation:
             raise ValueError(
                 f"tile_shape={tile_shape} is not supported by {type(self).__name__}: its blocks are already "

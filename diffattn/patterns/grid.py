@@ -88,8 +88,8 @@ class VideoGrid:
         return t, torch.div(rest, self.width, rounding_mode="floor"), rest % self.width
 
 
-def check_tile_shape(grid: VideoGrid, tile_shape: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
-    """Validate a tile-major token permutation's tile shape against a grid."""
+def check_tile_shape(tile_shape: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    """Validate the tile shape of a tile-major token permutation."""
     if tile_shape is None:
         return None
     if not isinstance(tile_shape, (tuple, list)) or len(tile_shape) != 3:
@@ -111,7 +111,7 @@ class VideoOrder:
     def __init__(self, grid: VideoGrid, tile_shape: tuple[int, int, int] | None = None) -> None:
         self.grid = grid
         self.is_raster = tile_shape is None
-        self.tile_shape = (1, 1, grid.width) if tile_shape is None else check_tile_shape(grid, tile_shape)
+        self.tile_shape = (1, 1, grid.width) if tile_shape is None else check_tile_shape(tile_shape)
 
     def raster_index(self) -> torch.Tensor:
         """int64 ``[V]``: raster video index of the token at each kernel video position."""

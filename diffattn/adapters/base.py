@@ -1,0 +1,131 @@
+"""What an adapter knows about one model family, and the install/uninstall mechanics they share."""
+
+from __future__ import annotations
+
+import abc
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..patterns import VideoGrid
+from ..processors.config import SparsityConfig
+from ..processors.state import SparsityState
+
+
+class ModelAdapter(abc.ABC):
+    """One model family: where its transformers are, which layers are self-attention, its token
+    order and latent grid, and which processor replaces the stock one."""
+
+    #: Human-readable family name (used in error messages and presets).
+    family: str = ""
+    #: Attribute names of the pipeline's transformers (Wan 2.2 A14B has two).
+    transformer_attributes: tuple[str, ...] = ("transformer",)
+    #: Transformer class names this adapter handles.
+    transformer_classes: tuple[str, ...] = ()
+
+    def matches(self, pipe: Any) -> bool:
+        return any(type(t).__name__ in self.transformer_classes for _, t in self.transformers(pipe))
+
+    def transformers(self, pipe: Any) -> list[tuple[str, torch.nn.Module]]:
+        found = []
+        for attribute in self.transformer_attributes:
+            module = getattr(pipe, attribute, None)
+            if isinstance(module, torch.nn.Module):
+                found.append((attribute, module))
+        return found
+
+    @abc.abstractmethod
+    def self_attention_layers(self, transformer: torch.nn.Module) -> list[tuple[str, int]]:
+        """``[(attention module name, block index)]`` of the layers to sparsify."""
+
+    @abc.abstractmethod
+    def grid_from_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
+        """The latent token grid of one transformer forward, from its inputs."""
+
+    @abc.abstractmethod
+    def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The timestep argument of one transformer forward."""
+
+    @abc.abstractmethod
+    def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
+        """The sparse processor that replaces ``stock`` on one layer."""
+
+
+@dataclass
+class Installed:
+    """What ``apply`` changed on one transformer, so ``remove`` can undo exactly that."""
+
+    stock_processors: dict[str, Any]
+    hook: torch.utils.hooks.RemovableHandle
+    state: SparsityState
+    assigned_directly: bool
+
+
+INSTALLED_ATTRIBUTE = "_diffattn_installed"
+
+
+def dense_layer_indices(config: SparsityConfig, layers: list[tuple[str, int]]) -> frozenset[int]:
+    """Resolve ``config.dense_layers`` (indices, negative indices, name filters) to block indices."""
+    num_blocks = max((index for _, index in layers), default=-1) + 1
+    dense: set[int] = set()
+    for entry in config.dense_layers:
+        if isinstance(entry, int):
+            index = entry + num_blocks if entry < 0 else entry
+            if not 0 <= index < num_blocks:
+                raise ValueError(
+                    f"dense_layers entry {entry} is out of range for a transformer with {num_blocks} blocks; "
+                    f"allowed: {-num_blocks}..{num_blocks - 1}"
+                )
+            dense.add(index)
+        else:
+            matched = {index for name, index in layers if fnmatch.fnmatch(name, entry)}
+            if not matched:
+                example = layers[0][0] if layers else "?"
+                raise ValueError(
+                    f"dense_layers filter {entry!r} matches no self-attention layer (names look like {example!r})"
+                )
+            dense |= matched
+    return frozenset(dense)
+
+
+def install(adapter: ModelAdapter, transformer: torch.nn.Module, config: SparsityConfig, scheduler: Any) -> None:
+    """Install sparse processors and the step/grid pre-hook on one transformer."""
+    stock = dict(transformer.attn_processors)
+    layers = adapter.self_attention_layers(transformer)
+    state = SparsityState(config, scheduler)
+    state.dense_layer_indices = dense_layer_indices(config, layers)
+    replacement = dict(stock)
+    for name, index in layers:
+        key = f"{name}.processor"
+        replacement[key] = adapter.make_processor(stock[key], state, index)
+
+    direct = not hasattr(transformer, "set_attn_processor")
+    _set_processors(transformer, replacement, direct)
+
+    def publish(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        state.begin_call(adapter.grid_from_call(module, args, kwargs), adapter.timestep_from_call(args, kwargs))
+
+    hook = transformer.register_forward_pre_hook(publish, with_kwargs=True)
+    setattr(transformer, INSTALLED_ATTRIBUTE, Installed(stock, hook, state, direct))
+
+
+def uninstall(transformer: torch.nn.Module) -> bool:
+    """Restore the stock processors and remove the hook; False if nothing was installed."""
+    installed: Installed | None = getattr(transformer, INSTALLED_ATTRIBUTE, None)
+    if installed is None:
+        return False
+    _set_processors(transformer, dict(installed.stock_processors), installed.assigned_directly)
+    installed.hook.remove()
+    delattr(transformer, INSTALLED_ATTRIBUTE)
+    return True
+
+
+def _set_processors(transformer: torch.nn.Module, processors: dict[str, Any], direct: bool) -> None:
+    if not direct:
+        # The dict form gives every layer its own object (the instance form would share one).
+        transformer.set_attn_processor(processors)
+        return
+    for key, processor in processors.items():
+        transformer.get_submodule(key.removesuffix(".processor")).processor = processor

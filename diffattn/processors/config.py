@@ -1,0 +1,73 @@
+"""SparsityConfig: which pattern runs where and when inside a diffusion pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..patterns import Pattern
+from ..patterns._checks import check_block_size, check_positive_int
+from ..patterns.grid import check_tile_shape
+
+BACKENDS = ("auto", "cpu", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """How a pipeline's self-attention is sparsified.
+
+    Args:
+        pattern: the sparsity pattern (any :class:`~diffattn.patterns.Pattern`).
+        dense_layers: transformer blocks that stay dense: block indices (ints, negative counts from
+            the end) and/or ``fnmatch`` filters on attention module names (e.g. ``"blocks.0.*"``).
+        dense_steps: the first denoising steps that stay dense (warm-up).
+        dense_last_steps: the last denoising steps that stay dense.
+        block_size: kernel tile size (64 or 128 for real models).
+        tile_shape: ``(t, h, w)`` tile-major token permutation for local patterns, or None.
+        backend: ``"auto"`` (Triton on CUDA, the CPU path on CPU), ``"cpu"``, ``"triton"`` or
+            ``"reference"``.
+
+    Example:
+        >>> SparsityConfig(pattern=Radial(), dense_steps=12, dense_layers=(0,))
+    """
+
+    pattern: Pattern
+    dense_layers: tuple[int | str, ...] = ()
+    dense_steps: int = 0
+    dense_last_steps: int = 0
+    block_size: int = 128
+    tile_shape: tuple[int, int, int] | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, Pattern):
+            raise ValueError(
+                f"SparsityConfig.pattern must be a diffattn Pattern (Dense, Radial, Neighborhood, ...), "
+                f"got {self.pattern!r}"
+            )
+        layers = self.dense_layers
+        if isinstance(layers, (int, str)):
+            layers = (layers,)
+        if not isinstance(layers, (tuple, list)) or any(
+            isinstance(x, bool) or not isinstance(x, (int, str)) for x in layers
+        ):
+            raise ValueError(
+                f"SparsityConfig.dense_layers must be a tuple of block indices (int) and name filters (str), "
+                f"got {self.dense_layers!r}"
+            )
+        object.__setattr__(self, "dense_layers", tuple(layers))
+        check_positive_int("SparsityConfig.dense_steps", self.dense_steps, allow_zero=True)
+        check_positive_int("SparsityConfig.dense_last_steps", self.dense_last_steps, allow_zero=True)
+        check_block_size("SparsityConfig.block_size", self.block_size, (32, 64, 128, 256))
+        if self.tile_shape is not None:
+            object.__setattr__(self, "tile_shape", check_tile_shape(self.tile_shape))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"SparsityConfig.backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+
+    def with_overrides(self, **overrides: Any) -> "SparsityConfig":
+        """A copy with some fields replaced (unknown names are a ValueError)."""
+        unknown = sorted(set(overrides) - {f for f in self.__dataclass_fields__})
+        if unknown:
+            allowed = ", ".join(sorted(self.__dataclass_fields__))
+            raise ValueError(f"unknown SparsityConfig field(s) {', '.join(unknown)}; allowed: {allowed}")
+        return replace(self, **overrides)
