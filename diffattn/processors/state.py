@@ -57,9 +57,23 @@ class SparsityState:
                 return True
         return False
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_index: int) -> torch.Tensor:
-        """Sparse attention for ``[B, N, H, D]`` tensors (diffusers' layout) over the current grid."""
-        grid = self.grid
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layer_index: int,
+        *,
+        grid: VideoGrid | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Sparse attention for ``[B, N, H, D]`` tensors (diffusers' layout).
+
+        Args:
+            grid: the token grid of this sequence (default: the grid the pre-hook published).
+            return_lse: also return the log-sum-exp ``[B, N, H]`` (float32) for merging.
+        """
+        grid = self.grid if grid is None else grid
         if grid is None:
             raise RuntimeError("SparsityState.attend called outside a transformer forward (no grid published)")
         if query.shape[1] != grid.num_tokens:
@@ -69,11 +83,15 @@ class SparsityState:
             )
         cfg = self.config
         layout = cfg.pattern.layout(grid, block_size=cfg.block_size, tile_shape=cfg.tile_shape, device=query.device)
-        out = block_sparse_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout, backend=cfg.backend
+        result = block_sparse_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout,
+            backend=cfg.backend, return_lse=return_lse,
         )
         self.sparse_calls[(self.step, layer_index)] += 1
-        return out.transpose(1, 2)
+        if return_lse:
+            out, lse = result
+            return out.transpose(1, 2), lse.transpose(1, 2)
+        return result.transpose(1, 2)
 
 
 def _current_step(scheduler: Any, timestep: torch.Tensor | float | None) -> tuple[int | None, int | None]:
