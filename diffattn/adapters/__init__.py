@@ -10,9 +10,10 @@ from typing import Any
 from ..processors.config import SparsityConfig
 from ..patterns import Pattern
 from .base import INSTALLED_ATTRIBUTE, ModelAdapter, install, uninstall
+from .ltx_video import LTXVideoAdapter
 from .wan import WanAdapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (WanAdapter(),)
+ADAPTERS: tuple[ModelAdapter, ...] = (WanAdapter(), LTXVideoAdapter(),)
 
 
 def find_adapter(pipe: Any) -> ModelAdapter:

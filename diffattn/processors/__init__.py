@@ -2,7 +2,8 @@
 each processor's own attention module)."""
 
 from .config import SparsityConfig
+from .ltx_video import LTXVideoSparseAttnProcessor
 from .state import SparsityState
 from .wan import WanSparseAttnProcessor
 
-__all__ = ["SparsityConfig", "SparsityState", "WanSparseAttnProcessor"]
+__all__ = ["LTXVideoSparseAttnProcessor", "SparsityConfig", "SparsityState", "WanSparseAttnProcessor"]
