@@ -11,9 +11,11 @@ from ..processors.config import SparsityConfig
 from ..patterns import Pattern
 from .base import INSTALLED_ATTRIBUTE, ModelAdapter, install, uninstall
 from .ltx_video import LTXVideoAdapter
+from .hunyuan_video import HunyuanVideoAdapter
+from .mochi import MochiAdapter
 from .wan import WanAdapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (WanAdapter(), LTXVideoAdapter(),)
+ADAPTERS: tuple[ModelAdapter, ...] = (WanAdapter(), LTXVideoAdapter(), HunyuanVideoAdapter(), MochiAdapter(),)
 
 
 def find_adapter(pipe: Any) -> ModelAdapter:

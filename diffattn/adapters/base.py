@@ -92,7 +92,7 @@ def dense_layer_indices(config: SparsityConfig, layers: list[tuple[str, int]]) -
 
 def install(adapter: ModelAdapter, transformer: torch.nn.Module, config: SparsityConfig, scheduler: Any) -> None:
     """Install sparse processors and the step/grid pre-hook on one transformer."""
-    stock = dict(transformer.attn_processors)
+    stock = attention_processors(transformer)
     layers = adapter.self_attention_layers(transformer)
     state = SparsityState(config, scheduler)
     state.dense_layer_indices = dense_layer_indices(config, layers)
@@ -120,6 +120,21 @@ def uninstall(transformer: torch.nn.Module) -> bool:
     installed.hook.remove()
     delattr(transformer, INSTALLED_ATTRIBUTE)
     return True
+
+
+def attention_processors(transformer: torch.nn.Module) -> dict[str, Any]:
+    """``{"<module name>.processor": processor}`` of every attention module of ``transformer``.
+
+    Uses diffusers' ``attn_processors`` where the model has it; Mochi's transformer has no
+    ``AttentionMixin``, so there every submodule that carries a ``processor`` attribute counts.
+    """
+    if hasattr(transformer, "attn_processors"):
+        return dict(transformer.attn_processors)
+    return {
+        f"{name}.processor": module.processor
+        for name, module in transformer.named_modules()
+        if name and hasattr(module, "processor")
+    }
 
 
 def _set_processors(transformer: torch.nn.Module, processors: dict[str, Any], direct: bool) -> None:

@@ -4,6 +4,8 @@ each processor's own attention module)."""
 from .config import SparsityConfig
 from .ltx_video import LTXVideoSparseAttnProcessor
 from .state import SparsityState
+from .hunyuan_video import HunyuanVideoSparseAttnProcessor
+from .mochi import MochiSparseAttnProcessor
 from .wan import WanSparseAttnProcessor
 
-__all__ = ["LTXVideoSparseAttnProcessor", "SparsityConfig", "SparsityState", "WanSparseAttnProcessor"]
+__all__ = ["HunyuanVideoSparseAttnProcessor", "LTXVideoSparseAttnProcessor", "MochiSparseAttnProcessor", "SparsityConfig", "SparsityState", "WanSparseAttnProcessor"]

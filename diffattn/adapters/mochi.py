@@ -1,0 +1,62 @@
+"""Mochi 1 (``MochiTransformer3DModel``).
+
+Token order: each block's ``attn1`` is one joint self-attention over ``[video, text]``: the video
+tokens frame-major (the transformer patchifies each frame, then flattens frames), then the T5
+prompt tokens. The stock processor drops each sample's padded prompt tokens; the sparse processor
+reproduces that with a key-padding mask. There is no cross-attention.
+
+The latent grid comes from ``hidden_states [B, C, F, H, W]``: Mochi patchifies space only
+(``config.patch_size`` = 2), one token per latent frame; the text tokens from
+``encoder_hidden_states [B, L, C]``.
+
+Mochi's transformer has no ``set_attn_processor``/``attn_processors``: ``install`` assigns each
+``module.processor`` directly and ``remove`` assigns the stock objects back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..patterns import VideoGrid
+from ..processors.mochi import MochiSparseAttnProcessor
+from ..processors.state import SparsityState
+from .base import ModelAdapter
+
+# The stock processor MochiSparseAttnProcessor reproduces; any other one is left in place.
+_SUPPORTED_STOCK = ("MochiAttnProcessor2_0",)
+
+
+class MochiAdapter(ModelAdapter):
+    family = "mochi"
+    transformer_classes = ("MochiTransformer3DModel",)
+
+    def self_attention_layers(self, transformer: torch.nn.Module) -> list[tuple[str, int]]:
+        return [(f"transformer_blocks.{i}.attn1", i) for i in range(len(transformer.transformer_blocks))]
+
+    def grid_from_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
+        hidden_states = _argument(args, kwargs, "hidden_states", 0)
+        text = _argument(args, kwargs, "encoder_hidden_states", 1)
+        _, _, frames, height, width = hidden_states.shape
+        p = transformer.config.patch_size
+        return VideoGrid(frames, height // p, width // p, text_tokens=text.shape[1], text_position="end")
+
+    def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        return _argument(args, kwargs, "timestep", 2, required=False)
+
+    def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
+        if type(stock).__name__ not in _SUPPORTED_STOCK:
+            # A processor we do not reproduce (e.g. a third-party one): keep it, the layer stays dense.
+            return stock
+        return MochiSparseAttnProcessor(stock, state, layer_index)
+
+
+def _argument(args: tuple, kwargs: dict, name: str, position: int, required: bool = True) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    if len(args) > position:
+        return args[position]
+    if required:
+        raise ValueError(f"MochiTransformer3DModel was called without {name!r}")
+    return None
