@@ -10,12 +10,14 @@ from typing import Any
 from ..processors.config import SparsityConfig
 from ..patterns import Pattern
 from .base import INSTALLED_ATTRIBUTE, ModelAdapter, install, uninstall
+from .cogvideox import CogVideoXAdapter
+from .flux import FluxAdapter
 from .ltx_video import LTXVideoAdapter
 from .hunyuan_video import HunyuanVideoAdapter
 from .mochi import MochiAdapter
 from .wan import WanAdapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (WanAdapter(), LTXVideoAdapter(), HunyuanVideoAdapter(), MochiAdapter(),)
+ADAPTERS: tuple[ModelAdapter, ...] = (WanAdapter(), CogVideoXAdapter(), FluxAdapter(), LTXVideoAdapter(), HunyuanVideoAdapter(), MochiAdapter(),)
 
 
 def find_adapter(pipe: Any) -> ModelAdapter:
