@@ -31,7 +31,7 @@ class ModelAdapter(abc.ABC):
     def transformers(self, pipe: Any) -> list[tuple[str, torch.nn.Module]]:
         found = []
         for attribute in self.transformer_attributes:
-            module = getattr(pipe, attribute, None)
+            module = unwrap_compiled(getattr(pipe, attribute, None))
             if isinstance(module, torch.nn.Module):
                 found.append((attribute, module))
         return found
@@ -107,12 +107,25 @@ def install(adapter: ModelAdapter, transformer: torch.nn.Module, config: Sparsit
     def publish(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         state.begin_call(adapter.grid_from_call(module, args, kwargs), adapter.timestep_from_call(args, kwargs))
 
-    hook = transformer.register_forward_pre_hook(publish, with_kwargs=True)
+    # Eager under torch.compile: reading the scheduler and building the grid is host-side work
+    # that would otherwise be traced, guarded and recompiled for every new step and shape.
+    hook = transformer.register_forward_pre_hook(torch.compiler.disable(publish), with_kwargs=True)
     setattr(transformer, INSTALLED_ATTRIBUTE, Installed(stock, hook, state, direct))
+
+
+def unwrap_compiled(module: Any) -> Any:
+    """The module inside a ``torch.compile(module)`` wrapper (``OptimizedModule``), else ``module``.
+
+    The wrapper's class name is not the model's, and attributes set on it would not land on the
+    model, so processors, the pre-hook and the install record always go to the wrapped model
+    (whose ``__call__``, hooks included, is what the wrapper runs).
+    """
+    return getattr(module, "_orig_mod", module) if isinstance(module, torch.nn.Module) else module
 
 
 def uninstall(transformer: torch.nn.Module) -> bool:
     """Restore the stock processors and remove the hook; False if nothing was installed."""
+    transformer = unwrap_compiled(transformer)
     installed: Installed | None = getattr(transformer, INSTALLED_ATTRIBUTE, None)
     if installed is None:
         return False

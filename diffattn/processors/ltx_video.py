@@ -30,6 +30,15 @@ def _ltx_rotary(hidden_states: torch.Tensor, freqs: tuple[torch.Tensor, torch.Te
     return (hidden_states.float() * cos + rotated.float() * sin).to(hidden_states.dtype)
 
 
+@torch.compiler.disable
+def _sparse_now(state: SparsityState, layer_index: int, num_tokens: int) -> bool:
+    """Whether this call runs sparse: a sparse step and layer, and a published grid that is this
+    sequence. Eager under torch.compile, so the graph depends on the answer only, not on the
+    grid object or the step (which change between calls)."""
+    grid = state.grid
+    return grid is not None and grid.num_tokens == num_tokens and not state.dense_now(layer_index)
+
+
 class LTXVideoSparseAttnProcessor:
     """Block-sparse self-attention for one ``LTXAttention`` layer (``attn1``).
 
@@ -54,13 +63,10 @@ class LTXVideoSparseAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        grid = self.state.grid
         if (
             encoder_hidden_states is not None
             or attention_mask is not None
-            or self.state.dense_now(self.layer_index)
-            or grid is None
-            or hidden_states.shape[1] != grid.num_tokens
+            or not _sparse_now(self.state, self.layer_index, hidden_states.shape[1])
         ):
             # Not a video self-attention call we can reproduce exactly: the stock path.
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)

@@ -40,11 +40,16 @@ class SparsityState:
         self.sparse_calls: Counter[tuple[int | None, int]] = Counter()
         self.dense_layer_indices: frozenset[int] = frozenset()
 
+    # torch.compile: begin_call, dense_now and attend (step/grid bookkeeping, layout cache, kernel
+    # dispatch) run eagerly. Traced, they would specialise the graph on every step index and call
+    # count (a recompile per step until the recompile limit) and break on the layouts' .item().
+    @torch.compiler.disable
     def begin_call(self, grid: VideoGrid, timestep: torch.Tensor | float | None) -> None:
         """Called by the pre-hook before each transformer forward."""
         self.grid = grid
         self.step, self.num_steps = _current_step(self.scheduler, timestep)
 
+    @torch.compiler.disable
     def dense_now(self, layer_index: int) -> bool:
         """Whether layer ``layer_index`` runs the stock (dense) path in the current call."""
         cfg = self.config
@@ -57,6 +62,7 @@ class SparsityState:
                 return True
         return False
 
+    @torch.compiler.disable
     def attend(
         self,
         query: torch.Tensor,
