@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .joint import joint_attention
+from .base import SparseAttnProcessor
 from .state import SparsityState
 
 
@@ -28,7 +29,7 @@ def _apply_rotary(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> 
     return apply_rotary_emb(x, freqs)
 
 
-class CogVideoXSparseAttnProcessor:
+class CogVideoXSparseAttnProcessor(SparseAttnProcessor):
     """Block-sparse joint ``[text, video]`` self-attention for one CogVideoX ``attn1`` layer.
 
     Args:
@@ -40,9 +41,7 @@ class CogVideoXSparseAttnProcessor:
     """
 
     def __init__(self, stock: Any, state: SparsityState, layer_index: int, fused: bool = False) -> None:
-        self.stock = stock
-        self.state = state
-        self.layer_index = layer_index
+        super().__init__(stock, state, layer_index)
         self.fused = fused
 
     # The explicit parameters match the stock processor's: ``Attention.forward`` filters the

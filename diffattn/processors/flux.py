@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .joint import joint_attention
-from .state import SparsityState
+from .base import SparseAttnProcessor
 
 
 def _apply_rotary(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -33,7 +33,7 @@ def _apply_rotary(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> 
     return apply_rotary_emb(x, freqs, sequence_dim=1)
 
 
-class FluxSparseAttnProcessor:
+class FluxSparseAttnProcessor(SparseAttnProcessor):
     """Block-sparse joint ``[text, image]`` self-attention for one ``FluxAttention`` layer.
 
     Args:
@@ -43,10 +43,6 @@ class FluxSparseAttnProcessor:
             single-stream blocks).
     """
 
-    def __init__(self, stock: Any, state: SparsityState, layer_index: int) -> None:
-        self.stock = stock
-        self.state = state
-        self.layer_index = layer_index
 
     # The explicit parameters match the stock processor's: ``FluxAttention.forward`` filters the
     # ``joint_attention_kwargs`` it forwards by this signature, exactly as for the stock processor.

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .joint import joint_attention
-from .state import SparsityState
+from .base import SparseAttnProcessor
 
 
 def _apply_rotary(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -57,7 +57,7 @@ def _key_padding_from_mask(attention_mask: torch.Tensor | None, batch: int, toke
     return mask.expand(batch, tokens)
 
 
-class HunyuanVideoSparseAttnProcessor:
+class HunyuanVideoSparseAttnProcessor(SparseAttnProcessor):
     """Block-sparse joint self-attention for one HunyuanVideo dual- or single-stream block.
 
     Args:
@@ -66,10 +66,6 @@ class HunyuanVideoSparseAttnProcessor:
         layer_index: the block index of this layer (dual-stream blocks first, then single-stream).
     """
 
-    def __init__(self, stock: Any, state: SparsityState, layer_index: int) -> None:
-        self.stock = stock
-        self.state = state
-        self.layer_index = layer_index
 
     def __call__(
         self,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .state import SparsityState
+from .base import SparseAttnProcessor
 
 
 def _ltx_rotary(hidden_states: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -30,16 +30,8 @@ def _ltx_rotary(hidden_states: torch.Tensor, freqs: tuple[torch.Tensor, torch.Te
     return (hidden_states.float() * cos + rotated.float() * sin).to(hidden_states.dtype)
 
 
-@torch.compiler.disable
-def _sparse_now(state: SparsityState, layer_index: int, num_tokens: int) -> bool:
-    """Whether this call runs sparse: a sparse step and layer, and a published grid that is this
-    sequence. Eager under torch.compile, so the graph depends on the answer only, not on the
-    grid object or the step (which change between calls)."""
-    grid = state.grid
-    return grid is not None and grid.num_tokens == num_tokens and not state.dense_now(layer_index)
 
-
-class LTXVideoSparseAttnProcessor:
+class LTXVideoSparseAttnProcessor(SparseAttnProcessor):
     """Block-sparse self-attention for one ``LTXAttention`` layer (``attn1``).
 
     Args:
@@ -48,10 +40,6 @@ class LTXVideoSparseAttnProcessor:
         layer_index: the transformer block index of this layer.
     """
 
-    def __init__(self, stock: Any, state: SparsityState, layer_index: int) -> None:
-        self.stock = stock
-        self.state = state
-        self.layer_index = layer_index
 
     # The signature matches the stock processor's: ``LTXAttention.forward`` inspects it to decide
     # which extra keyword arguments to pass on.
@@ -66,7 +54,7 @@ class LTXVideoSparseAttnProcessor:
         if (
             encoder_hidden_states is not None
             or attention_mask is not None
-            or not _sparse_now(self.state, self.layer_index, hidden_states.shape[1])
+            or not self.state.sparse_now(self.layer_index, hidden_states.shape[1])
         ):
             # Not a video self-attention call we can reproduce exactly: the stock path.
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)

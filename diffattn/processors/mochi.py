@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .joint import joint_attention
-from .state import SparsityState
+from .base import SparseAttnProcessor
 
 
 def _mochi_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def compact_text_outputs(text_out: torch.Tensor, valid: torch.Tensor) -> torch.T
     return gathered.masked_fill(~keep.reshape(*keep.shape, *([1] * (text_out.ndim - 2))), 0)
 
 
-class MochiSparseAttnProcessor:
+class MochiSparseAttnProcessor(SparseAttnProcessor):
     """Block-sparse joint self-attention for one ``MochiAttention`` layer.
 
     Args:
@@ -60,10 +60,6 @@ class MochiSparseAttnProcessor:
         layer_index: the transformer block index of this layer.
     """
 
-    def __init__(self, stock: Any, state: SparsityState, layer_index: int) -> None:
-        self.stock = stock
-        self.state = state
-        self.layer_index = layer_index
 
     def __call__(
         self,

@@ -63,6 +63,13 @@ class SparsityState:
         return False
 
     @torch.compiler.disable
+    def sparse_now(self, layer_index: int, num_tokens: int) -> bool:
+        """Whether a self-attention call over ``num_tokens`` tokens runs sparse: a sparse step and
+        layer, and a published grid that is this very sequence (anything else stays stock)."""
+        grid = self.grid
+        return grid is not None and grid.num_tokens == num_tokens and not self.dense_now(layer_index)
+
+    @torch.compiler.disable
     def attend(
         self,
         query: torch.Tensor,

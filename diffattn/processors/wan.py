@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .state import SparsityState
+from .base import SparseAttnProcessor
 
 
 def _wan_rotary(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -27,7 +27,7 @@ def _wan_rotary(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin:
     return out.type_as(hidden_states)
 
 
-class WanSparseAttnProcessor:
+class WanSparseAttnProcessor(SparseAttnProcessor):
     """Block-sparse self-attention for one ``WanAttention`` layer.
 
     Args:
@@ -36,10 +36,6 @@ class WanSparseAttnProcessor:
         layer_index: the transformer block index of this layer.
     """
 
-    def __init__(self, stock: Any, state: SparsityState, layer_index: int) -> None:
-        self.stock = stock
-        self.state = state
-        self.layer_index = layer_index
 
     def __call__(
         self,
@@ -54,7 +50,7 @@ class WanSparseAttnProcessor:
             encoder_hidden_states is not None
             or attention_mask is not None
             or attn.add_k_proj is not None
-            or self.state.dense_now(self.layer_index)
+            or not self.state.sparse_now(self.layer_index, hidden_states.shape[1])
         ):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
 

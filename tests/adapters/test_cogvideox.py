@@ -13,19 +13,13 @@ from diffattn import Dense, Neighborhood, Radial, VideoGrid
 from diffattn.adapters import apply, find_adapter, remove, sparsity_state
 from diffattn.adapters.cogvideox import CogVideoXAdapter
 from diffattn.processors import CogVideoXSparseAttnProcessor, SparsityConfig
-from diffattn.processors import state as state_module
 
+from .reference import masked_attention
 from .tiny_cogvideox import TEXT_TOKENS, cogvideox_call_kwargs, tiny_cogvideox_pipeline
 
 VARIANTS = {"1.0-rotary": ("1.0", True), "1.0-sincos": ("1.0", False), "1.5": ("1.5", True)}
 PATTERN = Neighborhood(kernel_size=(2, 3, 3))
 
-
-def masked_attention(q, k, v, mask):
-    """Independent reference: [B, H, N, D] float64 softmax attention restricted to ``mask``."""
-    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.nan_to_num(scores.softmax(-1)) @ v.double()
 
 
 def expected_grid(version: str, frames: int = 9, height: int = 64, width: int = 64) -> VideoGrid:
@@ -43,20 +37,6 @@ def variant(request):
     pipe = tiny_cogvideox_pipeline(version, rotary)
     stock = pipe(**cogvideox_call_kwargs(height=96)).frames
     return SimpleNamespace(version=version, rotary=rotary, pipe=pipe, stock=stock)
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    calls = []
-    original = state_module.block_sparse_attention
-
-    def record(q, k, v, layout, **kwargs):
-        out = original(q, k, v, layout, **kwargs)
-        calls.append((q.detach(), k.detach(), v.detach(), layout, out.detach()))
-        return out
-
-    monkeypatch.setattr(state_module, "block_sparse_attention", record)
-    return calls
 
 
 def test_dense_pattern_reproduces_the_stock_pipeline(variant):

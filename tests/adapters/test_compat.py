@@ -10,7 +10,6 @@ from diffattn import Neighborhood, VideoGrid
 from diffattn.adapters import apply, remove, sparsity_state
 from diffattn.adapters.base import INSTALLED_ATTRIBUTE
 from diffattn.processors import SparsityConfig, WanSparseAttnProcessor
-from diffattn.processors import state as state_module
 
 from .tiny_pipelines import tiny_wan_pipeline, wan_call_kwargs
 
@@ -18,19 +17,6 @@ from .tiny_pipelines import tiny_wan_pipeline, wan_call_kwargs
 GRID = VideoGrid(3, 4, 4)
 # Step 0 dense, the rest sparse: the step index decides per call, so a stale step would show.
 CONFIG = SparsityConfig(pattern=Neighborhood(kernel_size=(3, 3, 3)), dense_steps=1, block_size=32)
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    layouts = []
-    original = state_module.block_sparse_attention
-
-    def record(q, k, v, layout, **kwargs):
-        layouts.append(layout)
-        return original(q, k, v, layout, **kwargs)
-
-    monkeypatch.setattr(state_module, "block_sparse_attention", record)
-    return layouts
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +62,7 @@ def test_model_cpu_offload_before_or_after_apply(order, references, recorded):
         torch.testing.assert_close(latents, sparse, atol=1e-6, rtol=1e-6)
         assert dict(sparsity_state(pipe).sparse_calls) == {key: run * count for key, count in calls.items()}
     assert len(recorded) == 2 * sum(calls.values())
-    assert all(layout.num_tokens == GRID.num_tokens for layout in recorded)
+    assert all(layout.num_tokens == GRID.num_tokens for *_, layout, _ in recorded)
 
     remove(pipe)  # with offload still active
     assert not isinstance(pipe.transformer.blocks[0].attn1.processor, WanSparseAttnProcessor)
@@ -119,7 +105,7 @@ def test_torch_compile_gives_the_uncompiled_output(how, recorded):
             latents = pipe(**wan_call_kwargs(**kwargs)).frames
             torch.testing.assert_close(latents, expected, atol=1e-6, rtol=1e-6)
             assert dict(sparsity_state(pipe).sparse_calls) == {key: run * n for key, n in expected_calls.items()}
-        assert recorded and all(layout.num_tokens == GRID.num_tokens for layout in recorded)
+        assert recorded and all(layout.num_tokens == GRID.num_tokens for *_, layout, _ in recorded)
     finally:
         remove(pipe)
         torch._dynamo.reset()

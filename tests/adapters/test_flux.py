@@ -11,19 +11,13 @@ from diffattn import Dense, Neighborhood, Radial, VideoGrid
 from diffattn.adapters import apply, find_adapter, remove, sparsity_state
 from diffattn.adapters.flux import FluxAdapter, image_grid_shape
 from diffattn.processors import FluxSparseAttnProcessor, SparsityConfig
-from diffattn.processors import state as state_module
 
+from .reference import masked_attention
 from .tiny_flux import TEXT_TOKENS, flux_call_kwargs, tiny_flux_pipeline
 
 PATTERN = Neighborhood(kernel_size=(1, 3, 3))
 LAYERS = 3  # 1 double-stream + 2 single-stream blocks
 
-
-def masked_attention(q, k, v, mask):
-    """Independent reference: [B, H, N, D] float64 softmax attention restricted to ``mask``."""
-    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.nan_to_num(scores.softmax(-1)) @ v.double()
 
 
 def image_grid(height: int = 128, width: int = 96) -> VideoGrid:
@@ -45,20 +39,6 @@ def pipe():
 def stock_latents(pipe):
     remove(pipe)
     return pipe(**flux_call_kwargs()).images
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    calls = []
-    original = state_module.block_sparse_attention
-
-    def record(q, k, v, layout, **kwargs):
-        out = original(q, k, v, layout, **kwargs)
-        calls.append((q.detach(), k.detach(), v.detach(), layout, out.detach()))
-        return out
-
-    monkeypatch.setattr(state_module, "block_sparse_attention", record)
-    return calls
 
 
 def test_dense_pattern_reproduces_the_stock_pipeline(pipe, stock_latents):

@@ -12,8 +12,8 @@ from diffattn.adapters import apply, find_adapter, remove, sparsity_state
 from diffattn.adapters.hunyuan_video import HunyuanVideoAdapter
 from diffattn.processors import HunyuanVideoSparseAttnProcessor, SparsityConfig, SparsityState
 from diffattn.processors import hunyuan_video as processor_module
-from diffattn.processors import state as state_module
 
+from .reference import masked_attention_bnhd
 from .tiny_hunyuan_video import TEXT_TOKENS, hunyuan_video_call_kwargs, tiny_hunyuan_video_pipeline
 
 # 9 frames -> 3 latent frames (VAE /4); 64 px -> 8 latent (VAE /8) -> 4 tokens (patch 2).
@@ -21,23 +21,6 @@ GRID = VideoGrid(3, 4, 4, text_tokens=TEXT_TOKENS, text_position="end")
 VIDEO_GRID = VideoGrid(3, 4, 4)
 LAYERS = 2  # one dual-stream block (index 0) and one single-stream block (index 1)
 
-
-def masked_attention(q, k, v, mask):
-    """Independent reference: ``[B, N, H, D]`` float64 softmax attention with a ``[B, N, N]`` mask."""
-    q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))
-    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    return (torch.nan_to_num(scores.softmax(-1)) @ v).transpose(1, 2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are microseconds of work: with several OpenMP threads on a busy 2-core
-    machine they spend ~30x longer waiting for each other than computing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +49,6 @@ def joint_calls(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    calls = []
-    original = state_module.block_sparse_attention
-
-    def record(q, k, v, layout, **kwargs):
-        result = original(q, k, v, layout, **kwargs)
-        out = result[0] if isinstance(result, tuple) else result
-        calls.append((q.detach(), k.detach(), v.detach(), layout, out.detach()))
-        return result
-
-    monkeypatch.setattr(state_module, "block_sparse_attention", record)
-    return calls
-
-
 def assert_joint_calls_exact(calls, pattern, grid=GRID):
     token_mask = pattern.token_mask(grid)
     for _, q, k, v, key_padding, out in calls:
@@ -88,7 +56,7 @@ def assert_joint_calls_exact(calls, pattern, grid=GRID):
         mask = token_mask[None].expand(q.shape[0], -1, -1)
         if key_padding is not None:
             mask = mask & key_padding[:, None, :]
-        torch.testing.assert_close(out.double(), masked_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.double(), masked_attention_bnhd(q, k, v, mask), atol=1e-5, rtol=1e-5)
 
 
 def test_dense_pattern_reproduces_the_stock_pipeline(pipe, stock_latents):
@@ -103,7 +71,7 @@ def test_dense_pattern_reproduces_the_stock_pipeline(pipe, stock_latents):
     torch.testing.assert_close(latents, stock_latents, atol=1e-5, rtol=1e-5)
 
 
-def test_sparse_calls_equal_masked_attention_and_remove_restores_stock(pipe, stock_latents, joint_calls, kernel_calls):
+def test_sparse_calls_equal_masked_attention_and_remove_restores_stock(pipe, stock_latents, joint_calls, recorded):
     pattern = Neighborhood(kernel_size=(3, 3, 3))
     stock = dict(pipe.transformer.attn_processors)
     apply(pipe, pattern, block_size=32)
@@ -119,9 +87,9 @@ def test_sparse_calls_equal_masked_attention_and_remove_restores_stock(pipe, sto
     # The kernel itself computes exactly the pattern's mask: the full [video, text] grid on the
     # unpadded path, the video grid on the padded path (text is merged densely by LSE).
     masks = {GRID.num_tokens: pattern.token_mask(GRID), VIDEO_GRID.num_tokens: pattern.token_mask(VIDEO_GRID)}
-    assert {layout.num_tokens for *_, layout, _ in kernel_calls} == set(masks)
-    for q, k, v, layout, out in kernel_calls:
-        expected = masked_attention(*(x.transpose(1, 2) for x in (q, k, v)), masks[layout.num_tokens][None])
+    assert {layout.num_tokens for *_, layout, _ in recorded} == set(masks)
+    for q, k, v, layout, out in recorded:
+        expected = masked_attention_bnhd(*(x.transpose(1, 2) for x in (q, k, v)), masks[layout.num_tokens][None])
         torch.testing.assert_close(out.double(), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
     remove(pipe)
@@ -184,14 +152,14 @@ def test_dense_layers_by_name_filter(pipe, pattern_name, sparse_layers):
     assert layers == sparse_layers
 
 
-def test_two_resolutions_use_two_layouts(pipe, kernel_calls):
+def test_two_resolutions_use_two_layouts(pipe, recorded):
     apply(pipe, SparsityConfig(pattern=Neighborhood(kernel_size=(3, 3, 3)), block_size=32))
     try:
         pipe(**hunyuan_video_call_kwargs(steps=1, valid=(8,), negative_valid=None, height=64, width=64))
         pipe(**hunyuan_video_call_kwargs(steps=1, valid=(8,), negative_valid=None, height=64, width=96))
     finally:
         remove(pipe)
-    sizes = sorted({layout.num_tokens for *_, layout, _ in kernel_calls})
+    sizes = sorted({layout.num_tokens for *_, layout, _ in recorded})
     assert sizes == [3 * 4 * 4 + TEXT_TOKENS, 3 * 4 * 6 + TEXT_TOKENS]
 
 

@@ -10,11 +10,11 @@ import torch
 from diffattn import Dense, Neighborhood, Radial, VideoGrid
 from diffattn.adapters import apply, find_adapter, remove, sparsity_state
 from diffattn.adapters.ltx_video import LTXVideoAdapter
-from diffattn.processors import LTXVideoSparseAttnProcessor, SparsityConfig
-from diffattn.processors import state as state_module
+from diffattn.processors import LTXVideoSparseAttnProcessor, SparsityConfig, SparsityState
 
 # 9 frames -> (9 - 1) // 4 + 1 = 3 latent frames; 32 px / 4 (tiny VAE) / 1 (patch) = 8 tokens.
 GRID = VideoGrid(3, 8, 8)
+from .reference import masked_attention
 
 
 def tiny_ltx_vae():
@@ -69,12 +69,6 @@ def ltx_call_kwargs(batch: int = 1, frames: int = 9, height: int = 32, width: in
     )
 
 
-def masked_attention(q, k, v, mask):
-    """Independent reference: [B, H, N, D] float64 softmax attention restricted to ``mask``."""
-    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.nan_to_num(scores.softmax(-1)) @ v.double()
-
 
 @pytest.fixture(scope="module")
 def pipe():
@@ -85,20 +79,6 @@ def pipe():
 def stock_latents(pipe):
     remove(pipe)
     return pipe(**ltx_call_kwargs()).frames
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    calls = []
-    original = state_module.block_sparse_attention
-
-    def record(q, k, v, layout, **kwargs):
-        out = original(q, k, v, layout, **kwargs)
-        calls.append((q.detach(), k.detach(), v.detach(), layout, out.detach()))
-        return out
-
-    monkeypatch.setattr(state_module, "block_sparse_attention", record)
-    return calls
 
 
 def test_adapter_is_found_for_ltx_pipelines(pipe):
@@ -142,7 +122,7 @@ def test_sparse_processor_matches_stock_math_with_rotary_and_a_full_mask():
     grid = VideoGrid(2, 3, 5)  # 30 tokens: not a block multiple
     hidden = torch.randn(2, grid.num_tokens, 32)
     rotary = transformer.rope(hidden, grid.frames, grid.height, grid.width, (0.16, 4, 4))
-    state = state_module.SparsityState(SparsityConfig(pattern=Dense(), block_size=32))
+    state = SparsityState(SparsityConfig(pattern=Dense(), block_size=32))
     state.begin_call(grid, None)
     ours = LTXVideoSparseAttnProcessor(stock, state, 0)
     expected = stock(attn, hidden, None, None, rotary)

@@ -13,8 +13,8 @@ from diffattn.adapters import apply, find_adapter, remove, sparsity_state
 from diffattn.adapters.mochi import MochiAdapter
 from diffattn.processors import MochiSparseAttnProcessor, SparsityConfig, SparsityState
 from diffattn.processors import mochi as processor_module
-from diffattn.processors import state as state_module
 
+from .reference import masked_attention_bnhd
 from .tiny_mochi import TEXT_TOKENS, mochi_call_kwargs, tiny_mochi_pipeline
 
 # 13 frames -> 3 latent frames (VAE /6); 64 px -> 8 latent (VAE /8) -> 4 tokens (patch 2).
@@ -23,27 +23,10 @@ VIDEO_GRID = VideoGrid(3, 4, 4)
 LAYERS = 2
 
 
-def masked_attention(q, k, v, mask):
-    """Independent reference: ``[B, N, H, D]`` float64 softmax attention with a ``[B, N, N]`` mask."""
-    q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))
-    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    return (torch.nan_to_num(scores.softmax(-1)) @ v).transpose(1, 2)
-
 
 def processors(transformer):
     """``{module name: processor}``: Mochi has no ``attn_processors``."""
     return {name: module.processor for name, module in transformer.named_modules() if hasattr(module, "processor")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are microseconds of work: with several OpenMP threads on a busy 2-core
-    machine they spend ~30x longer waiting for each other than computing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -72,27 +55,12 @@ def joint_calls(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    calls = []
-    original = state_module.block_sparse_attention
-
-    def record(q, k, v, layout, **kwargs):
-        result = original(q, k, v, layout, **kwargs)
-        out = result[0] if isinstance(result, tuple) else result
-        calls.append((q.detach(), k.detach(), v.detach(), layout, out.detach()))
-        return result
-
-    monkeypatch.setattr(state_module, "block_sparse_attention", record)
-    return calls
-
-
 def assert_joint_calls_exact(calls, pattern, grid=GRID):
     token_mask = pattern.token_mask(grid)
     for _, q, k, v, key_padding, out in calls:
         assert q.shape[1] == grid.num_tokens and key_padding is not None
         mask = token_mask[None] & key_padding[:, None, :]
-        torch.testing.assert_close(out.double(), masked_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.double(), masked_attention_bnhd(q, k, v, mask), atol=1e-5, rtol=1e-5)
 
 
 def test_dense_pattern_reproduces_the_stock_pipeline(pipe, stock_latents):
@@ -106,7 +74,7 @@ def test_dense_pattern_reproduces_the_stock_pipeline(pipe, stock_latents):
     torch.testing.assert_close(latents, stock_latents, atol=1e-5, rtol=1e-5)
 
 
-def test_sparse_calls_equal_masked_attention_and_remove_restores_stock(pipe, stock_latents, joint_calls, kernel_calls):
+def test_sparse_calls_equal_masked_attention_and_remove_restores_stock(pipe, stock_latents, joint_calls, recorded):
     pattern = Neighborhood(kernel_size=(3, 3, 3))
     stock = processors(pipe.transformer)
     assert not hasattr(pipe.transformer, "set_attn_processor")  # the direct-assignment install path
@@ -121,9 +89,9 @@ def test_sparse_calls_equal_masked_attention_and_remove_restores_stock(pipe, sto
     assert {tuple(kp[:, GRID.video_tokens:].sum(1).tolist()) for *_, kp, _ in joint_calls} == {(8, 5)}
     assert_joint_calls_exact(joint_calls, pattern)
     video_mask = pattern.token_mask(VIDEO_GRID)
-    for q, k, v, layout, out in kernel_calls:
+    for q, k, v, layout, out in recorded:
         assert layout.num_tokens == VIDEO_GRID.num_tokens
-        expected = masked_attention(*(x.transpose(1, 2) for x in (q, k, v)), video_mask[None])
+        expected = masked_attention_bnhd(*(x.transpose(1, 2) for x in (q, k, v)), video_mask[None])
         torch.testing.assert_close(out.double(), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
     remove(pipe)
@@ -133,23 +101,23 @@ def test_sparse_calls_equal_masked_attention_and_remove_restores_stock(pipe, sto
     torch.testing.assert_close(pipe(**mochi_call_kwargs()).frames, stock_latents, atol=0, rtol=0)
 
 
-def test_unpadded_prompts_use_the_layout_with_dense_text(pipe, kernel_calls):
+def test_unpadded_prompts_use_the_layout_with_dense_text(pipe, recorded):
     pattern = Neighborhood(kernel_size=(3, 3, 3))
     remove(pipe)
     stock = pipe(**mochi_call_kwargs(valid=(8,), negative_valid=(8,), steps=2)).frames
     apply(pipe, SparsityConfig(pattern=Dense(), block_size=32))
     try:
         dense = pipe(**mochi_call_kwargs(valid=(8,), negative_valid=(8,), steps=2)).frames
-        kernel_calls.clear()
+        recorded.clear()
         apply(pipe, pattern, block_size=32)
         pipe(**mochi_call_kwargs(valid=(8,), negative_valid=(8,), steps=2))
     finally:
         remove(pipe)
     torch.testing.assert_close(dense, stock, atol=1e-5, rtol=1e-5)
     mask = pattern.token_mask(GRID)
-    assert kernel_calls and all(layout.num_tokens == GRID.num_tokens for *_, layout, _ in kernel_calls)
-    for q, k, v, layout, out in kernel_calls:
-        expected = masked_attention(*(x.transpose(1, 2) for x in (q, k, v)), mask[None])
+    assert recorded and all(layout.num_tokens == GRID.num_tokens for *_, layout, _ in recorded)
+    for q, k, v, layout, out in recorded:
+        expected = masked_attention_bnhd(*(x.transpose(1, 2) for x in (q, k, v)), mask[None])
         torch.testing.assert_close(out.double(), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
@@ -162,7 +130,7 @@ def stock_style_reference(query, key, value, valid, video_tokens, pattern, grid)
     for b in range(query.shape[0]):
         keep = torch.cat([torch.arange(video_tokens), video_tokens + torch.nonzero(valid[b]).flatten()])
         sub = lambda x: x[b : b + 1, keep]  # noqa: E731
-        out = masked_attention(sub(query), sub(key), sub(value), token_mask[keep][:, keep][None])[0]
+        out = masked_attention_bnhd(sub(query), sub(key), sub(value), token_mask[keep][:, keep][None])[0]
         padded = torch.zeros(query.shape[1], *out.shape[1:], dtype=out.dtype)
         padded[: out.shape[0]] = out
         outputs.append(padded)
@@ -231,14 +199,14 @@ def test_dense_layers_by_name_filter(pipe):
     assert layers == {1}
 
 
-def test_two_resolutions_use_two_layouts(pipe, kernel_calls):
+def test_two_resolutions_use_two_layouts(pipe, recorded):
     apply(pipe, SparsityConfig(pattern=Neighborhood(kernel_size=(3, 3, 3)), block_size=32))
     try:
         pipe(**mochi_call_kwargs(steps=2, valid=(8,), negative_valid=None, height=64, width=64))
         pipe(**mochi_call_kwargs(steps=2, valid=(8,), negative_valid=None, height=64, width=96))
     finally:
         remove(pipe)
-    sizes = sorted({layout.num_tokens for *_, layout, _ in kernel_calls})
+    sizes = sorted({layout.num_tokens for *_, layout, _ in recorded})
     assert sizes == [3 * 4 * 4 + TEXT_TOKENS, 3 * 4 * 6 + TEXT_TOKENS]
 
 

@@ -6,20 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import diffattn
 from diffattn import Dense, Neighborhood, Radial, VideoGrid
 from diffattn.adapters import apply, remove, sparsity_state
 from diffattn.processors import SparsityConfig
-from diffattn.processors import state as state_module
 
+from .reference import masked_attention
 from .tiny_pipelines import tiny_wan_pipeline, wan_call_kwargs
 
-
-def masked_attention(q, k, v, mask):
-    """Independent reference: [B, H, N, D] float64 softmax attention restricted to ``mask``."""
-    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.nan_to_num(scores.softmax(-1)) @ v.double()
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +24,6 @@ def pipe():
 def stock_latents(pipe):
     remove(pipe)
     return pipe(**wan_call_kwargs()).frames
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    calls = []
-    original = state_module.block_sparse_attention
-
-    def record(q, k, v, layout, **kwargs):
-        out = original(q, k, v, layout, **kwargs)
-        calls.append((q.detach(), k.detach(), v.detach(), layout, out.detach()))
-        return out
-
-    monkeypatch.setattr(state_module, "block_sparse_attention", record)
-    return calls
 
 
 def test_dense_pattern_reproduces_the_stock_pipeline(pipe, stock_latents):

@@ -12,13 +12,13 @@ import torch
 from diffattn import Dense, Neighborhood, VideoGrid
 from diffattn.adapters import apply, remove, sparsity_state
 from diffattn.processors import SparsityConfig, WanSparseAttnProcessor
-from diffattn.processors import state as state_module
 
 # 9 frames -> 3 latent frames; 64 px / 8 (VAE) / 2 (patch) = 4 tokens per side.
 GRID = VideoGrid(3, 4, 4)
 # shift=5, 4 steps: timesteps [1000, 909.7, 717.3, 24.4]; boundary 0.8 * 1000 = 800 puts steps 0-1
 # on ``transformer`` (high noise) and steps 2-3 on ``transformer_2`` (low noise).
 BOUNDARY = 0.8
+from .reference import masked_attention
 
 
 def tiny_wan_vae():
@@ -101,26 +101,6 @@ def i2v_call_kwargs(variant: str, steps: int = 2, **extra):
     # Wan 2.1 I2V's attn2 takes the last 512 context tokens as text (hard-coded in diffusers).
     return call_kwargs(steps=steps, text_tokens=512 if variant == "2.1" else 8, image=conditioning_image(), **extra)
 
-
-def masked_attention(q, k, v, mask):
-    """Independent reference: [B, H, N, D] float64 softmax attention restricted to ``mask``."""
-    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.nan_to_num(scores.softmax(-1)) @ v.double()
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    calls = []
-    original = state_module.block_sparse_attention
-
-    def record(q, k, v, layout, **kwargs):
-        out = original(q, k, v, layout, **kwargs)
-        calls.append((q.detach(), k.detach(), v.detach(), layout, out.detach()))
-        return out
-
-    monkeypatch.setattr(state_module, "block_sparse_attention", record)
-    return calls
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,34 @@
+"""Fixtures shared by the adapter tests (tiny random pipelines, nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffattn.processors import state as state_module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models' ops are microseconds of work: with several OpenMP threads on a busy 2-core
+    machine they spend far longer waiting for each other than computing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every sparse kernel call the processors make: ``(q, k, v, layout, out)``, [B, H, N, D]."""
+    calls = []
+    original = state_module.block_sparse_attention
+
+    def record(q, k, v, layout, **kwargs):
+        result = original(q, k, v, layout, **kwargs)
+        out = result[0] if isinstance(result, tuple) else result
+        calls.append((q.detach(), k.detach(), v.detach(), layout, out.detach()))
+        return result
+
+    monkeypatch.setattr(state_module, "block_sparse_attention", record)
+    return calls
