@@ -5,9 +5,11 @@ One adapter per model family knows its token order, latent grid and self-attenti
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..processors.config import SparsityConfig
+from ..processors.presets import load_preset
 from ..patterns import Pattern
 from .base import INSTALLED_ATTRIBUTE, ModelAdapter, install, uninstall
 from .cogvideox import CogVideoXAdapter
@@ -17,7 +19,14 @@ from .hunyuan_video import HunyuanVideoAdapter
 from .mochi import MochiAdapter
 from .wan import WanAdapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (WanAdapter(), CogVideoXAdapter(), FluxAdapter(), LTXVideoAdapter(), HunyuanVideoAdapter(), MochiAdapter(),)
+ADAPTERS: tuple[ModelAdapter, ...] = (
+    WanAdapter(),
+    CogVideoXAdapter(),
+    FluxAdapter(),
+    LTXVideoAdapter(),
+    HunyuanVideoAdapter(),
+    MochiAdapter(),
+)
 
 
 def find_adapter(pipe: Any) -> ModelAdapter:
@@ -32,12 +41,14 @@ def find_adapter(pipe: Any) -> ModelAdapter:
     )
 
 
-def apply(pipe: Any, config: SparsityConfig | Pattern, **overrides: Any) -> Any:
+def apply(pipe: Any, config: SparsityConfig | Pattern | str | os.PathLike, **overrides: Any) -> Any:
     """Sparsify the self-attention of a diffusers pipeline in place; returns ``pipe``.
 
     Args:
         pipe: a diffusers pipeline of a supported family.
-        config: a :class:`SparsityConfig`, or a bare pattern (then every layer and step is sparse).
+        config: a :class:`SparsityConfig`; a bare pattern (then every layer and step is sparse); a
+            preset name of the pipeline's family (``"radial"``, see ``configs/<family>/``); or the
+            path of a preset YAML file.
         **overrides: :class:`SparsityConfig` fields to replace (e.g. ``dense_steps=10``).
 
     Applying again replaces the previous configuration (never stacks); :func:`remove` restores
@@ -48,13 +59,17 @@ def apply(pipe: Any, config: SparsityConfig | Pattern, **overrides: Any) -> Any:
         >>> video = pipe(prompt_embeds=..., num_frames=81).frames
         >>> diffattn.remove(pipe)
     """
+    adapter = find_adapter(pipe)
+    if isinstance(config, (str, os.PathLike)):
+        config = load_preset(config, family=adapter.family).config
     if isinstance(config, Pattern):
         config = SparsityConfig(pattern=config)
     if not isinstance(config, SparsityConfig):
-        raise ValueError(f"config must be a SparsityConfig or a Pattern, got {type(config).__name__}")
+        raise ValueError(
+            f"config must be a SparsityConfig, a Pattern, a preset name or a YAML path; got {type(config).__name__}"
+        )
     if overrides:
         config = config.with_overrides(**overrides)
-    adapter = find_adapter(pipe)
     remove(pipe)
     scheduler = getattr(pipe, "scheduler", None)
     for _, transformer in adapter.transformers(pipe):

@@ -48,7 +48,7 @@ def _call_arguments(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> 
 
 
 class LTXVideoAdapter(ModelAdapter):
-    family = "ltx-video"
+    family = "ltx_video"
     transformer_attributes = ("transformer",)
     transformer_classes = ("LTXVideoTransformer3DModel",)
 

@@ -1,0 +1,132 @@
+"""Sparsity presets: YAML files in ``configs/<family>/<name>.yaml``, validated into SparsityConfig.
+
+A preset file (``yaml.safe_load``; nothing else is ever executed or unpickled)::
+
+    description: Radial attention, paper-like (dense warm-up and first layer)
+    pattern:
+      type: radial          # dense | radial | neighborhood
+      decay: 1.0
+    dense_steps: 12
+    dense_layers: [0]
+    block_size: 128
+
+Keys: ``description`` (str, required), ``pattern`` (mapping, required), and the optional
+:class:`SparsityConfig` fields ``dense_layers``, ``dense_steps``, ``dense_last_steps``,
+``block_size``, ``tile_shape``, ``backend``. Errors name the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..patterns import Dense, Neighborhood, Pattern, Radial
+from .config import SparsityConfig
+
+#: Where shipped presets live (override with the ``DIFFATTN_CONFIGS`` environment variable).
+CONFIG_DIR = Path(os.environ.get("DIFFATTN_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
+
+_PATTERN_KEYS: dict[str, tuple[type[Pattern], tuple[str, ...]]] = {
+    "dense": (Dense, ()),
+    "radial": (Radial, ("decay", "sink_frames", "dense_frame_distance", "block_size")),
+    "neighborhood": (Neighborhood, ("kernel_size", "stride", "dilation", "causal")),
+}
+_CONFIG_KEYS = ("dense_layers", "dense_steps", "dense_last_steps", "block_size", "tile_shape", "backend")
+_TOP_KEYS = ("description", "pattern") + _CONFIG_KEYS
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named, described :class:`SparsityConfig` loaded from a YAML file."""
+
+    name: str
+    family: str | None
+    description: str
+    config: SparsityConfig
+    path: Path
+
+
+def _tuple_if_list(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def parse_preset(data: Any, source: str) -> tuple[str, SparsityConfig]:
+    """Validate a loaded YAML document; returns ``(description, config)``.
+
+    Raises:
+        ValueError: naming ``source``, the offending key and the allowed values.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a preset must be a mapping with keys {', '.join(_TOP_KEYS)}; got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_TOP_KEYS))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(_TOP_KEYS)}")
+    description = data.get("description")
+    if not isinstance(description, str) or not description.strip():
+        raise ValueError(f"{source}: key 'description' must be a non-empty string, got {description!r}")
+    spec = data.get("pattern")
+    if not isinstance(spec, dict) or spec.get("type") not in _PATTERN_KEYS:
+        kind = spec.get("type") if isinstance(spec, dict) else spec
+        raise ValueError(f"{source}: key 'pattern.type' must be one of {', '.join(_PATTERN_KEYS)}; got {kind!r}")
+    cls, allowed = _PATTERN_KEYS[spec["type"]]
+    extra = sorted(set(spec) - {"type", *allowed})
+    if extra:
+        raise ValueError(
+            f"{source}: unknown key(s) {', '.join('pattern.' + str(k) for k in extra)} for pattern type "
+            f"{spec['type']!r}; allowed: {', '.join(allowed) or '(none)'}"
+        )
+    try:
+        pattern = cls(**{k: _tuple_if_list(v) for k, v in spec.items() if k != "type"})
+        fields = {k: _tuple_if_list(data[k]) for k in _CONFIG_KEYS if k in data}
+        config = SparsityConfig(pattern=pattern, **fields)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{source}: {error}") from None
+    return description.strip(), config
+
+
+def load_preset_file(path: str | os.PathLike, family: str | None = None) -> Preset:
+    """Load and validate one preset YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"preset file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({error})") from None
+    description, config = parse_preset(data, str(path))
+    return Preset(name=path.stem, family=family, description=description, config=config, path=path)
+
+
+def families() -> list[str]:
+    """Model families that ship presets."""
+    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir()) if CONFIG_DIR.is_dir() else []
+
+
+def list_presets(family: str) -> list[Preset]:
+    """Every shipped preset of ``family``, by name."""
+    if family not in families():
+        raise ValueError(f"family must be one of {', '.join(families())}; got {family!r}")
+    return [load_preset_file(p, family) for p in sorted((CONFIG_DIR / family).glob("*.yaml"))]
+
+
+def load_preset(name_or_path: str | os.PathLike, family: str | None = None) -> Preset:
+    """A shipped preset by name for ``family``, or a user's YAML file by path.
+
+    Example:
+        >>> load_preset("radial", family="wan").config.pattern
+        Radial(decay=1.0, sink_frames=1, dense_frame_distance=1, block_size=128)
+    """
+    text = os.fspath(name_or_path)
+    if text.endswith((".yaml", ".yml")) or os.sep in text:
+        return load_preset_file(text, family)
+    if family is None:
+        raise ValueError(f"preset {text!r} is a name: give the model family (one of {', '.join(families())})")
+    path = CONFIG_DIR / family / f"{text}.yaml"
+    if not path.is_file():
+        names = ", ".join(p.stem for p in sorted((CONFIG_DIR / family).glob("*.yaml"))) if (CONFIG_DIR / family).is_dir() else ""
+        raise ValueError(f"unknown preset {text!r} for model family {family!r}; available: {names or '(none)'}")
+    return load_preset_file(path, family)
