@@ -1,0 +1,235 @@
+"""The one public entry point for block-sparse attention: validation, permutation and dispatch.
+
+Backends work in *kernel token order* (``layout.permutation`` applied) on validated inputs:
+
+* ``"triton"``: the block-sparse FlashAttention kernels (CUDA tensors; CPU tensors only under
+  ``TRITON_INTERPRET=1``). Imported lazily: ``import diffattn`` never imports Triton.
+* ``"cpu"``: the batched exact PyTorch path of :mod:`diffattn.kernels.cpu` (CPU tensors).
+* ``"reference"``: dense masked attention built from ``layout.token_mask()`` (any device; O(N^2)
+  memory, for tests and small inputs).
+* ``"auto"``: ``"triton"`` for CUDA tensors, ``"cpu"`` for CPU tensors. The choice depends on the
+  tensors' device only, never on whether Triton happens to import: launching a compiled Triton
+  kernel on CPU tensors fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from typing import Any
+
+import torch
+
+from ..patterns.layout import BlockLayout
+from .cpu import cpu_block_sparse_attention
+from .reference import masked_attention_reference
+
+BACKENDS = ("auto", "cpu", "triton", "reference")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Layouts moved to the inputs' device, per source layout: moving on every call would defeat the
+# per-layout caches (CPU plans, Triton metadata) that key on the layout object.
+_MOVED: "weakref.WeakKeyDictionary[BlockLayout, dict[str, BlockLayout]]" = weakref.WeakKeyDictionary()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape={tuple(x.shape)} ({x.dtype}, {x.device})"
+    if isinstance(x, BlockLayout):
+        try:
+            return repr(x)
+        except Exception:  # e.g. a layout on the meta device cannot compute its statistics
+            return f"BlockLayout(N={x.num_tokens}, block=({x.block_q}, {x.block_k}), heads={x.num_heads}, device={x.device})"
+    return f"{type(x).__name__} {x!r}"
+
+
+def _input_problems(q: Any, k: Any, v: Any, layout: Any, scale: Any, return_lse: Any) -> list[str]:
+    """Reasons the inputs are invalid for every backend (empty when they are fine)."""
+    problems: list[str] = []
+    tensors = {"q": q, "k": k, "v": v}
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            problems.append(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(layout, BlockLayout):
+        problems.append(f"layout must be a BlockLayout (e.g. pattern.layout(grid)), got {type(layout).__name__}")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0
+    ):
+        problems.append(f"scale must be None or a finite number > 0, got {scale!r}")
+    if not isinstance(return_lse, bool):
+        problems.append(f"return_lse must be a bool, got {return_lse!r}")
+    if problems and any(not isinstance(x, torch.Tensor) for x in tensors.values()):
+        return problems
+
+    for name, x in tensors.items():
+        if x.dim() != 4:
+            problems.append(f"{name} must have 4 dimensions [B, H, N, D], got {x.dim()} (shape {tuple(x.shape)})")
+        if x.dtype not in SUPPORTED_DTYPES:
+            allowed = ", ".join(_dtype_name(d) for d in SUPPORTED_DTYPES)
+            problems.append(f"{name}.dtype={_dtype_name(x.dtype)} is not supported; allowed: {allowed}")
+    if k.shape != q.shape or v.shape != q.shape:
+        problems.append(
+            f"q, k and v must have the same shape [B, H, N, D]; got q={tuple(q.shape)}, k={tuple(k.shape)}, "
+            f"v={tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        problems.append(f"q, k and v must have the same dtype; got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        problems.append(f"q, k and v must be on the same device; got q={q.device}, k={k.device}, v={v.device}")
+    if q.dim() == 4 and isinstance(layout, BlockLayout):
+        _, heads, n, dim = q.shape
+        if n != layout.num_tokens:
+            problems.append(f"N={n} (q.shape[2]) does not match layout.num_tokens={layout.num_tokens}")
+        if layout.num_heads not in (1, heads):
+            problems.append(
+                f"layout.num_heads={layout.num_heads} does not match the H={heads} heads of q; "
+                f"allowed: 1 (shared by all heads) or {heads} (per head)"
+            )
+        if dim == 0:
+            problems.append("head dim D (q.shape[3]) must be >= 1, got 0")
+    return problems
+
+
+def _backend_problems(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                      device: torch.device) -> list[str]:
+    """Reasons the chosen backend cannot run on the inputs' device."""
+    if backend == "cpu" and device.type != "cpu":
+        return [f"backend='cpu' needs CPU tensors, got tensors on {device}; use backend='auto' or 'triton'"]
+    if backend == "triton" and device.type != "cuda":
+        if device.type != "cpu":
+            return [f"backend='triton' needs CUDA tensors, got tensors on {device}"]
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return [
+                "backend='triton' needs CUDA tensors, got CPU tensors; on a CPU it only runs under the "
+                "Triton interpreter (set TRITON_INTERPRET=1 before importing triton), else use backend='cpu'"
+            ]
+    return []
+
+
+def _triton_problems(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> list[str]:
+    """The Triton kernels' own reasons (imported lazily: Triton is slow to import, maybe absent)."""
+    try:
+        from . import triton_attention
+    except Exception as exc:  # ImportError, or Triton failing to initialise
+        return [f"backend='triton' is unavailable: importing diffattn.kernels.triton_attention failed ({exc!r})"]
+    return list(triton_attention.triton_support_problems(q, k, v, layout))
+
+
+def _resolve_backend(backend: Any, device: torch.device) -> tuple[str | None, list[str]]:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        allowed = ", ".join(repr(b) for b in BACKENDS)
+        return None, [f"backend={backend!r} is unknown; allowed: {allowed}"]
+    if backend != "auto":
+        return backend, []
+    if device.type == "cuda":
+        return "triton", []
+    if device.type == "cpu":
+        return "cpu", []
+    return None, [
+        f"backend='auto' has no kernel for tensors on {device} (auto picks 'triton' for CUDA, 'cpu' for CPU); "
+        "pass backend='reference' explicitly (dense, O(N^2) memory)"
+    ]
+
+
+def _raise(problems: list[str], backend: Any, q: Any, k: Any, v: Any, layout: Any) -> None:
+    lines = [
+        "block_sparse_attention is not supported with these inputs:",
+        f"     q       : {_describe(q)}",
+        f"     k       : {_describe(k)}",
+        f"     v       : {_describe(v)}",
+        f"     layout  : {_describe(layout)}",
+        f"     backend : {backend!r}",
+        f"`{backend}` is not supported because:",
+    ]
+    lines += [f"    {p}" for p in problems]
+    raise ValueError("\n".join(lines))
+
+
+def _layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
+    if layout.device == device:
+        return layout
+    per_device = _MOVED.setdefault(layout, {})
+    key = str(device)
+    if key not in per_device:
+        per_device[key] = layout.to(device)
+    return per_device[key]
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention restricted to a block layout: ``out == attention masked by layout.token_mask()``.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` in the caller's token order; float16, bfloat16 or float32;
+            same shape, dtype and device. ``N`` must equal ``layout.num_tokens``.
+        layout: the :class:`BlockLayout` to execute (``pattern.layout(grid)``); shared by all
+            heads (``num_heads == 1``) or one per head (``num_heads == H``). Moved to the inputs'
+            device if needed (the moved copy is cached per layout).
+        scale: score scale, default ``1 / sqrt(D)``.
+        return_lse: also return the log-sum-exp of each row.
+        backend: ``"auto"`` (CUDA -> ``"triton"``, CPU -> ``"cpu"``), ``"cpu"``, ``"triton"``
+            (CPU tensors only with ``TRITON_INTERPRET=1``) or ``"reference"``.
+
+    Returns:
+        ``out [B, H, N, D]`` in ``q.dtype``; with ``return_lse`` also ``lse float32 [B, H, N]``,
+        the natural log of the softmax denominator (scale included). Rows without any allowed key
+        give ``out = 0`` and ``lse = -inf`` (never NaN). Differentiable on every backend.
+
+    Raises:
+        ValueError: listing every reason the inputs or the backend are not supported.
+
+    Example:
+        >>> from diffattn import Neighborhood, VideoGrid
+        >>> grid = VideoGrid(4, 8, 8)
+        >>> layout = Neighborhood(kernel_size=(3, 5, 5)).layout(grid, block_size=64)
+        >>> q = k = v = torch.randn(1, 2, grid.num_tokens, 64)
+        >>> block_sparse_attention(q, k, v, layout).shape
+        torch.Size([1, 2, 256, 64])
+    """
+    problems = _input_problems(q, k, v, layout, scale, return_lse)
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    resolved, backend_problems = _resolve_backend(backend, device)
+    problems += backend_problems
+    given_layout = layout
+    if not problems and resolved is not None:
+        problems = _backend_problems(resolved, q, k, v, layout, device)
+        if not problems:
+            layout = _layout_on(layout, device)
+            if resolved == "triton":
+                problems = _triton_problems(q, k, v, layout)
+    if problems:
+        shown = backend if resolved in (None, backend) else f"{backend} -> {resolved}"
+        _raise(problems, shown, q, k, v, given_layout)
+
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if q.numel() == 0:  # B == 0 or H == 0: nothing to attend
+        out = torch.zeros_like(q)
+        return (out, torch.zeros(q.shape[:-1], dtype=torch.float32, device=q.device)) if return_lse else out
+
+    if resolved == "reference":
+        # token_mask() is already in the caller's order: no permutation round trip needed.
+        return masked_attention_reference(q, k, v, layout.token_mask(), scale=scale, return_lse=return_lse)
+
+    qk, kk, vk = (layout.permute_tokens(x) for x in (q, k, v))
+    if resolved == "cpu":
+        result = cpu_block_sparse_attention(qk, kk, vk, layout, scale, return_lse)
+    else:
+        from .triton_attention import triton_block_sparse_attention
+
+        result = triton_block_sparse_attention(qk, kk, vk, layout, scale, return_lse)
+    if return_lse:
+        out, lse = result
+        return layout.unpermute_tokens(out), layout.unpermute_tokens(lse, dim=-1)
+    return layout.unpermute_tokens(result)
