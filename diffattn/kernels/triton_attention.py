@@ -1,0 +1,521 @@
+"""Triton backend: launchers and the autograd Function around the block-sparse kernels.
+
+Public entry points (used by :mod:`diffattn.kernels.api`, which applies the layout's token
+permutation before calling here and undoes it afterwards):
+
+* :func:`triton_block_sparse_attention` — differentiable block-sparse attention on ``[B, H, N, D]``
+  tensors already in the kernel's token order.
+* :func:`triton_support_problems` — why a given call cannot run on this backend (``[]`` if it can).
+
+The kernels (:mod:`.triton_fwd`, :mod:`.triton_bwd`) are imported lazily, so that importing this
+module works without Triton and so that ``TRITON_INTERPRET`` may still be set by the caller before
+the first launch.
+
+Tile lists: a layout lists, per query block, the visited key blocks with a mask id (``-1`` =
+full). The kernels want each list split in two: *full* tiles that need no element mask and no
+bounds check, and *masked* tiles (partial, or touching the ragged last block on either side).
+The split is computed once per (layout, device) and cached on the layout object (weakly).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..patterns.layout import MASK_WORD_BITS, BlockLayout
+
+try:
+    import triton as _triton  # noqa: F401  (only probed here; kernels import it themselves)
+
+    _TRITON_IMPORT_ERROR: str | None = None
+except Exception as exc:  # pragma: no cover - depends on the platform
+    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Head dims the kernels handle; 80 and 96 run padded to 128 with masked loads.
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+SUPPORTED_BLOCK_Q = (16, 32, 64, 128)
+SUPPORTED_BLOCK_K = (32, 64, 128)
+# CUDA caps grid dimension y (our B * H axis) at 65535.
+_MAX_GRID_Y = 65535
+# Rows per program of the small delta kernel.
+_DELTA_BLOCK = 64
+
+_LOG2E = 1.4426950408889634
+
+
+# ------------------------------------------------------------------------------------ resources
+# Shared memory the kernels need beyond their operand tiles (mask words, softmax statistics,
+# layout conversions), from compiling them for sm_80/sm_90.
+_SMEM_SLACK = 4096
+
+
+def smem_estimate(kind: str, block_m: int, block_n: int, block_d: int, elem_bytes: int, stages: int) -> int:
+    """Estimated shared memory (bytes) of kernel ``kind`` ("fwd", "dq", "dkdv").
+
+    Resident tiles (Q for fwd; Q and dO for dq; K and V for dkdv) plus ``stages`` buffers of the
+    two tiles loaded per iteration (K and V, or Q and dO). SPLIT does not change it: the chunks of
+    one block are unrolled and all buffered. Matches the compiled kernels within ~3 KB.
+    """
+    stages = max(int(stages), 1)
+    if kind == "fwd":
+        rows = block_m + stages * 2 * block_n
+    elif kind == "dq":
+        rows = 2 * block_m + stages * 2 * block_n
+    elif kind == "dkdv":
+        rows = 2 * block_n + stages * 2 * block_m
+    else:
+        raise ValueError(f"kind must be 'fwd', 'dq' or 'dkdv', got {kind!r}")
+    return elem_bytes * block_d * rows + _SMEM_SLACK
+
+
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Opt-in shared memory per block of a CUDA device in bytes (None if unknown / not CUDA)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    if limit:
+        return int(limit)
+    try:  # older torch: ask Triton's driver
+        from triton.runtime import driver
+
+        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:
+        return None
+
+
+# ------------------------------------------------------------------------------------ support
+def _interpret_mode() -> bool:
+    """Whether launches go through Triton's interpreter.
+
+    Once the kernel modules are imported their mode is fixed (``triton.jit`` picks interpreter or
+    compiler at definition time); before that, the environment decides.
+    """
+    import sys
+
+    fwd = sys.modules.get(__package__ + ".triton_fwd")
+    if fwd is not None:
+        return bool(fwd.INTERPRET)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_support_problems(q: Any, k: Any, v: Any, layout: Any) -> list[str]:
+    """Human-readable reasons why these inputs cannot run on the Triton backend (``[]`` if they can).
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` tensors in the kernel's token order.
+        layout: the :class:`BlockLayout` to execute.
+    """
+    problems: list[str] = []
+    if _TRITON_IMPORT_ERROR is not None:
+        problems.append(f"triton cannot be imported ({_TRITON_IMPORT_ERROR})")
+    tensors = {"q": q, "k": k, "v": v}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            problems.append(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if problems and any(not isinstance(t, torch.Tensor) for t in tensors.values()):
+        return problems
+    if q.dim() != 4:
+        problems.append(f"q must be 4-D [B, H, N, D], got shape {tuple(q.shape)}")
+        return problems
+    for name in ("k", "v"):
+        t = tensors[name]
+        if tuple(t.shape) != tuple(q.shape):
+            problems.append(f"{name} has shape {tuple(t.shape)}, q has {tuple(q.shape)}; the Triton kernels need equal shapes")
+        if t.dtype != q.dtype:
+            problems.append(f"{name} has dtype {t.dtype}, q has {q.dtype}; they must match")
+        if t.device != q.device:
+            problems.append(f"{name} is on {t.device}, q is on {q.device}; they must be on one device")
+    batch, heads, n, d = q.shape
+    if q.dtype not in SUPPORTED_DTYPES:
+        problems.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    if d not in SUPPORTED_HEAD_DIMS:
+        problems.append(f"head dim {d} is not supported (one of {', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+    if batch * heads > _MAX_GRID_Y:
+        problems.append(f"B * H = {batch * heads} exceeds the CUDA grid limit {_MAX_GRID_Y}")
+    interpret = _interpret_mode()
+    if q.device.type != "cuda" and not interpret:
+        problems.append(
+            f"tensors are on {q.device}, and Triton only runs there under its interpreter (TRITON_INTERPRET=1 "
+            "set before triton is imported)"
+        )
+    if interpret and q.dtype == torch.bfloat16:
+        problems.append("bfloat16 is not supported under TRITON_INTERPRET=1 (the interpreter's tl.dot gives wrong bf16 results)")
+    if q.device.type == "cuda" and not interpret and q.dtype == torch.bfloat16:
+        major, _ = torch.cuda.get_device_capability(q.device)
+        if major < 8:
+            problems.append(f"bfloat16 needs compute capability >= 8.0, {torch.cuda.get_device_name(q.device)} has {major}.x")
+    if not isinstance(layout, BlockLayout):
+        problems.append(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        return problems
+    if layout.num_tokens != n:
+        problems.append(f"layout is for N={layout.num_tokens} tokens, q has N={n}")
+    if layout.num_heads not in (1, heads):
+        problems.append(f"layout has {layout.num_heads} heads; it must be shared (1) or per head ({heads})")
+    if layout.block_q not in SUPPORTED_BLOCK_Q:
+        problems.append(f"layout.block_q={layout.block_q} is not supported (one of {', '.join(map(str, SUPPORTED_BLOCK_Q))})")
+    if layout.block_k not in SUPPORTED_BLOCK_K:
+        problems.append(f"layout.block_k={layout.block_k} is not supported (one of {', '.join(map(str, SUPPORTED_BLOCK_K))})")
+    if q.device.type == "cuda" and not interpret and d in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES:
+        # Even one pipeline stage must fit (fp32 with 128-wide blocks and D = 128 does not).
+        limit = shared_memory_limit(q.device)
+        kinds = ["fwd"] + (["dkdv", "dq"] if any(t.requires_grad for t in (q, k, v)) else [])
+        block_d = _head_dim_meta(d)["BLOCK_D"]
+        for kind in kinds:
+            need = smem_estimate(kind, layout.block_q, layout.block_k, block_d, q.element_size(), 1)
+            if limit is not None and need > limit:
+                problems.append(
+                    f"the {kind} kernel needs ~{need // 1024} KB of shared memory for {q.dtype} with blocks "
+                    f"({layout.block_q}, {layout.block_k}) and head dim {d}; this GPU allows {limit // 1024} KB "
+                    "(use smaller blocks or fp16/bf16)"
+                )
+    return problems
+
+
+# ------------------------------------------------------------------------------------ tile lists
+@dataclass(frozen=True)
+class _TileLists:
+    """One direction's tile lists split for the kernels (all int32, contiguous).
+
+    full_count [Hl, M]; full_idx [Hl, M, Wf]; part_count [Hl, M]; part_idx, part_mid [Hl, M, Wp]
+    (``part_mid`` is -1 for a full tile listed as masked only because it touches the ragged end).
+    """
+
+    full_count: torch.Tensor
+    full_idx: torch.Tensor
+    part_count: torch.Tensor
+    part_idx: torch.Tensor
+    part_mid: torch.Tensor
+
+    @property
+    def full_width(self) -> int:
+        return int(self.full_idx.shape[-1])
+
+    @property
+    def part_width(self) -> int:
+        return int(self.part_idx.shape[-1])
+
+
+@dataclass(frozen=True)
+class _KernelLayout:
+    rows: _TileLists  # per query block: key blocks (forward, dQ)
+    cols: _TileLists  # per key block: query blocks (dK, dV)
+    masks: torch.Tensor  # int32 [max(P, 1), block_q, block_k // 32], contiguous
+
+
+_KERNEL_LAYOUTS: "weakref.WeakKeyDictionary[BlockLayout, dict[str, _KernelLayout]]" = weakref.WeakKeyDictionary()
+
+
+def _compact(selected: torch.Tensor, *lists: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Move the selected slots of each row to the front, keeping their order.
+
+    Returns ``(count int32 [Hl, M], *compacted lists int32 [Hl, M, max(count, 1)])``.
+    """
+    count = selected.sum(-1)
+    width = max(int(count.max()) if count.numel() else 0, 1)
+    # Stable sort on "not selected" keeps selected slots first, in their ascending order.
+    order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True)[..., :width]
+    keep = torch.arange(width, device=selected.device) < count[..., None]
+    out = [torch.where(keep, torch.gather(x.long(), -1, order), 0) for x in lists]
+    return (count.to(torch.int32).contiguous(), *(x.to(torch.int32).contiguous() for x in out))
+
+
+def _split_lists(
+    counts: torch.Tensor, indices: torch.Tensor, mask_ids: torch.Tensor, own_ragged: int | None, iter_ragged: int | None
+) -> _TileLists:
+    """Split per-block tile lists into full and masked lists.
+
+    ``own_ragged`` / ``iter_ragged``: index of the ragged last block (tokens ``>= N`` inside it) on
+    the program's own side / the iterated side, or None when ``N`` is a multiple of the block.
+    """
+    slots = torch.arange(indices.shape[-1], device=indices.device)
+    valid = slots < counts[..., None].long()
+    masked = mask_ids >= 0
+    if iter_ragged is not None:
+        masked = masked | (indices == iter_ragged)
+    if own_ragged is not None:
+        own = torch.zeros_like(masked)
+        own[:, own_ragged, :] = True
+        masked = masked | own
+    masked = masked & valid
+    full = valid & ~masked
+    full_count, full_idx = _compact(full, indices)
+    part_count, part_idx, part_mid = _compact(masked, indices, torch.where(masked, mask_ids, -1))
+    # Compaction pads with 0; a padded mask id must read as "full" (-1), never as tile 0.
+    part_mid = torch.where(
+        torch.arange(part_mid.shape[-1], device=part_mid.device) < part_count[..., None].long(), part_mid, -1
+    ).to(torch.int32)
+    return _TileLists(full_count, full_idx, part_count, part_idx, part_mid.contiguous())
+
+
+def _kernel_layout(layout: BlockLayout, device: torch.device) -> _KernelLayout:
+    """The split tile lists of ``layout`` on ``device`` (cached per layout object and device)."""
+    per_device = _KERNEL_LAYOUTS.setdefault(layout, {})
+    key = str(device)
+    if key in per_device:
+        return per_device[key]
+    lay = layout.to(device)
+    n = lay.num_tokens
+    last_q = lay.num_q_blocks - 1 if n % lay.block_q else None
+    last_k = lay.num_k_blocks - 1 if n % lay.block_k else None
+    rows = _split_lists(lay.kv_counts, lay.kv_indices, lay.kv_mask_ids, own_ragged=last_q, iter_ragged=last_k)
+    q_counts, q_indices, q_mask_ids = lay.transposed
+    cols = _split_lists(q_counts, q_indices, q_mask_ids, own_ragged=last_k, iter_ragged=last_q)
+    masks = lay.masks.to(device=device, dtype=torch.int32).contiguous()
+    if masks.shape[0] == 0:  # the kernels need a valid pointer even when no tile is partial
+        masks = torch.full((1, lay.block_q, lay.block_k // MASK_WORD_BITS), -1, dtype=torch.int32, device=device)
+    result = _KernelLayout(rows=rows, cols=cols, masks=masks)
+    per_device[key] = result
+    return result
+
+
+# ------------------------------------------------------------------------------------ launchers
+def _unit_stride_last(x: torch.Tensor) -> torch.Tensor:
+    """Keep any view whose head dim is unit-stride (strides go to the kernel); copy otherwise."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 inputs follow torch's matmul TF32 switch (default: exact)."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"  # ignored by Triton for 16-bit inputs
+
+
+def _head_dim_meta(d: int) -> dict[str, Any]:
+    block_d = 1 << max(4, (d - 1).bit_length())
+    return {"HEAD_DIM": d, "BLOCK_D": block_d, "PAD_D": block_d != d}
+
+
+def _launch(autotuned: Any, raw: Any, grid: tuple[int, int], args: tuple, meta: dict, config: dict | None) -> None:
+    """Launch the autotuned kernel, or the raw kernel with an explicit config (tests, debugging)."""
+    if config is None:
+        autotuned[grid](*args, **meta)
+        return
+    config = dict(config)
+    num_warps = config.pop("num_warps", 4)
+    num_stages = config.pop("num_stages", 1)
+    raw[grid](*args, **meta, **config, num_warps=num_warps, num_stages=num_stages)
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    scale: float,
+    store_lse: bool = True,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel. q, k, v: [B, H, N, D] (unit stride along D).
+
+    Returns out [B, H, N, D] (q.dtype, contiguous) and lse fp32 [B, H, N] (uninitialised when
+    ``store_lse`` is False).
+    """
+    from . import triton_fwd
+
+    batch, heads, n, d = q.shape
+    out = torch.empty((batch, heads, n, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    kl = _kernel_layout(layout, q.device)
+    lists = kl.rows
+    grid = (layout.num_q_blocks, batch * heads)
+    args = (
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lists.full_count, lists.full_idx, lists.part_count, lists.part_idx, lists.part_mid, kl.masks,
+        lists.full_width, lists.part_width, layout.num_heads, heads, n, float(scale) * _LOG2E,
+    )  # fmt: skip
+    meta = {
+        **_head_dim_meta(d),
+        "BLOCK_M": layout.block_q,
+        "BLOCK_N": layout.block_k,
+        "STORE_LSE": bool(store_lse),
+        "PRECISION": _dot_precision(q.dtype),
+    }
+    _launch(triton_fwd.attn_fwd, triton_fwd.attn_fwd_kernel, grid, args, meta, config)
+    return out, lse
+
+
+def _backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    layout: BlockLayout,
+    scale: float,
+    need_dq: bool = True,
+    need_dkdv: bool = True,
+    configs: dict[str, dict] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Run delta, dK/dV and dQ kernels. All tensors [B, H, N, D] except lse/dlse fp32 [B, H, N].
+
+    Returns (dq, dk, dv) in the dtypes of q, k, v (None where not needed).
+    """
+    from . import triton_bwd
+
+    configs = configs or {}
+    batch, heads, n, d = q.shape
+    dq = torch.empty((batch, heads, n, d), dtype=q.dtype, device=q.device) if need_dq else None
+    dk = torch.empty((batch, heads, n, d), dtype=k.dtype, device=k.device) if need_dkdv else None
+    dv = torch.empty((batch, heads, n, d), dtype=v.dtype, device=v.device) if need_dkdv else None
+    if q.numel() == 0:
+        return dq, dk, dv
+    kl = _kernel_layout(layout, q.device)
+    head_meta = _head_dim_meta(d)
+    precision = _dot_precision(q.dtype)
+    qk_scale = float(scale) * _LOG2E
+
+    delta = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
+    has_dlse = dlse is not None
+    dlse_arg = dlse.to(torch.float32).contiguous() if has_dlse else delta
+    triton_bwd.bwd_preprocess_kernel[(-(-n // _DELTA_BLOCK), batch * heads)](
+        out, do, dlse_arg, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        heads, n,
+        **head_meta, BLOCK=_DELTA_BLOCK, HAS_DLSE=has_dlse,
+    )  # fmt: skip
+
+    common_meta = {**head_meta, "BLOCK_M": layout.block_q, "BLOCK_N": layout.block_k, "PRECISION": precision}
+    if need_dkdv:
+        cols = kl.cols
+        args = (
+            q, k, v, do, lse, delta, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            cols.full_count, cols.full_idx, cols.part_count, cols.part_idx, cols.part_mid, kl.masks,
+            cols.full_width, cols.part_width, layout.num_heads, heads, n, qk_scale, float(scale),
+        )  # fmt: skip
+        grid = (layout.num_k_blocks, batch * heads)
+        _launch(triton_bwd.bwd_dkdv, triton_bwd.bwd_dkdv_kernel, grid, args, common_meta, configs.get("dkdv"))
+
+    if need_dq:
+        rows = kl.rows
+        args = (
+            q, k, v, do, lse, delta, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            rows.full_count, rows.full_idx, rows.part_count, rows.part_idx, rows.part_mid, kl.masks,
+            rows.full_width, rows.part_width, layout.num_heads, heads, n, qk_scale, float(scale),
+        )  # fmt: skip
+        grid = (layout.num_q_blocks, batch * heads)
+        _launch(triton_bwd.bwd_dq, triton_bwd.bwd_dq_kernel, grid, args, common_meta, configs.get("dq"))
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------ autograd
+class _TritonBlockSparseAttention(torch.autograd.Function):
+    """out, lse = attention(q, k, v) restricted to ``layout``; both outputs are differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale, configs):  # type: ignore[override]
+        configs = configs or {}
+        q, k, v = (_unit_stride_last(x) for x in (q, k, v))
+        out, lse = _forward(q, k, v, layout, scale, store_lse=True, config=configs.get("fwd"))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout = layout
+        ctx.scale = scale
+        ctx.configs = configs
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dout = _unit_stride_last(dout)
+        dq, dk, dv = _backward(
+            dout, q, k, v, out, lse, dlse, ctx.layout, ctx.scale,
+            need_dq=ctx.needs_input_grad[0],
+            need_dkdv=ctx.needs_input_grad[1] or ctx.needs_input_grad[2],
+            configs=ctx.configs,
+        )  # fmt: skip
+        if not ctx.needs_input_grad[1]:
+            dk = None
+        if not ctx.needs_input_grad[2]:
+            dv = None
+        return dq, dk, dv, None, None, None
+
+
+def _check_scale(scale: Any) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
+    return float(scale)
+
+
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    scale: float,
+    return_lse: bool,
+    configs: dict[str, dict] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`triton_block_sparse_attention` with optional fixed launch configs per kernel
+    (``{"fwd" | "dkdv" | "dq": {"SPLIT": 2, "num_warps": 4, "num_stages": 1}}``) instead of the
+    autotuner, so tests can exercise every code path under the interpreter."""
+    problems = triton_support_problems(q, k, v, layout)
+    if problems:
+        raise ValueError("inputs cannot run on the Triton backend: " + "; ".join(problems))
+    scale = _check_scale(scale)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if needs_grad:
+        out, lse = _TritonBlockSparseAttention.apply(q, k, v, layout, scale, configs)
+    else:
+        configs = configs or {}
+        q, k, v = (_unit_stride_last(x) for x in (q, k, v))
+        out, lse = _forward(q, k, v, layout, scale, store_lse=return_lse, config=configs.get("fwd"))
+    return (out, lse) if return_lse else out
+
+
+def triton_block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float, return_lse: bool
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse softmax attention on the Triton kernels.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` in the kernel's token order (the layout's permutation already
+            applied), fp16/bf16/fp32, any strides (a copy is made only if the head dim is not
+            unit-stride).
+        layout: the tiles to compute; ``layout.num_heads`` is 1 (shared) or ``H``.
+        scale: softmax scale (usually ``D ** -0.5``).
+        return_lse: also return the log-sum-exp.
+
+    Returns:
+        ``out`` ``[B, H, N, D]`` in ``q.dtype``, and with ``return_lse`` the natural-log LSE, fp32
+        ``[B, H, N]`` (``-inf`` for rows without an allowed key, whose output is 0). Both are
+        differentiable through the Triton backward kernels.
+
+    Raises:
+        ValueError: if :func:`triton_support_problems` reports a problem, or ``scale`` is not a
+            positive finite number.
+    """
+    return _attention(q, k, v, layout, scale, return_lse)
+
+
+__all__ = ["triton_block_sparse_attention", "triton_support_problems"]
