@@ -71,6 +71,8 @@ SMALL_SHAPES = [
     Shape("small 8x16x16", VideoGrid(8, 16, 16), 4, 64, (3, 7, 7)),
     Shape("small 8x16x32 + 77 text, D=128", VideoGrid(8, 16, 32, text_tokens=77), 2, 128, (3, 7, 11)),
     Shape("target 16x32x32 (N=16384)", VideoGrid(16, 32, 32), 4, 64, (3, 11, 11)),
+    # Same N, long and small-framed, so that Radial's all-full-tile layout has density ~0.11.
+    Shape("target 128x8x16 (N=16384)", VideoGrid(128, 8, 16), 4, 64, (5, 5, 9)),
 ]
 BLOCK = 128
 TILE = (1, 8, 16)  # tile-major permutation: 128 tokens per tile

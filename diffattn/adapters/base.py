@@ -53,6 +53,17 @@ class ModelAdapter(abc.ABC):
         """The sparse processor that replaces ``stock`` on one layer."""
 
 
+def call_argument(args: tuple, kwargs: dict, name: str, position: int, required: bool = True) -> Any:
+    """A transformer forward's argument ``name``, passed by keyword or at ``position``."""
+    if name in kwargs:
+        return kwargs[name]
+    if len(args) > position:
+        return args[position]
+    if required:
+        raise ValueError(f"the transformer was called without {name!r} (keyword, or positional #{position})")
+    return None
+
+
 @dataclass
 class Installed:
     """What ``apply`` changed on one transformer, so ``remove`` can undo exactly that."""

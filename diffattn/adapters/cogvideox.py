@@ -18,7 +18,7 @@ import torch
 from ..patterns import VideoGrid
 from ..processors.cogvideox import CogVideoXSparseAttnProcessor
 from ..processors.state import SparsityState
-from .base import ModelAdapter
+from .base import ModelAdapter, call_argument
 
 # Stock processors whose computation CogVideoXSparseAttnProcessor reproduces (name -> fused QKV).
 _SUPPORTED_STOCK = {"CogVideoXAttnProcessor2_0": False, "FusedCogVideoXAttnProcessor2_0": True}
@@ -32,15 +32,15 @@ class CogVideoXAdapter(ModelAdapter):
         return [(f"transformer_blocks.{i}.attn1", i) for i in range(len(transformer.transformer_blocks))]
 
     def grid_from_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
-        hidden_states = _argument(args, kwargs, "hidden_states", 0)
-        text = _argument(args, kwargs, "encoder_hidden_states", 1)
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        text = call_argument(args, kwargs, "encoder_hidden_states", 1)
         _, frames, _, height, width = hidden_states.shape
         p = transformer.config.patch_size
         p_t = transformer.config.patch_size_t or 1  # None for CogVideoX 1.0: one frame per token
         return VideoGrid(frames // p_t, height // p, width // p, text_tokens=text.shape[1], text_position="start")
 
     def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        return _argument(args, kwargs, "timestep", 2, required=False)
+        return call_argument(args, kwargs, "timestep", 2, required=False)
 
     def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
         fused = _SUPPORTED_STOCK.get(type(stock).__name__)
@@ -48,13 +48,3 @@ class CogVideoXAdapter(ModelAdapter):
             # A processor we do not reproduce (e.g. a third-party one): keep it, the layer stays dense.
             return stock
         return CogVideoXSparseAttnProcessor(stock, state, layer_index, fused=fused)
-
-
-def _argument(args: tuple, kwargs: dict, name: str, position: int, required: bool = True) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    if len(args) > position:
-        return args[position]
-    if required:
-        raise ValueError(f"CogVideoXTransformer3DModel was called without {name!r}")
-    return None

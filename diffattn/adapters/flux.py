@@ -20,7 +20,7 @@ import torch
 from ..patterns import VideoGrid
 from ..processors.flux import FluxSparseAttnProcessor
 from ..processors.state import SparsityState
-from .base import ModelAdapter
+from .base import ModelAdapter, call_argument
 
 # Stock processors whose computation FluxSparseAttnProcessor reproduces. The IP-adapter processor
 # takes extra inputs and returns a third output: those layers keep it and stay dense.
@@ -39,9 +39,9 @@ class FluxAdapter(ModelAdapter):
         return layers
 
     def grid_from_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid | None:
-        hidden_states = _argument(args, kwargs, "hidden_states", 0)
-        text = _argument(args, kwargs, "encoder_hidden_states", 1)
-        img_ids = _argument(args, kwargs, "img_ids", 4)
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0, required=False)
+        text = call_argument(args, kwargs, "encoder_hidden_states", 1, required=False)
+        img_ids = call_argument(args, kwargs, "img_ids", 4, required=False)
         if hidden_states is None or text is None or img_ids is None:
             return None
         shape = image_grid_shape(img_ids, hidden_states.shape[1])
@@ -50,7 +50,7 @@ class FluxAdapter(ModelAdapter):
         return VideoGrid(1, shape[0], shape[1], text_tokens=text.shape[1], text_position="start")
 
     def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        return _argument(args, kwargs, "timestep", 3)
+        return call_argument(args, kwargs, "timestep", 3, required=False)
 
     def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
         if type(stock).__name__ not in _SUPPORTED_STOCK:
@@ -80,9 +80,3 @@ def image_grid_shape(img_ids: torch.Tensor, image_tokens: int) -> tuple[int, int
     if not (one_image and torch.equal(rows, expected_rows) and torch.equal(cols, expected_cols)):
         return None
     return height, width
-
-
-def _argument(args: tuple, kwargs: dict, name: str, position: int) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    return args[position] if len(args) > position else None

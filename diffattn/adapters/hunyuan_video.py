@@ -23,7 +23,7 @@ import torch
 from ..patterns import VideoGrid
 from ..processors.hunyuan_video import HunyuanVideoSparseAttnProcessor
 from ..processors.state import SparsityState
-from .base import ModelAdapter
+from .base import ModelAdapter, call_argument
 
 # The stock processor HunyuanVideoSparseAttnProcessor reproduces; any other one is left in place.
 _SUPPORTED_STOCK = ("HunyuanVideoAttnProcessor2_0",)
@@ -40,27 +40,17 @@ class HunyuanVideoAdapter(ModelAdapter):
         ]
 
     def grid_from_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
-        hidden_states = _argument(args, kwargs, "hidden_states", 0)
-        text = _argument(args, kwargs, "encoder_hidden_states", 2)
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        text = call_argument(args, kwargs, "encoder_hidden_states", 2)
         _, _, frames, height, width = hidden_states.shape
         p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
         return VideoGrid(frames // p_t, height // p, width // p, text_tokens=text.shape[1], text_position="end")
 
     def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        return _argument(args, kwargs, "timestep", 1, required=False)
+        return call_argument(args, kwargs, "timestep", 1, required=False)
 
     def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
         if type(stock).__name__ not in _SUPPORTED_STOCK:
             # A processor we do not reproduce (e.g. a third-party one): keep it, the layer stays dense.
             return stock
         return HunyuanVideoSparseAttnProcessor(stock, state, layer_index)
-
-
-def _argument(args: tuple, kwargs: dict, name: str, position: int, required: bool = True) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    if len(args) > position:
-        return args[position]
-    if required:
-        raise ValueError(f"HunyuanVideoTransformer3DModel was called without {name!r}")
-    return None

@@ -22,7 +22,7 @@ import torch
 from ..patterns import VideoGrid
 from ..processors.mochi import MochiSparseAttnProcessor
 from ..processors.state import SparsityState
-from .base import ModelAdapter
+from .base import ModelAdapter, call_argument
 
 # The stock processor MochiSparseAttnProcessor reproduces; any other one is left in place.
 _SUPPORTED_STOCK = ("MochiAttnProcessor2_0",)
@@ -36,27 +36,17 @@ class MochiAdapter(ModelAdapter):
         return [(f"transformer_blocks.{i}.attn1", i) for i in range(len(transformer.transformer_blocks))]
 
     def grid_from_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
-        hidden_states = _argument(args, kwargs, "hidden_states", 0)
-        text = _argument(args, kwargs, "encoder_hidden_states", 1)
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
+        text = call_argument(args, kwargs, "encoder_hidden_states", 1)
         _, _, frames, height, width = hidden_states.shape
         p = transformer.config.patch_size
         return VideoGrid(frames, height // p, width // p, text_tokens=text.shape[1], text_position="end")
 
     def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        return _argument(args, kwargs, "timestep", 2, required=False)
+        return call_argument(args, kwargs, "timestep", 2, required=False)
 
     def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
         if type(stock).__name__ not in _SUPPORTED_STOCK:
             # A processor we do not reproduce (e.g. a third-party one): keep it, the layer stays dense.
             return stock
         return MochiSparseAttnProcessor(stock, state, layer_index)
-
-
-def _argument(args: tuple, kwargs: dict, name: str, position: int, required: bool = True) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    if len(args) > position:
-        return args[position]
-    if required:
-        raise ValueError(f"MochiTransformer3DModel was called without {name!r}")
-    return None

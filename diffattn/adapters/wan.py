@@ -14,7 +14,7 @@ import torch
 from ..patterns import VideoGrid
 from ..processors.state import SparsityState
 from ..processors.wan import WanSparseAttnProcessor
-from .base import ModelAdapter
+from .base import ModelAdapter, call_argument
 
 
 class WanAdapter(ModelAdapter):
@@ -26,13 +26,13 @@ class WanAdapter(ModelAdapter):
         return [(f"blocks.{i}.attn1", i) for i in range(len(transformer.blocks))]
 
     def grid_from_call(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
         _, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = transformer.config.patch_size
         return VideoGrid(frames // p_t, height // p_h, width // p_w)
 
     def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        return kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+        return call_argument(args, kwargs, "timestep", 1, required=False)
 
     def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
         return WanSparseAttnProcessor(stock, state, layer_index)
