@@ -19,10 +19,16 @@ from pathlib import Path
 import torch
 
 from .kernels import block_sparse_attention
-from .kernels.reference import masked_attention_reference
 from .patterns import VideoGrid
 from .patterns.picture import save_layout_png
 from .processors.presets import list_presets
+
+
+def _reference_rows(q, k, v, mask, rows):
+    """float64 masked attention for a few query rows (a full reference would be N x N x float64)."""
+    scores = (q[:, :, rows].double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~mask[rows], float("-inf"))
+    return torch.nan_to_num(scores.softmax(-1)) @ v.double()
 
 
 def _median_seconds(fn, repeats: int = 3) -> float:
@@ -53,24 +59,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:28s} {layout.density:8.4f} {layout.tile_density:10.4f} {layout.num_visited_tiles:8d} "
               f"{layout.num_partial_tiles:8d} {seconds:8.3f}  {path}")
 
-    grid = VideoGrid(8, 16, 32)
+    grid = VideoGrid(16, 24, 40)
     heads, head_dim = 4, 64
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, grid.num_tokens, head_dim) for _ in range(3))
-    dense_s = _median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    torch.set_grad_enabled(False)
+    dense_s = _median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats=1)
     print(f"\nblock_sparse_attention on {grid.frames}x{grid.height}x{grid.width} = {grid.num_tokens} tokens, "
           f"{heads} heads x {head_dim}, fp32, CPU; dense SDPA {dense_s * 1e3:.1f} ms")
-    print(f"{'preset':28s} {'tile dens.':>10s} {'max err':>9s} {'ms':>8s} {'vs SDPA':>8s}")
+    print(f"{'preset':28s} {'tile dens.':>10s} {'max err':>9s} {'ms':>8s} {'vs SDPA':>8s}   (max err: 256 random rows vs float64)")
     worst = 0.0
     for preset in presets:
         name, cfg = preset.name, preset.config
         layout = cfg.pattern.layout(grid, block_size=cfg.block_size, tile_shape=cfg.tile_shape)
         out = block_sparse_attention(q, k, v, layout)
-        mask = cfg.pattern.token_mask(grid)
-        expected = masked_attention_reference(q.double(), k.double(), v.double(), mask).float()
-        error = (out - expected).abs().max().item()
+        rows = torch.randperm(grid.num_tokens)[:256]
+        expected = _reference_rows(q, k, v, cfg.pattern.token_mask(grid), rows)
+        error = (out[:, :, rows].double() - expected).abs().max().item()
         worst = max(worst, error)
-        seconds = _median_seconds(lambda: block_sparse_attention(q, k, v, layout))
+        seconds = _median_seconds(lambda: block_sparse_attention(q, k, v, layout), repeats=1)
         print(f"{name:28s} {layout.tile_density:10.4f} {error:9.2e} {seconds * 1e3:8.1f} {dense_s / seconds:7.2f}x")
     if worst > 1e-4:
         print(f"error: block-sparse attention differs from the masked reference by {worst:.2e}", file=sys.stderr)
