@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # Partial-tile masks are packed 32 keys to an int32 word: bit ``b`` of word ``w`` in row ``r`` says
 # whether query ``r`` of the tile may attend key ``32 * w + b`` of the tile.
 MASK_WORD_BITS = 32
-# Partial tiles whose masks are built at once (bounds peak memory at ~chunk * block_q * block_k).
-_MASK_CHUNK_TILES = 256
+# Partial tiles whose masks are built at once (bounds peak memory at ~chunk * block_q * block_k / 8 bytes).
+_MASK_CHUNK_TILES = 2048
 
 
 @dataclass(frozen=True, eq=False)
@@ -426,8 +426,8 @@ def _partial_tile_masks(
     key_in_range = pack_tile_masks(k_in[:, None, :])[:, 0]  # [K', words]
 
     out = torch.empty(num_tiles, block_q, words, dtype=torch.int32)
-    for start in range(0, num_tiles, _MASK_CHUNK_TILES * 8):
-        stop = min(start + _MASK_CHUNK_TILES * 8, num_tiles)
+    for start in range(0, num_tiles, _MASK_CHUNK_TILES):
+        stop = min(start + _MASK_CHUNK_TILES, num_tiles)
         slot = tile_key_slot[start:stop]
         chunk = key_in_range[slot][:, None, :].expand(-1, block_q, -1).clone()
         q_vid_chunk = q_vid[start:stop].clamp(min=0)
