@@ -130,3 +130,29 @@ def load_preset(name_or_path: str | os.PathLike, family: str | None = None) -> P
         names = ", ".join(p.stem for p in sorted((CONFIG_DIR / family).glob("*.yaml"))) if (CONFIG_DIR / family).is_dir() else ""
         raise ValueError(f"unknown preset {text!r} for model family {family!r}; available: {names or '(none)'}")
     return load_preset_file(path, family)
+
+
+#: Each family's default latent token grid ``(frames, height, width, text_tokens, text_position)``:
+#: the size its presets are described at (``diffattn presets`` reports densities at this grid).
+DEFAULT_GRIDS: dict[str, tuple[int, int, int, int, str]] = {
+    "wan": (21, 30, 52, 0, "end"),  # Wan 2.1 480p, 81 frames
+    "hunyuan_video": (33, 45, 80, 256, "end"),  # 720x1280, 129 frames
+    "cogvideox": (13, 30, 45, 226, "start"),  # 480x720, 49 frames
+    "mochi": (28, 30, 53, 256, "end"),  # 480x848, 163 frames
+    "ltx_video": (16, 15, 22, 0, "end"),  # 480x704, 121 frames
+    "flux": (1, 64, 64, 512, "start"),  # 1024x1024 image
+}
+
+
+def default_grid(family: str):
+    """The :class:`~diffattn.patterns.VideoGrid` a family's presets are described at."""
+    from ..patterns import VideoGrid
+
+    if family not in DEFAULT_GRIDS:
+        raise ValueError(f"family must be one of {', '.join(sorted(DEFAULT_GRIDS))}; got {family!r}")
+    return VideoGrid(*DEFAULT_GRIDS[family])
+
+
+def preset_layout(config: SparsityConfig, grid):
+    """The :class:`~diffattn.patterns.BlockLayout` that ``config``'s sparse steps run on ``grid``."""
+    return config.pattern.layout(grid, block_size=config.block_size, tile_shape=config.tile_shape)

@@ -1,0 +1,177 @@
+"""``diffattn``: the command line. Argument parsing only; the work is done by the package layers.
+
+    diffattn presets [--family wan]
+    diffattn mask --preset radial --family wan --out radial.png
+    diffattn generate --preset radial --prompt "a red ball" --output out.mp4
+    diffattn bench --device cpu --shapes small      (scripts/bench_kernels.py)
+
+Every bad input prints one ``error: ...`` line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+GENERATE_HELP = """\
+Generate a video with sparse attention from a preset.
+
+Without --model, the default model is a small RANDOMLY INITIALISED Wan-architecture pipeline
+built offline from a config: it produces NOISE until the embedded trained default model lands.
+It has no text encoder: the prompt is turned into deterministic pseudo-random embeddings
+(a generator seeded by the prompt text). --model may name a local diffusers pipeline folder
+(loaded with DiffusionPipeline.from_pretrained, no remote code); hub ids are refused because
+nothing is downloaded."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with diffattn's error convention: one ``error: ...`` line and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="diffattn", description="Sparse attention for diffusion video models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("presets", help="list the sparsity presets per model family, with densities")
+    p.add_argument("--family", default=None, help="only this model family")
+
+    p = sub.add_parser("mask", help="render a preset's block layout to a PNG and print its density")
+    p.add_argument("--preset", required=True, help="preset name or YAML path")
+    p.add_argument("--family", default="wan", help="model family (default wan)")
+    p.add_argument("--frames", type=int, default=None, help="latent frames (default: the family's default grid)")
+    p.add_argument("--height", type=int, default=None, help="latent tokens per column")
+    p.add_argument("--width", type=int, default=None, help="latent tokens per row")
+    p.add_argument("--out", required=True, help="PNG path")
+
+    sub.add_parser("bench", help="kernel benchmark (scripts/bench_kernels.py; arguments are passed through)",
+                   add_help=False)
+
+    p = sub.add_parser("generate", help="generate a video (default model: random weights, produces noise)",
+                       description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="local diffusers pipeline folder; default: the small RANDOM Wan model (noise)")
+    p.add_argument("--preset", default="dense", help="preset name of the model's family or a YAML path (default dense)")
+    p.add_argument("--prompt", default="", help="text prompt (default model: hashed into seeded embeddings)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--num-frames", type=int, default=None, help="frames; Wan needs 1 + 4k (default model: 17)")
+    p.add_argument("--height", type=int, default=None, help="pixels; multiple of 16 for the default model (128)")
+    p.add_argument("--width", type=int, default=None, help="pixels; multiple of 16 for the default model (128)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default model: 20)")
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--output", required=True, help=".mp4 (imageio-ffmpeg) or .gif, written atomically")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--cpu-offload", action="store_true", help="diffusers model CPU offload (needs an accelerator)")
+    p.add_argument("--lora", default=None, help="LoRA weights (.safetensors only)")
+    return parser
+
+
+def cmd_presets(args) -> int:
+    from .processors.presets import default_grid, families, list_presets, preset_layout
+
+    names = families()
+    if args.family is not None and args.family not in names:
+        return _fail(f"unknown model family {args.family!r}; available: {', '.join(names)}")
+    for family in [args.family] if args.family else names:
+        grid = default_grid(family)
+        text = f" + {grid.text_tokens} text ({grid.text_position})" if grid.text_tokens else ""
+        print(f"{family}  (density at {grid.frames}x{grid.height}x{grid.width}{text} tokens)")
+        for preset in list_presets(family):
+            density = preset_layout(preset.config, grid).density
+            print(f"  {preset.name:<18} {density:7.4f}  {preset.description}")
+    return 0
+
+
+def cmd_mask(args) -> int:
+    from .patterns import VideoGrid
+    from .patterns.picture import save_layout_png
+    from .processors.presets import DEFAULT_GRIDS, families, load_preset, preset_layout
+
+    if args.family not in families() or args.family not in DEFAULT_GRIDS:
+        return _fail(f"unknown model family {args.family!r}; available: {', '.join(families())}")
+    if Path(args.out).suffix.lower() != ".png":
+        return _fail(f"--out must be a .png path; got {args.out!r}")
+    preset = load_preset(args.preset, family=args.family)
+    frames, height, width, text_tokens, text_position = DEFAULT_GRIDS[args.family]
+    grid = VideoGrid(
+        args.frames if args.frames is not None else frames,
+        args.height if args.height is not None else height,
+        args.width if args.width is not None else width,
+        text_tokens, text_position,
+    )
+    layout = preset_layout(preset.config, grid)
+    path = save_layout_png(layout, args.out, grid)
+    text = f" + {grid.text_tokens} text" if grid.text_tokens else ""
+    print(f"{preset.family or args.family}/{preset.name}: {grid.frames}x{grid.height}x{grid.width}{text} tokens, "
+          f"density {layout.density:.4f} (tile density {layout.tile_density:.4f}) -> {path}")
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_kernels.py"
+    if not script.is_file():
+        return _fail(f"the kernel benchmark needs a source checkout ({script} not found)")
+    namespace = runpy.run_path(str(script), run_name="diffattn_bench_kernels")
+    saved = sys.argv
+    sys.argv = ["diffattn bench", *argv]
+    try:
+        return namespace["main"]()
+    finally:
+        sys.argv = saved
+
+
+def cmd_generate(args) -> int:
+    from .pipelines.generate import GenerateOptions, generate
+
+    options = GenerateOptions(
+        output=args.output, model=args.model, preset=args.preset, prompt=args.prompt,
+        negative_prompt=args.negative_prompt, num_frames=args.num_frames, height=args.height, width=args.width,
+        steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, device=args.device,
+        dtype=args.dtype, cpu_offload=args.cpu_offload, lora=args.lora, fps=args.fps,
+    )
+    if args.model is None:
+        print("note: default model = small RANDOMLY INITIALISED Wan pipeline (output is noise); "
+              "prompt -> seeded pseudo-random embeddings (no text encoder)", file=sys.stderr)
+    result = generate(options)
+    density = "n/a" if result.density is None else f"{result.density:.4f}"
+    grid = "" if result.grid is None else f" at {result.grid.frames}x{result.grid.height}x{result.grid.width} tokens"
+    print(f"wrote {result.path}: {result.num_frames} frames {result.height}x{result.width} in {result.seconds:.1f} s, "
+          f"preset {result.family}/{result.preset}, layout density {density}{grid}, "
+          f"{result.sparse_calls} sparse attention calls")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "presets":
+            return cmd_presets(args)
+        if args.command == "mask":
+            return cmd_mask(args)
+        return cmd_generate(args)
+    except (ValueError, OSError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return _fail(message)
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""``diffattn generate``: load a pipeline, apply a sparsity preset, denoise, write a video.
+
+Bad inputs raise ValueError (one-line messages, checked before any heavy work where possible);
+the CLI turns them into ``error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import default as default_model
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+@dataclass
+class GenerateOptions:
+    """Everything ``diffattn generate`` takes; None means the model's default."""
+
+    output: str
+    model: str | None = None
+    preset: str = "dense"
+    prompt: str = ""
+    negative_prompt: str = ""
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    cpu_offload: bool = False
+    lora: str | None = None
+    fps: int = 16
+
+
+@dataclass
+class GenerateResult:
+    path: Path
+    num_frames: int
+    height: int
+    width: int
+    seconds: float
+    preset: str
+    family: str
+    density: float | None
+    grid: object | None
+    sparse_calls: int = 0
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """ValueError unless ``path`` is a .mp4/.gif whose directory exists (or can be made) and is writable."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"--output must end in {' or '.join(VIDEO_SUFFIXES)}; got {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"--output {str(path)!r} is a directory")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write --output {str(path)!r}: {str(ancestor)!r} is not a writable directory")
+    return path
+
+
+def check_device(device: str, cpu_offload: bool) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but no CUDA GPU is available")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device} but MPS is not available")
+    if cpu_offload and dev.type == "cpu":
+        raise ValueError("--cpu-offload moves models between the CPU and an accelerator: give --device cuda")
+    return dev
+
+
+def check_lora(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    lora = Path(path)
+    if lora.suffix.lower() != ".safetensors":
+        raise ValueError(f"--lora must be a .safetensors file (pickled weights are never loaded); got {str(lora)!r}")
+    if not lora.is_file():
+        raise ValueError(f"--lora file {str(lora)!r} does not exist")
+    return lora
+
+
+def load_pipeline(model: str | None, dtype: torch.dtype):
+    """``(pipe, is_default)``: the temporary default model for None, else a local diffusers folder."""
+    if model is None:
+        pipe = default_model.default_pipeline()
+        return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)), True
+    if not os.path.isdir(model):
+        if os.path.exists(model):
+            raise ValueError(f"--model {model!r} is a file; give a local diffusers pipeline folder")
+        raise ValueError(
+            f"--model {model!r} is not a local folder; hub ids are not supported (no network): "
+            f"download the pipeline yourself and pass its folder"
+        )
+    from diffusers import DiffusionPipeline
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # newer diffusers renamed torch_dtype to dtype
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--model {model!r} is not a loadable diffusers pipeline folder: {first}") from None
+    return pipe, False
+
+
+def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> Path:
+    """Write ``uint8 [F, H, W, 3]`` frames as .mp4 (imageio-ffmpeg) or .gif, atomically: a temp
+    file beside ``path`` renamed over it, so a failure leaves no partial file."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix.lower() == ".gif":
+            imageio.mimsave(tmp, list(frames), format="GIF", duration=1000.0 / fps, loop=0)
+        else:
+            with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8,
+                                    macro_block_size=1, ffmpeg_log_level="error") as writer:
+                for frame in frames:
+                    writer.append_data(frame)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _to_uint8(video) -> np.ndarray:
+    """A pipeline's ``frames[0]`` (float [0, 1] array, tensor or list of PIL images) as uint8 [F, H, W, 3]."""
+    if isinstance(video, torch.Tensor):
+        video = video.float().cpu().numpy()
+    if isinstance(video, list):
+        video = np.stack([np.asarray(frame) for frame in video])
+    video = np.asarray(video)
+    if video.dtype != np.uint8:
+        video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if video.ndim == 3:
+        video = video[..., None]
+    if video.shape[-1] == 1:
+        video = np.repeat(video, 3, axis=-1)
+    return video
+
+
+def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> GenerateResult:
+    """Run one generation; see ``diffattn generate --help``."""
+    from ..adapters import apply, find_adapter, sparsity_state
+    from ..processors.presets import load_preset, preset_layout
+
+    output = check_output(options.output)
+    if options.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {options.dtype!r}")
+    dtype = DTYPES[options.dtype]
+    device = check_device(options.device, options.cpu_offload)
+    lora = check_lora(options.lora)
+    for name, value in (("--steps", options.steps), ("--num-frames", options.num_frames),
+                        ("--height", options.height), ("--width", options.width)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value}")
+    if options.fps < 1:
+        raise ValueError(f"--fps must be a positive integer; got {options.fps}")
+
+    call: dict = {}
+    if options.model is None:
+        call.update(default_model.DEFAULT_CALL)
+    for key, value in (("num_frames", options.num_frames), ("height", options.height), ("width", options.width),
+                       ("num_inference_steps", options.steps), ("guidance_scale", options.guidance_scale)):
+        if value is not None:
+            call[key] = value
+    if options.model is None:
+        default_model.check_call(call["num_frames"], call["height"], call["width"])
+        preset = load_preset(options.preset, family="wan")  # fail fast, before building the model
+        grid = default_model.latent_grid(call["num_frames"], call["height"], call["width"])
+        try:
+            preset_layout(preset.config, grid)
+        except ValueError as error:
+            raise ValueError(
+                f"preset {preset.name!r} does not fit the latent grid {grid.frames}x{grid.height}x{grid.width} of "
+                f"{call['num_frames']} frames at {call['height']}x{call['width']}: {error}"
+            ) from None
+
+    pipe, is_default = load_pipeline(options.model, dtype)
+    family = find_adapter(pipe).family
+    if not is_default:
+        preset = load_preset(options.preset, family=family)
+        if family == "wan" and "num_frames" in call and (call["num_frames"] - 1) % 4:
+            raise ValueError(f"--num-frames must be 1 + 4k (1, 5, 9, 13, 17, ...) for a Wan model; got {call['num_frames']}")
+    if lora is not None:
+        if not hasattr(pipe, "load_lora_weights"):
+            raise ValueError(f"{type(pipe).__name__} does not support LoRA weights")
+        try:
+            pipe.load_lora_weights(str(lora))
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ValueError(f"--lora {str(lora)!r} could not be loaded: {str(error).splitlines()[0] if str(error) else error!r}") from None
+    apply(pipe, preset.config)
+    if options.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+
+    if is_default:
+        call["prompt_embeds"] = default_model.prompt_embeddings(options.prompt, dtype).to(device)
+        call["negative_prompt_embeds"] = default_model.prompt_embeddings(options.negative_prompt, dtype).to(device)
+    else:
+        call["prompt"] = options.prompt
+        if options.negative_prompt:
+            call["negative_prompt"] = options.negative_prompt
+    generator = torch.Generator(device="cpu").manual_seed(options.seed)
+
+    start = time.perf_counter()
+    result = pipe(**call, generator=generator, output_type="np")
+    frames = _to_uint8(result.frames[0] if hasattr(result, "frames") else result.images)
+    seconds = time.perf_counter() - start
+    write_video(frames, output, fps=options.fps)
+
+    state = sparsity_state(pipe)
+    grid = state.grid if state is not None else None
+    density = preset_layout(preset.config, grid).density if grid is not None else None
+    return GenerateResult(
+        path=output, num_frames=frames.shape[0], height=frames.shape[1], width=frames.shape[2], seconds=seconds,
+        preset=preset.name, family=family, density=density, grid=grid,
+        sparse_calls=sum(state.sparse_calls.values()) if state is not None else 0,
+    )
