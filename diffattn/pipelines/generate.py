@@ -7,7 +7,6 @@ the CLI turns them into ``error: ...`` and exit code 2.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .._io import atomic_path
 from . import default as default_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -129,10 +129,7 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> P
     import imageio.v2 as imageio
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".gif":
             imageio.mimsave(tmp, list(frames), format="GIF", duration=1000.0 / fps, loop=0)
         else:
@@ -140,14 +137,6 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> P
                                     macro_block_size=1, ffmpeg_log_level="error") as writer:
                 for frame in frames:
                     writer.append_data(frame)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
