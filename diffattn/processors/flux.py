@@ -43,7 +43,6 @@ class FluxSparseAttnProcessor(SparseAttnProcessor):
             single-stream blocks).
     """
 
-
     # The explicit parameters match the stock processor's: ``FluxAttention.forward`` filters the
     # ``joint_attention_kwargs`` it forwards by this signature, exactly as for the stock processor.
     def __call__(

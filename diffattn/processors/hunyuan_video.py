@@ -66,7 +66,6 @@ class HunyuanVideoSparseAttnProcessor(SparseAttnProcessor):
         layer_index: the block index of this layer (dual-stream blocks first, then single-stream).
     """
 
-
     def __call__(
         self,
         attn: Any,

@@ -30,16 +30,11 @@ def _ltx_rotary(hidden_states: torch.Tensor, freqs: tuple[torch.Tensor, torch.Te
     return (hidden_states.float() * cos + rotated.float() * sin).to(hidden_states.dtype)
 
 
-
 class LTXVideoSparseAttnProcessor(SparseAttnProcessor):
     """Block-sparse self-attention for one ``LTXAttention`` layer (``attn1``).
 
-    Args:
-        stock: the processor this one replaces (runs every dense call).
-        state: the transformer's :class:`SparsityState`.
-        layer_index: the transformer block index of this layer.
+    Constructed like every :class:`SparseAttnProcessor` (stock processor, state, layer index).
     """
-
 
     # The signature matches the stock processor's: ``LTXAttention.forward`` inspects it to decide
     # which extra keyword arguments to pass on.

@@ -60,7 +60,6 @@ class MochiSparseAttnProcessor(SparseAttnProcessor):
         layer_index: the transformer block index of this layer.
     """
 
-
     def __call__(
         self,
         attn: Any,

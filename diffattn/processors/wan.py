@@ -30,12 +30,8 @@ def _wan_rotary(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin:
 class WanSparseAttnProcessor(SparseAttnProcessor):
     """Block-sparse self-attention for one ``WanAttention`` layer.
 
-    Args:
-        stock: the processor this one replaces (runs every dense call).
-        state: the transformer's :class:`SparsityState`.
-        layer_index: the transformer block index of this layer.
+    Constructed like every :class:`SparseAttnProcessor` (stock processor, state, layer index).
     """
-
 
     def __call__(
         self,
