@@ -14,6 +14,7 @@ from diffattn.adapters import apply, find_adapter, remove, sparsity_state
 from diffattn.adapters.cogvideox import CogVideoXAdapter
 from diffattn.processors import CogVideoXSparseAttnProcessor, SparsityConfig
 
+from .lora import add_and_save_random_lora, load_lora_around_apply
 from .reference import masked_attention
 from .tiny_cogvideox import TEXT_TOKENS, cogvideox_call_kwargs, tiny_cogvideox_pipeline
 
@@ -254,17 +255,8 @@ def test_unknown_stock_processor_is_kept_and_calls_with_a_mask_fall_back():
 
 @pytest.mark.parametrize("order", ["lora_then_apply", "apply_then_lora"])
 def test_lora_loaded_before_or_after_apply_is_used(order, tmp_path):
-    peft = pytest.importorskip("peft")
-    from diffusers import CogVideoXPipeline
-    from peft.utils import get_peft_model_state_dict
-
     reference = tiny_cogvideox_pipeline("1.5")
-    reference.transformer.add_adapter(peft.LoraConfig(
-        r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False,
-    ))
-    lora_dir = tmp_path / "lora"
-    lora_layers = get_peft_model_state_dict(reference.transformer)
-    CogVideoXPipeline.save_lora_weights(lora_dir, transformer_lora_layers=lora_layers)
+    lora_dir = add_and_save_random_lora(reference, tmp_path / "lora")
     expected = reference(**cogvideox_call_kwargs(steps=2)).frames  # stock processors + LoRA
     def half_scale():  # LoRA scale passed through the call (fresh generator each time)
         return dict(cogvideox_call_kwargs(steps=2), attention_kwargs={"scale": 0.5})
@@ -273,12 +265,7 @@ def test_lora_loaded_before_or_after_apply_is_used(order, tmp_path):
 
     pipe = tiny_cogvideox_pipeline("1.5")
     without_lora = pipe(**cogvideox_call_kwargs(steps=2)).frames
-    if order == "lora_then_apply":
-        pipe.load_lora_weights(lora_dir)
-        apply(pipe, Dense(), block_size=32)
-    else:
-        apply(pipe, Dense(), block_size=32)
-        pipe.load_lora_weights(lora_dir)
+    load_lora_around_apply(pipe, lora_dir, order)
     latents = pipe(**cogvideox_call_kwargs(steps=2)).frames
     assert sum(sparsity_state(pipe).sparse_calls.values()) > 0  # our processors ran
     assert not torch.allclose(latents, without_lora, atol=1e-4)

@@ -12,6 +12,7 @@ from diffattn.adapters import apply, find_adapter, remove, sparsity_state
 from diffattn.adapters.flux import FluxAdapter, image_grid_shape
 from diffattn.processors import FluxSparseAttnProcessor, SparsityConfig
 
+from .lora import JOINT_ATTENTION_TARGETS, add_and_save_random_lora, load_lora_around_apply
 from .reference import masked_attention
 from .tiny_flux import TEXT_TOKENS, flux_call_kwargs, tiny_flux_pipeline
 
@@ -239,16 +240,8 @@ def test_unknown_stock_processor_is_kept_and_masked_calls_fall_back(pipe):
 
 @pytest.mark.parametrize("order", ["lora_then_apply", "apply_then_lora"])
 def test_lora_loaded_before_or_after_apply_is_used(order, tmp_path):
-    peft = pytest.importorskip("peft")
-    from diffusers import FluxPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
     reference = tiny_flux_pipeline()
-    reference.transformer.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets,
-                                                      init_lora_weights=False))
-    lora_dir = tmp_path / "lora"
-    FluxPipeline.save_lora_weights(lora_dir, transformer_lora_layers=get_peft_model_state_dict(reference.transformer))
+    lora_dir = add_and_save_random_lora(reference, tmp_path / "lora", JOINT_ATTENTION_TARGETS)
     expected = reference(**flux_call_kwargs(steps=2)).images  # stock processors + LoRA
     def half_scale():  # LoRA scale passed through the call (fresh generator each time)
         return dict(flux_call_kwargs(steps=2), joint_attention_kwargs={"scale": 0.5})
@@ -257,12 +250,7 @@ def test_lora_loaded_before_or_after_apply_is_used(order, tmp_path):
 
     pipe = tiny_flux_pipeline()
     without_lora = pipe(**flux_call_kwargs(steps=2)).images
-    if order == "lora_then_apply":
-        pipe.load_lora_weights(lora_dir)
-        apply(pipe, Dense(), block_size=32)
-    else:
-        apply(pipe, Dense(), block_size=32)
-        pipe.load_lora_weights(lora_dir)
+    load_lora_around_apply(pipe, lora_dir, order)
     latents = pipe(**flux_call_kwargs(steps=2)).images
     assert sum(sparsity_state(pipe).sparse_calls.values()) == 2 * LAYERS  # our processors ran
     assert not torch.allclose(latents, without_lora, atol=1e-4)

@@ -14,6 +14,7 @@ from diffattn.processors import LTXVideoSparseAttnProcessor, SparsityConfig, Spa
 
 # 9 frames -> (9 - 1) // 4 + 1 = 3 latent frames; 32 px / 4 (tiny VAE) / 1 (patch) = 8 tokens.
 GRID = VideoGrid(3, 8, 8)
+from .lora import add_and_save_random_lora, load_lora_around_apply
 from .reference import masked_attention
 
 
@@ -258,29 +259,13 @@ def test_image_to_video_pipeline_is_sparsified_with_per_token_timesteps(recorded
 
 @pytest.mark.parametrize("order", ["lora_then_apply", "apply_then_lora"])
 def test_lora_loaded_before_or_after_apply_is_used(order, tmp_path):
-    peft = pytest.importorskip("peft")
-    from diffusers import LTXPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    def add_lora(p):
-        config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                 init_lora_weights=False)
-        p.transformer.add_adapter(config)
-
     reference = tiny_ltx_pipeline()
-    add_lora(reference)
-    lora_dir = tmp_path / "lora"
-    LTXPipeline.save_lora_weights(lora_dir, transformer_lora_layers=get_peft_model_state_dict(reference.transformer))
+    lora_dir = add_and_save_random_lora(reference, tmp_path / "lora")
     expected = reference(**ltx_call_kwargs(steps=2)).frames  # stock processors + LoRA
 
     pipe = tiny_ltx_pipeline()
     without_lora = pipe(**ltx_call_kwargs(steps=2)).frames
-    if order == "lora_then_apply":
-        pipe.load_lora_weights(lora_dir)
-        apply(pipe, Dense(), block_size=32)
-    else:
-        apply(pipe, Dense(), block_size=32)
-        pipe.load_lora_weights(lora_dir)
+    load_lora_around_apply(pipe, lora_dir, order)
     latents = pipe(**ltx_call_kwargs(steps=2)).frames
     assert sum(sparsity_state(pipe).sparse_calls.values()) > 0  # our processors ran
     assert not torch.allclose(latents, without_lora, atol=1e-4)

@@ -14,6 +14,7 @@ from diffattn.adapters.mochi import MochiAdapter
 from diffattn.processors import MochiSparseAttnProcessor, SparsityConfig, SparsityState
 from diffattn.processors import mochi as processor_module
 
+from .lora import JOINT_ATTENTION_TARGETS, add_and_save_random_lora, load_lora_around_apply
 from .reference import masked_attention_bnhd
 from .tiny_mochi import TEXT_TOKENS, mochi_call_kwargs, tiny_mochi_pipeline
 
@@ -270,18 +271,9 @@ LORA_CALL = dict(steps=2)
 @pytest.fixture(scope="module")
 def lora_reference(tmp_path_factory):
     """A saved random LoRA, and the latents of the stock pipeline with and without it."""
-    peft = pytest.importorskip("peft")
-    from diffusers import MochiPipeline
-    from peft.utils import get_peft_model_state_dict
-
     reference = tiny_mochi_pipeline()
     without_lora = reference(**mochi_call_kwargs(**LORA_CALL)).frames
-    config = peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                             target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
-                                             "add_v_proj", "to_add_out"])
-    reference.transformer.add_adapter(config)
-    lora_dir = tmp_path_factory.mktemp("mochi_lora")
-    MochiPipeline.save_lora_weights(lora_dir, transformer_lora_layers=get_peft_model_state_dict(reference.transformer))
+    lora_dir = add_and_save_random_lora(reference, tmp_path_factory.mktemp("mochi_lora"), JOINT_ATTENTION_TARGETS)
     with_lora = reference(**mochi_call_kwargs(**LORA_CALL)).frames  # stock processors + LoRA
     return lora_dir, with_lora, without_lora
 
@@ -290,12 +282,7 @@ def lora_reference(tmp_path_factory):
 def test_lora_loaded_before_or_after_apply_is_used(order, lora_reference):
     lora_dir, expected, without_lora = lora_reference
     pipe = tiny_mochi_pipeline()
-    if order == "lora_then_apply":
-        pipe.load_lora_weights(lora_dir)
-        apply(pipe, Dense(), block_size=32)
-    else:
-        apply(pipe, Dense(), block_size=32)
-        pipe.load_lora_weights(lora_dir)
+    load_lora_around_apply(pipe, lora_dir, order)
     latents = pipe(**mochi_call_kwargs(**LORA_CALL)).frames
     assert sum(sparsity_state(pipe).sparse_calls.values()) == 2 * LAYERS  # our processors ran
     assert not torch.allclose(latents, without_lora, atol=1e-4)

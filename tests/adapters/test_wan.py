@@ -10,6 +10,7 @@ from diffattn import Dense, Neighborhood, Radial, VideoGrid
 from diffattn.adapters import apply, remove, sparsity_state
 from diffattn.processors import SparsityConfig
 
+from .lora import add_and_save_random_lora, load_lora_around_apply
 from .reference import masked_attention
 from .tiny_pipelines import tiny_wan_pipeline, wan_call_kwargs
 
@@ -126,38 +127,18 @@ def test_cross_attention_keeps_its_stock_processor(pipe):
 
 @pytest.mark.parametrize("order", ["lora_then_apply", "apply_then_lora"])
 def test_lora_loaded_before_or_after_apply_is_used(order, tmp_path):
-    peft = pytest.importorskip("peft")
-    from diffusers import WanPipeline
-
-    def add_lora(p):
-        config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                 init_lora_weights=False)
-        p.transformer.add_adapter(config)
-
     reference = tiny_wan_pipeline()
-    add_lora(reference)
-    lora_dir = tmp_path / "lora"
-    WanPipeline.save_lora_weights(lora_dir, transformer_lora_layers=_lora_state_dict(reference.transformer))
+    lora_dir = add_and_save_random_lora(reference, tmp_path / "lora")
     expected = reference(**wan_call_kwargs(steps=2)).frames  # stock processors + LoRA
 
     pipe = tiny_wan_pipeline()
     without_lora = pipe(**wan_call_kwargs(steps=2)).frames
-    if order == "lora_then_apply":
-        pipe.load_lora_weights(lora_dir)
-        apply(pipe, Dense(), block_size=32)
-    else:
-        apply(pipe, Dense(), block_size=32)
-        pipe.load_lora_weights(lora_dir)
+    load_lora_around_apply(pipe, lora_dir, order)
     latents = pipe(**wan_call_kwargs(steps=2)).frames
     assert sum(sparsity_state(pipe).sparse_calls.values()) > 0  # our processors ran
     assert not torch.allclose(latents, without_lora, atol=1e-4)
     torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)
 
-
-def _lora_state_dict(transformer):
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(transformer)
 
 
 def test_unsupported_pipeline_lists_supported_families():
