@@ -26,3 +26,24 @@ class SparseAttnProcessor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer_index={self.layer_index}, stock={type(self.stock).__name__})"
+
+
+def heads_qkv(attn: Any, hidden_states: Any, added: bool = False) -> tuple[Any, Any, Any]:
+    """``q, k, v`` ``[B, N, H, D]``: projections split into ``attn.heads``, then the optional
+    per-head norms (HunyuanVideo's and Mochi's order).
+
+    With ``added`` the text-stream projections (``add_q_proj``, ``add_k_proj``, ``add_v_proj``) and
+    their norms (``norm_added_q``, ``norm_added_k``) are used instead of ``to_q/to_k/to_v`` and
+    ``norm_q/norm_k``. Going through the attention module's own linears keeps LoRA and peft working.
+    """
+    if added:
+        projections, norms = ("add_q_proj", "add_k_proj", "add_v_proj"), ("norm_added_q", "norm_added_k")
+    else:
+        projections, norms = ("to_q", "to_k", "to_v"), ("norm_q", "norm_k")
+    query, key, value = (getattr(attn, name)(hidden_states).unflatten(2, (attn.heads, -1)) for name in projections)
+    norm_q, norm_k = (getattr(attn, name, None) for name in norms)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value

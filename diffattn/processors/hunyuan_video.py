@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .joint import joint_attention
-from .base import SparseAttnProcessor
+from .base import SparseAttnProcessor, heads_qkv
 
 
 def _apply_rotary(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -84,13 +84,7 @@ class HunyuanVideoSparseAttnProcessor(SparseAttnProcessor):
             # Single-stream blocks project video and text with the same weights.
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
 
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = heads_qkv(attn, hidden_states)
 
         # Rotary positions exist for video tokens only; text tokens stay unrotated.
         if image_rotary_emb is not None:
@@ -102,13 +96,7 @@ class HunyuanVideoSparseAttnProcessor(SparseAttnProcessor):
                 key = _apply_rotary(key, image_rotary_emb)
 
         if not single_stream:
-            encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
+            encoder_query, encoder_key, encoder_value = heads_qkv(attn, encoder_hidden_states, added=True)
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
             value = torch.cat([value, encoder_value], dim=1)

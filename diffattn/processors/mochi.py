@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .joint import joint_attention
-from .base import SparseAttnProcessor
+from .base import SparseAttnProcessor, heads_qkv
 
 
 def _mochi_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -71,21 +71,8 @@ class MochiSparseAttnProcessor(SparseAttnProcessor):
         if not self._sparsifiable(hidden_states, encoder_hidden_states, attention_mask):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            encoder_query = attn.norm_added_q(encoder_query)
-        if attn.norm_added_k is not None:
-            encoder_key = attn.norm_added_k(encoder_key)
+        query, key, value = heads_qkv(attn, hidden_states)
+        encoder_query, encoder_key, encoder_value = heads_qkv(attn, encoder_hidden_states, added=True)
 
         # Rotary positions exist for video tokens only.
         if image_rotary_emb is not None:
