@@ -32,3 +32,21 @@ def recorded(monkeypatch):
 
     monkeypatch.setattr(state_module, "block_sparse_attention", record)
     return calls
+
+
+@pytest.fixture
+def joint_calls(monkeypatch, request):
+    """Every joint (video + text) attention the sparse processors of the test module's family run:
+    ``(layer_index, q, k, v, key_padding, out)``. The module names its family's processor module
+    ``processor_module`` (the one whose ``joint_attention`` is patched)."""
+    module = request.module.processor_module
+    calls = []
+    original = module.joint_attention
+
+    def record(state, layer_index, q, k, v, key_padding=None):
+        out = original(state, layer_index, q, k, v, key_padding=key_padding)
+        calls.append((layer_index, q.detach(), k.detach(), v.detach(), key_padding, out.detach()))
+        return out
+
+    monkeypatch.setattr(module, "joint_attention", record)
+    return calls

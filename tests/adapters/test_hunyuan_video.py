@@ -11,7 +11,7 @@ from diffattn import Dense, Neighborhood, Radial, VideoGrid
 from diffattn.adapters import apply, find_adapter, remove, sparsity_state
 from diffattn.adapters.hunyuan_video import HunyuanVideoAdapter
 from diffattn.processors import HunyuanVideoSparseAttnProcessor, SparsityConfig, SparsityState
-from diffattn.processors import hunyuan_video as processor_module
+from diffattn.processors import hunyuan_video as processor_module  # noqa: F401  (read by the joint_calls fixture)
 
 from .lora import JOINT_ATTENTION_TARGETS, add_and_save_random_lora, load_lora_around_apply
 from .reference import masked_attention_bnhd
@@ -33,21 +33,6 @@ def pipe():
 def stock_latents(pipe):
     remove(pipe)
     return pipe(**hunyuan_video_call_kwargs()).frames
-
-
-@pytest.fixture
-def joint_calls(monkeypatch):
-    """Every joint (video + text) attention the sparse processors run: inputs, key padding, output."""
-    calls = []
-    original = processor_module.joint_attention
-
-    def record(state, layer_index, q, k, v, key_padding=None):
-        out = original(state, layer_index, q, k, v, key_padding=key_padding)
-        calls.append((layer_index, q.detach(), k.detach(), v.detach(), key_padding, out.detach()))
-        return out
-
-    monkeypatch.setattr(processor_module, "joint_attention", record)
-    return calls
 
 
 def assert_joint_calls_exact(calls, pattern, grid=GRID):

@@ -41,21 +41,6 @@ def stock_latents(pipe):
     return pipe(**mochi_call_kwargs()).frames
 
 
-@pytest.fixture
-def joint_calls(monkeypatch):
-    """Every joint (video + text) attention the sparse processors run: inputs, key padding, output."""
-    calls = []
-    original = processor_module.joint_attention
-
-    def record(state, layer_index, q, k, v, key_padding=None):
-        out = original(state, layer_index, q, k, v, key_padding=key_padding)
-        calls.append((layer_index, q.detach(), k.detach(), v.detach(), key_padding, out.detach()))
-        return out
-
-    monkeypatch.setattr(processor_module, "joint_attention", record)
-    return calls
-
-
 def assert_joint_calls_exact(calls, pattern, grid=GRID):
     token_mask = pattern.token_mask(grid)
     for _, q, k, v, key_padding, out in calls:
