@@ -27,6 +27,22 @@ class SparseAttnProcessor:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer_index={self.layer_index}, stock={type(self.stock).__name__})"
 
+    def run_stock(self, *args: Any, **kwargs: Any) -> Any:
+        """``self.stock(*args, **kwargs)``: every call this processor does not sparsify goes here.
+
+        With a profiler's observer on the state, a self-attention call that the schedule keeps
+        dense (a dense step or layer) goes through it instead, so that it is counted and its core
+        attention op timed. Without one this costs one attribute check.
+
+        Example:
+            >>> if not self.state.sparse_now(self.layer_index, hidden_states.shape[1]):
+            ...     return self.run_stock(attn, hidden_states, None, None, rotary_emb)
+        """
+        state = self.state
+        if state.observer is not None and state.take_scheduled_dense(self.layer_index):
+            return state.run_dense(self.layer_index, self.stock, args, kwargs)
+        return self.stock(*args, **kwargs)
+
 
 def heads_qkv(attn: Any, hidden_states: Any, added: bool = False) -> tuple[Any, Any, Any]:
     """``q, k, v`` ``[B, N, H, D]``: projections split into ``attn.heads``, then the optional

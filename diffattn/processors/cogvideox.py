@@ -56,7 +56,7 @@ class CogVideoXSparseAttnProcessor(SparseAttnProcessor):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._can_sparsify(attn, hidden_states, encoder_hidden_states, attention_mask):
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self.run_stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
         text_tokens = encoder_hidden_states.shape[1]
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)

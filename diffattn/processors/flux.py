@@ -54,7 +54,7 @@ class FluxSparseAttnProcessor(SparseAttnProcessor):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not self._can_sparsify(attn, hidden_states, encoder_hidden_states, attention_mask):
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self.run_stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
         double_stream = encoder_hidden_states is not None
         if getattr(attn, "fused_projections", False):

@@ -76,7 +76,7 @@ class HunyuanVideoSparseAttnProcessor(SparseAttnProcessor):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         key_padding = self._key_padding_if_sparse(hidden_states, encoder_hidden_states, attention_mask)
         if isinstance(key_padding, str):
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self.run_stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
         text_tokens = encoder_hidden_states.shape[1]
         single_stream = attn.add_q_proj is None

@@ -41,6 +41,23 @@ def joint_attention(
     if grid.text_tokens == 0 or not bool(key_padding[:, _video_slice(grid)].all()):
         raise ValueError("key_padding may only mask text tokens; video tokens must all be attendable")
 
+    if state.observer is None:
+        return _split_attention(state, layer_index, query, key, value, key_padding)
+    # The whole split op (sparse video part, dense text parts, merge) is one call for a profiler.
+    return state.observe(layer_index, lambda: _split_attention(state, layer_index, query, key, value, key_padding))
+
+
+def _split_attention(
+    state: SparsityState,
+    layer_index: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`joint_attention` with a key-padding mask on text keys: sparse video->video part and
+    dense masked video->text part merged through their LSEs; text queries attend densely."""
+    grid = state.grid
     video, text = _video_slice(grid), _text_slice(grid)
     video_grid = VideoGrid(grid.frames, grid.height, grid.width)
     q_video = query[:, video]

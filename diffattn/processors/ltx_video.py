@@ -52,7 +52,7 @@ class LTXVideoSparseAttnProcessor(SparseAttnProcessor):
             or not self.state.sparse_now(self.layer_index, hidden_states.shape[1])
         ):
             # Not a video self-attention call we can reproduce exactly: the stock path.
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self.run_stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
         query = attn.norm_q(attn.to_q(hidden_states))
         key = attn.norm_k(attn.to_k(hidden_states))

@@ -69,7 +69,7 @@ class MochiSparseAttnProcessor(SparseAttnProcessor):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._sparsifiable(hidden_states, encoder_hidden_states, attention_mask):
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self.run_stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
         query, key, value = heads_qkv(attn, hidden_states)
         encoder_query, encoder_key, encoder_value = heads_qkv(attn, encoder_hidden_states, added=True)

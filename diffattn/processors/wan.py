@@ -48,7 +48,7 @@ class WanSparseAttnProcessor(SparseAttnProcessor):
             or attn.add_k_proj is not None
             or not self.state.sparse_now(self.layer_index, hidden_states.shape[1])
         ):
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+            return self.run_stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
 
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
