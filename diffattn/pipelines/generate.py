@@ -1,7 +1,9 @@
 """``diffattn generate``: load a pipeline, apply a sparsity preset, denoise, write a video.
 
-Bad inputs raise ValueError (one-line messages, checked before any heavy work where possible);
-the CLI turns them into ``error: ...`` and exit code 2.
+The option checks, the model loading and the call building (:func:`prepare_run`) are shared with
+``diffattn profile`` (:mod:`diffattn.profiler.command`). Bad inputs raise ValueError (one-line
+messages, checked before any heavy work where possible); the CLI turns them into ``error: ...``
+and exit code 2.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,11 +25,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
-@dataclass
-class GenerateOptions:
-    """Everything ``diffattn generate`` takes; None means the model's default."""
+@dataclass(kw_only=True)
+class RunOptions:
+    """The model, prompt and size options ``diffattn generate`` and ``diffattn profile`` share;
+    None means the model's default.
 
-    output: str
+    Example:
+        >>> RunOptions(preset="radial", num_frames=33, steps=4)
+    """
+
     model: str | None = None
     preset: str = "dense"
     prompt: str = ""
@@ -42,7 +48,41 @@ class GenerateOptions:
     dtype: str = "float32"
     cpu_offload: bool = False
     lora: str | None = None
+
+
+@dataclass(kw_only=True)
+class GenerateOptions(RunOptions):
+    """Everything ``diffattn generate`` takes: :class:`RunOptions` plus the video output.
+
+    Example:
+        >>> GenerateOptions(output="out.mp4", preset="radial-fast", prompt="a red ball")
+    """
+
+    output: str
     fps: int = 16
+
+
+@dataclass
+class PreparedRun:
+    """A loaded pipeline, on its device, with the preset it asked for and its call arguments.
+
+    Attributes:
+        pipe: the diffusers pipeline (no sparsity applied yet).
+        preset: the :class:`~diffattn.processors.presets.Preset` of ``RunOptions.preset``.
+        family: the pipeline's model family.
+        call: ``pipe(**call)`` keyword arguments: sizes, steps, guidance and the prompt (without
+            generator and output type).
+        device, dtype: where and in which precision it runs.
+        is_default: whether it is the built-in default model.
+    """
+
+    pipe: Any
+    preset: Any
+    family: str
+    call: dict
+    device: torch.device
+    dtype: torch.dtype
+    is_default: bool
 
 
 @dataclass
@@ -59,19 +99,32 @@ class GenerateResult:
     sparse_calls: int = 0
 
 
-def check_output(path: str | os.PathLike) -> Path:
-    """ValueError unless ``path`` is a .mp4/.gif whose directory exists (or can be made) and is writable."""
+def check_output(path: str | os.PathLike, suffixes: tuple[str, ...] = VIDEO_SUFFIXES, flag: str = "--output") -> Path:
+    """ValueError unless ``path`` ends in one of ``suffixes`` and its directory exists (or can be
+    made) and is writable; ``flag`` names the option in the message.
+
+    Example:
+        >>> check_output("out/report.json", (".json",), "--report")
+        PosixPath('out/report.json')
+    """
     path = Path(path)
-    if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ValueError(f"--output must end in {' or '.join(VIDEO_SUFFIXES)}; got {str(path)!r}")
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{flag} must end in {' or '.join(suffixes)}; got {str(path)!r}")
     if path.is_dir():
-        raise ValueError(f"--output {str(path)!r} is a directory")
+        raise ValueError(f"{flag} {str(path)!r} is a directory")
     ancestor = path.absolute().parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write --output {str(path)!r}: {str(ancestor)!r} is not a writable directory")
+        raise ValueError(f"cannot write {flag} {str(path)!r}: {str(ancestor)!r} is not a writable directory")
     return path
+
+
+def check_positive(values: dict[str, Any]) -> None:
+    """ValueError for the first ``{flag: value}`` that is given (not None) but not a positive integer."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value}")
 
 
 def check_device(device: str, cpu_offload: bool) -> torch.device:
@@ -156,46 +209,79 @@ def _to_uint8(video) -> np.ndarray:
     return video
 
 
-def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> GenerateResult:
-    """Run one generation; see ``diffattn generate --help``."""
-    from ..adapters import apply, find_adapter, sparsity_state
+# --- The temporary default model ----------------------------------------------------------------
+# Everything specific to it is in default_model_call (and the default branch of load_pipeline):
+# the call defaults, its size rule, and prompts turned into seeded embeddings (it has no text
+# encoder). Swap these two places when the embedded trained model replaces it.
+def default_model_call(options: RunOptions, dtype: torch.dtype) -> tuple[dict, Any]:
+    """``(call, preset)`` for the default model, checked before the model is built: its call
+    defaults overridden by the options, its size rule, the preset's fit to the latent grid, and
+    the prompts as ``prompt_embeds`` / ``negative_prompt_embeds`` (CPU tensors).
+
+    Example:
+        >>> call, preset = default_model_call(RunOptions(num_frames=9), torch.float32)
+        >>> call["num_frames"], preset.name
+        (9, 'dense')
+    """
     from ..processors.presets import load_preset, preset_layout
 
-    output = check_output(options.output)
+    call = dict(default_model.DEFAULT_CALL)
+    call.update(_size_arguments(options))
+    default_model.check_call(call["num_frames"], call["height"], call["width"])
+    preset = load_preset(options.preset, family="wan")
+    grid = default_model.latent_grid(call["num_frames"], call["height"], call["width"])
+    try:
+        preset_layout(preset.config, grid)
+    except ValueError as error:
+        raise ValueError(
+            f"preset {preset.name!r} does not fit the latent grid {grid.frames}x{grid.height}x{grid.width} of "
+            f"{call['num_frames']} frames at {call['height']}x{call['width']}: {error}"
+        ) from None
+    call["prompt_embeds"] = default_model.prompt_embeddings(options.prompt, dtype)
+    call["negative_prompt_embeds"] = default_model.prompt_embeddings(options.negative_prompt, dtype)
+    return call, preset
+# --------------------------------------------------------------------------------------------------
+
+
+def _size_arguments(options: RunOptions) -> dict:
+    """The pipeline call arguments the options set (None = leave the model's default)."""
+    given = {"num_frames": options.num_frames, "height": options.height, "width": options.width,
+             "num_inference_steps": options.steps, "guidance_scale": options.guidance_scale}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def prepare_run(options: RunOptions) -> PreparedRun:
+    """Check the options, load the pipeline (and LoRA), put it on its device and build the call.
+
+    Cheap checks (dtype, device, LoRA file, sizes, and for the default model the preset and the
+    size rule) come before the model is loaded. No sparsity is applied.
+
+    Example:
+        >>> run = prepare_run(RunOptions(preset="radial", num_frames=9, steps=2))
+        >>> diffattn.apply(run.pipe, run.preset.config)
+        >>> run.pipe(**run.call, generator=torch.Generator().manual_seed(0))
+    """
+    from ..adapters import find_adapter
+    from ..processors.presets import load_preset
+
     if options.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {options.dtype!r}")
     dtype = DTYPES[options.dtype]
     device = check_device(options.device, options.cpu_offload)
     lora = check_lora(options.lora)
-    for name, value in (("--steps", options.steps), ("--num-frames", options.num_frames),
-                        ("--height", options.height), ("--width", options.width)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value}")
-    if options.fps < 1:
-        raise ValueError(f"--fps must be a positive integer; got {options.fps}")
+    check_positive({"--steps": options.steps, "--num-frames": options.num_frames,
+                    "--height": options.height, "--width": options.width})
 
-    call: dict = {}
+    preset = None
     if options.model is None:
-        call.update(default_model.DEFAULT_CALL)
-    for key, value in (("num_frames", options.num_frames), ("height", options.height), ("width", options.width),
-                       ("num_inference_steps", options.steps), ("guidance_scale", options.guidance_scale)):
-        if value is not None:
-            call[key] = value
-    if options.model is None:
-        default_model.check_call(call["num_frames"], call["height"], call["width"])
-        preset = load_preset(options.preset, family="wan")  # fail fast, before building the model
-        grid = default_model.latent_grid(call["num_frames"], call["height"], call["width"])
-        try:
-            preset_layout(preset.config, grid)
-        except ValueError as error:
-            raise ValueError(
-                f"preset {preset.name!r} does not fit the latent grid {grid.frames}x{grid.height}x{grid.width} of "
-                f"{call['num_frames']} frames at {call['height']}x{call['width']}: {error}"
-            ) from None
-
+        call, preset = default_model_call(options, dtype)  # fail fast, before building the model
     pipe, is_default = load_pipeline(options.model, dtype)
     family = find_adapter(pipe).family
     if not is_default:
+        call = _size_arguments(options)
+        call["prompt"] = options.prompt
+        if options.negative_prompt:
+            call["negative_prompt"] = options.negative_prompt
         preset = load_preset(options.preset, family=family)
         if family == "wan" and "num_frames" in call and (call["num_frames"] - 1) % 4:
             raise ValueError(f"--num-frames must be 1 + 4k (1, 5, 9, 13, 17, ...) for a Wan model; got {call['num_frames']}")
@@ -206,23 +292,34 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
             pipe.load_lora_weights(str(lora))
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ValueError(f"--lora {str(lora)!r} could not be loaded: {str(error).splitlines()[0] if str(error) else error!r}") from None
-    apply(pipe, preset.config)
     if options.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    call = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in call.items()}
+    return PreparedRun(pipe=pipe, preset=preset, family=family, call=call, device=device, dtype=dtype,
+                       is_default=is_default)
 
-    if is_default:
-        call["prompt_embeds"] = default_model.prompt_embeddings(options.prompt, dtype).to(device)
-        call["negative_prompt_embeds"] = default_model.prompt_embeddings(options.negative_prompt, dtype).to(device)
-    else:
-        call["prompt"] = options.prompt
-        if options.negative_prompt:
-            call["negative_prompt"] = options.negative_prompt
+
+def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> GenerateResult:
+    """Run one generation; see ``diffattn generate --help``.
+
+    Example:
+        >>> generate(GenerateOptions(output="out.mp4", preset="radial-fast", num_frames=9, steps=2)).path
+        PosixPath('out.mp4')
+    """
+    from ..adapters import apply, sparsity_state
+    from ..processors.presets import preset_layout
+
+    output = check_output(options.output)
+    check_positive({"--fps": options.fps})
+    run = prepare_run(options)
+    pipe, preset = run.pipe, run.preset
+    apply(pipe, preset.config)
     generator = torch.Generator(device="cpu").manual_seed(options.seed)
 
     start = time.perf_counter()
-    result = pipe(**call, generator=generator, output_type="np")
+    result = pipe(**run.call, generator=generator, output_type="np")
     frames = _to_uint8(result.frames[0] if hasattr(result, "frames") else result.images)
     seconds = time.perf_counter() - start
     write_video(frames, output, fps=options.fps)
@@ -232,6 +329,6 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
     density = preset_layout(preset.config, grid).density if grid is not None else None
     return GenerateResult(
         path=output, num_frames=frames.shape[0], height=frames.shape[1], width=frames.shape[2], seconds=seconds,
-        preset=preset.name, family=family, density=density, grid=grid,
+        preset=preset.name, family=run.family, density=density, grid=grid,
         sparse_calls=sum(state.sparse_calls.values()) if state is not None else 0,
     )
