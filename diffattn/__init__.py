@@ -4,12 +4,14 @@ Example:
     >>> import diffattn
     >>> from diffattn import VideoGrid, Radial, SparsityConfig
     >>> diffattn.apply(pipe, SparsityConfig(pattern=Radial(), dense_steps=12, dense_layers=(0,)))
+    >>> report = diffattn.profile(pipe, "radial", prompt="a red ball")   # dense vs preset
 """
 
 from .adapters import apply, remove
 from .kernels import block_sparse_attention
 from .patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
 from .processors import SparsityConfig
+from .profiler import ProfileReport, profile
 
 __version__ = "0.1.0"
 
@@ -18,11 +20,13 @@ __all__ = [
     "Dense",
     "Neighborhood",
     "Pattern",
+    "ProfileReport",
     "Radial",
     "SparsityConfig",
     "VideoGrid",
     "__version__",
     "apply",
     "block_sparse_attention",
+    "profile",
     "remove",
 ]

@@ -1,0 +1,181 @@
+"""Clocks and the attention timer the profiler attaches to a pipeline's :class:`SparsityState`.
+
+On CUDA every measurement is a pair of CUDA events recorded on the current stream; nothing
+synchronises per call: :meth:`Clock.seconds` is read once, after one ``torch.cuda.synchronize()``
+at the end of a run. On the CPU a measurement is a ``time.perf_counter`` difference.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..patterns import VideoGrid
+from ..processors.config import SparsityConfig
+from ..processors.state import SparsityState
+
+T = TypeVar("T")
+
+
+class Clock:
+    """Start/stop measurements on one device: CUDA events on a CUDA device, perf_counter elsewhere.
+
+    Example:
+        >>> clock = Clock(torch.device("cpu"))
+        >>> mark = clock.start(); span = clock.stop(mark)
+        >>> clock.synchronize(); clock.seconds(span) >= 0
+        True
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def start(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, mark: Any) -> Any:
+        """A span from ``mark`` to now (read it with :meth:`seconds` after :meth:`synchronize`)."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return mark, event
+        return time.perf_counter() - mark
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def seconds(self, span: Any) -> float:
+        if self.cuda:
+            start, end = span
+            return start.elapsed_time(end) / 1000.0
+        return float(span)
+
+
+@dataclass
+class AttentionCall:
+    """One sparsifiable self-attention call of a run.
+
+    Attributes:
+        step: denoising step (None when the scheduler gives none).
+        layer: transformer block index.
+        sparse: True when the diffattn kernel ran it (``SparsityState.attend``), False when the
+            schedule kept it dense and the stock processor ran it.
+        grid: the latent token grid of the call.
+        config: the :class:`SparsityConfig` in force (its layout gives a sparse call's density).
+        spans: clock spans of the core attention op (one for a sparse call; one per
+            ``scaled_dot_product_attention`` inside a stock call: none when the stock path used
+            another attention backend, see :attr:`timed`).
+        seconds: total core-op time, filled in by :meth:`AttentionTimer.finish`.
+    """
+
+    step: int | None
+    layer: int
+    sparse: bool
+    grid: VideoGrid | None
+    config: SparsityConfig
+    spans: list
+    seconds: float = 0.0
+
+    @property
+    def timed(self) -> bool:
+        return bool(self.spans)
+
+
+class _TimeSDPA(TorchFunctionMode):
+    """Times ``torch.nn.functional.scaled_dot_product_attention`` inside one stock processor call.
+
+    The stock processors reach their core op through diffusers' ``dispatch_attention_fn``, whose
+    default ("native") backend calls SDPA, or call SDPA directly (CogVideoX's and Mochi's 2_0
+    processors). Everything else passes through untouched; the mode is only active for the stock
+    calls of dense steps and layers while a profiler is attached.
+    """
+
+    def __init__(self, clock: Clock, spans: list) -> None:
+        super().__init__()
+        self.clock, self.spans = clock, spans
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        mark = self.clock.start()
+        out = func(*args, **kwargs)
+        self.spans.append(self.clock.stop(mark))
+        return out
+
+
+class AttentionTimer:
+    """The profiler's :class:`~diffattn.processors.state.AttentionObserver`: records and times
+    every sparsifiable self-attention call of the transformers it is attached to.
+
+    Only the core op is timed: for a sparse call the layout lookup and the
+    ``block_sparse_attention`` kernel; for a stock call its ``scaled_dot_product_attention``.
+    Projections, norms and rotary embeddings are not attention time.
+
+    Example:
+        >>> timer = AttentionTimer(torch.device("cpu"))
+        >>> timer.attach(states)          # SparsityStates of the applied pipeline
+        >>> pipe(...)
+        >>> calls = timer.finish()        # synchronises once, fills AttentionCall.seconds
+        >>> timer.detach()
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.clock = Clock(device)
+        self.calls: list[AttentionCall] = []
+        self._states: list[SparsityState] = []
+        self._depth = 0  # nested calls (joint attention around attend) count once
+
+    def attach(self, states: list[SparsityState]) -> None:
+        for state in states:
+            state.observer = self
+        self._states = list(states)
+
+    def detach(self) -> None:
+        for state in self._states:
+            state.observer = None
+        self._states = []
+
+    def reset(self) -> None:
+        self.calls = []
+
+    def _record(self, state: SparsityState, layer_index: int, sparse: bool, spans: list) -> None:
+        self.calls.append(AttentionCall(state.step, layer_index, sparse, state.grid, state.config, spans))
+
+    def sparse_call(self, state: SparsityState, layer_index: int, attention: Callable[[], T]) -> T:
+        if self._depth:
+            return attention()
+        self._depth += 1
+        try:
+            mark = self.clock.start()
+            out = attention()
+            span = self.clock.stop(mark)
+        finally:
+            self._depth -= 1
+        self._record(state, layer_index, True, [span])
+        return out
+
+    def dense_call(self, state: SparsityState, layer_index: int, stock: Callable[[], T]) -> T:
+        spans: list = []
+        with _TimeSDPA(self.clock, spans):
+            out = stock()
+        self._record(state, layer_index, False, spans)
+        return out
+
+    def finish(self) -> list[AttentionCall]:
+        """Synchronise once and turn every call's spans into seconds; returns the calls."""
+        self.clock.synchronize()
+        for call in self.calls:
+            call.seconds = sum(self.clock.seconds(span) for span in call.spans)
+        return self.calls
