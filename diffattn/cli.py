@@ -3,6 +3,7 @@
     diffattn presets [--family wan]
     diffattn mask --preset radial --family wan --out radial.png
     diffattn generate --preset radial --prompt "a red ball" --output out.mp4
+    diffattn profile --preset radial --num-frames 33 --report profile.json
     diffattn bench --device cpu --shapes small      (scripts/bench_kernels.py)
 
 Every bad input prints one ``error: ...`` line on stderr and exits with code 2.
@@ -23,6 +24,15 @@ It has no text encoder: the prompt is turned into deterministic pseudo-random em
 (a generator seeded by the prompt text). --model may name a local diffusers pipeline folder
 (loaded with DiffusionPipeline.from_pretrained, no remote code); hub ids are refused because
 nothing is downloaded."""
+
+PROFILE_HELP = """\
+Run the same call dense (the family's 'dense' preset) and with --preset, with the same seed, after
+--warmup untimed rounds; print a table and write --report PATH (.json, plus .md and .png beside it).
+
+Reports: end-to-end speedup, attention share of the dense run, attention speedup, density
+(overall and per layer), the Amdahl bound, the predicted end-to-end speedup, and PSNR/SSIM of the
+preset's frames against the dense frames (PSNR "inf" in JSON when identical). The default model is
+the same small RANDOM Wan pipeline as for generate (see diffattn generate --help)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate a video (default model: random weights, produces noise)",
                        description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_arguments(p)
+    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--output", required=True, help=".mp4 (imageio-ffmpeg) or .gif, written atomically")
+
+    p = sub.add_parser("profile", help="dense vs preset with the same seed: speedups, density, Amdahl bound, PSNR/SSIM",
+                       description=PROFILE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_arguments(p)
+    p.add_argument("--report", default=None,
+                   help="JSON report path; PATH.md (the table) and PATH.png (chart) are written beside it")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds, dense + preset each (default 1)")
+    p.add_argument("--repeats", type=int, default=1, help="timed rounds; the report holds medians (default 1)")
+    return parser
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, prompt and size flags of generate and profile (names follow the pipeline call)."""
     p.add_argument("--model", default=None,
                    help="local diffusers pipeline folder; default: the small RANDOM Wan model (noise)")
     p.add_argument("--preset", default="dense", help="preset name of the model's family or a YAML path (default dense)")
@@ -69,13 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default model: 20)")
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=16)
-    p.add_argument("--output", required=True, help=".mp4 (imageio-ffmpeg) or .gif, written atomically")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--cpu-offload", action="store_true", help="diffusers model CPU offload (needs an accelerator)")
     p.add_argument("--lora", default=None, help="LoRA weights (.safetensors only)")
-    return parser
+
+
+def _run_options(args) -> dict:
+    """The shared flags as keyword arguments of RunOptions and its subclasses."""
+    return dict(
+        model=args.model, preset=args.preset, prompt=args.prompt, negative_prompt=args.negative_prompt,
+        num_frames=args.num_frames, height=args.height, width=args.width, steps=args.steps,
+        guidance_scale=args.guidance_scale, seed=args.seed, device=args.device, dtype=args.dtype,
+        cpu_offload=args.cpu_offload, lora=args.lora,
+    )
+
+
+def _default_model_note(args) -> None:
+    if args.model is None:
+        print("note: default model = small RANDOMLY INITIALISED Wan pipeline (output is noise); "
+              "prompt -> seeded pseudo-random embeddings (no text encoder)", file=sys.stderr)
 
 
 def cmd_presets(args) -> int:
@@ -137,21 +176,26 @@ def cmd_bench(argv: list[str]) -> int:
 def cmd_generate(args) -> int:
     from .pipelines.generate import GenerateOptions, generate
 
-    options = GenerateOptions(
-        output=args.output, model=args.model, preset=args.preset, prompt=args.prompt,
-        negative_prompt=args.negative_prompt, num_frames=args.num_frames, height=args.height, width=args.width,
-        steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, device=args.device,
-        dtype=args.dtype, cpu_offload=args.cpu_offload, lora=args.lora, fps=args.fps,
-    )
-    if args.model is None:
-        print("note: default model = small RANDOMLY INITIALISED Wan pipeline (output is noise); "
-              "prompt -> seeded pseudo-random embeddings (no text encoder)", file=sys.stderr)
+    options = GenerateOptions(output=args.output, fps=args.fps, **_run_options(args))
+    _default_model_note(args)
     result = generate(options)
     density = "n/a" if result.density is None else f"{result.density:.4f}"
     grid = "" if result.grid is None else f" at {result.grid.frames}x{result.grid.height}x{result.grid.width} tokens"
     print(f"wrote {result.path}: {result.num_frames} frames {result.height}x{result.width} in {result.seconds:.1f} s, "
           f"preset {result.family}/{result.preset}, layout density {density}{grid}, "
           f"{result.sparse_calls} sparse attention calls")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from .profiler.command import ProfileOptions, run_profile
+
+    options = ProfileOptions(report=args.report, warmup=args.warmup, repeats=args.repeats, **_run_options(args))
+    _default_model_note(args)
+    report, paths = run_profile(options, log=lambda line: print(line, file=sys.stderr))
+    print(report.to_markdown(), end="")
+    if paths:
+        print(f"wrote {', '.join(str(path) for path in paths)}")
     return 0
 
 
@@ -165,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_presets(args)
         if args.command == "mask":
             return cmd_mask(args)
+        if args.command == "profile":
+            return cmd_profile(args)
         return cmd_generate(args)
     except (ValueError, OSError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

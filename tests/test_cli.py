@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import imageio.v2 as imageio
+import pytest
 
+from diffattn.cli import main
 from diffattn.processors.presets import families
+from diffattn.profiler import ProfileReport
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "diffattn"
 
 
-def run(*args: str, cwd: Path | None = None, script: bool = False) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path | None = None, script: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
     command = [str(SCRIPT)] if script and SCRIPT.is_file() else [sys.executable, "-m", "diffattn.cli"]
-    return subprocess.run(command + list(args), capture_output=True, text=True, cwd=cwd or REPO, timeout=300)
+    return subprocess.run(command + list(args), capture_output=True, text=True, cwd=cwd or REPO, timeout=300, env=env)
 
 
 def count_frames(path: Path) -> int:
@@ -99,3 +105,81 @@ def test_bench_forwards_to_kernel_benchmark():
     result = run("bench", "--help")
     assert result.returncode == 0, result.stderr
     assert "--shapes" in result.stdout and "diffattn bench" in result.stdout
+
+
+# The tiny model's ops are far too small for intra-op threads; on a busy machine their spin-waits
+# make every run many times slower (and noisier), so the profile runs use one thread.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+PROFILE_SIZE = ("--num-frames", "5", "--height", "32", "--width", "32", "--steps", "2")
+PROFILE_KEYS = {"e2e_speedup", "attention_share", "attention_speedup", "density", "density_per_layer",
+                "amdahl_bound", "predicted_e2e", "psnr", "ssim", "device", "dtype", "preset", "family",
+                "timings", "tile_density", "grid", "num_frames", "height", "width"}
+
+
+def test_profile_dense_preset_writes_json_markdown_and_chart(tmp_path):
+    report = tmp_path / "reports" / "dense.json"
+    result = run("profile", *PROFILE_SIZE, "--warmup", "1", "--repeats", "3", "--report", str(report),
+                 script=True, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert PROFILE_KEYS <= set(data) == {f.name for f in dataclasses.fields(ProfileReport)}
+    assert (data["preset"], data["family"], data["device"], data["num_frames"]) == ("dense", "wan", "cpu", 5)
+    assert data["psnr"] == "inf" and data["ssim"] == 1.0 and data["density"] == 1.0
+    assert 0.5 < data["e2e_speedup"] < 2.0  # same work twice: 1 up to timing noise
+    assert len(data["timings"]["dense_seconds"]) == 3
+    markdown = report.with_suffix(".md").read_text()
+    assert "| end-to-end speedup |" in markdown and "inf dB (identical frames)" in markdown
+    assert markdown in result.stdout  # the printed table is the Markdown file
+    assert report.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in report.parent.iterdir()) == ["dense.json", "dense.md", "dense.png"]
+
+
+def test_profile_with_a_yaml_preset_reports_sparsity(tmp_path):
+    preset = tmp_path / "window.yaml"
+    preset.write_text("description: tiny window\npattern:\n  type: neighborhood\n  kernel_size: [1, 3, 3]\n"
+                      "block_size: 32\n")
+    report = tmp_path / "window.json"
+    result = run("profile", "--preset", str(preset), "--num-frames", "5", "--height", "64", "--width", "64",
+                 "--steps", "2", "--warmup", "0", "--report", str(report), env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["preset"] == "window" and data["grid"]["num_tokens"] == 32
+    assert data["density"] < 1 and data["sparse_calls"] == data["attention_calls"] == 8
+    assert isinstance(data["psnr"], float) and data["ssim"] < 1
+    assert "| PSNR vs dense |" in result.stdout and "wrote " in result.stdout
+
+
+PROFILE_BAD_INPUTS = [
+    ({"--report": "{tmp}/report.txt"}, "--report must end in .json"),
+    ({"--report": "{file}/report.json"}, "not a writable directory"),
+    ({"--warmup": "-1"}, "--warmup must be an integer >= 0; got -1"),
+    ({"--repeats": "0"}, "--repeats must be an integer >= 1; got 0"),
+    ({"--preset": "no-such-preset"}, "unknown preset"),
+]
+
+
+@pytest.mark.parametrize("override, message", PROFILE_BAD_INPUTS)
+def test_profile_bad_inputs_exit_2_without_report(tmp_path, capsys, override, message):
+    # In process (main() is the console entry point's function): each case fails before any model
+    # is built, so a subprocess per case would only add its imports; the test below goes through
+    # the real console script once.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    options = {"--num-frames": "5", "--height": "32", "--width": "32", "--steps": "1",
+               "--report": str(tmp_path / "report.json")}
+    options.update({k: v.format(file=blocker, tmp=tmp_path) for k, v in override.items()})
+    code = main(["profile", *[x for item in options.items() for x in item]])
+    stderr = capsys.readouterr().err
+    assert code == 2, (override, stderr)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], (override, stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"], override  # no report, no temp file
+
+
+def test_profile_bad_input_through_the_console_script(tmp_path):
+    report = tmp_path / "report.json"
+    result = run("profile", "--num-frames", "10", "--report", str(report), script=True)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "1 + 4k" in errors[0] and "Traceback" not in result.stderr
+    assert not report.exists() and list(tmp_path.iterdir()) == []

@@ -1,0 +1,56 @@
+"""``diffattn profile``: the model, prompt and size options of ``diffattn generate``, then
+:func:`diffattn.profile` on the loaded pipeline, and the report written beside ``--report``.
+
+Loading and call building are :func:`diffattn.pipelines.generate.prepare_run`, shared with
+``generate``; bad inputs raise ValueError before any report file is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..pipelines.generate import RunOptions, check_output, prepare_run
+from .report import ProfileReport
+from .runner import profile
+
+REPORT_SUFFIXES = (".json",)
+
+
+@dataclass(kw_only=True)
+class ProfileOptions(RunOptions):
+    """Everything ``diffattn profile`` takes: :class:`RunOptions` plus the report and repeats.
+
+    Attributes:
+        report: JSON path (``.md`` and ``.png`` are written beside it), or None to only print.
+        warmup: untimed warm-up rounds (a dense and a preset run each).
+        repeats: timed rounds; the report holds medians.
+
+    Example:
+        >>> ProfileOptions(preset="radial", num_frames=33, steps=4, report="out/radial.json")
+    """
+
+    report: str | None = None
+    warmup: int = 1
+    repeats: int = 1
+
+
+def run_profile(options: ProfileOptions, log: Callable[[str], None] | None = None) -> tuple[ProfileReport, list[Path]]:
+    """Check the options, load the pipeline, profile it and write the report; returns the report
+    and the paths written (none without ``options.report``).
+
+    Example:
+        >>> report, paths = run_profile(ProfileOptions(preset="radial-fast", num_frames=9, steps=2,
+        ...                                            report="profile.json"))
+    """
+    report_path = check_output(options.report, REPORT_SUFFIXES, "--report") if options.report is not None else None
+    for name, value, minimum in (("--warmup", options.warmup, 0), ("--repeats", options.repeats, 1)):
+        if value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}; got {value}")
+    run = prepare_run(options)
+    # The preset string itself (name or YAML path), so the report carries its name.
+    report = profile(run.pipe, options.preset, seed=options.seed, warmup=options.warmup, repeats=options.repeats,
+                     log=log, **run.call)
+    paths = report.save(report_path) if report_path is not None else []
+    return report, paths
