@@ -163,6 +163,7 @@ class ProfileReport:
             "",
             f"{size}{steps}{guidance}, seed {self.seed}{grid}; median of {self.repeats} timed run(s) "
             f"after {self.warmup} warm-up run(s) each",
+            "",
             f"preset: {schedule}",
             "",
             "| metric | value |",
