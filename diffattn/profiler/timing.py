@@ -36,19 +36,19 @@ class Clock:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
 
+    def _event(self) -> Any:
+        # On the current stream of the pipeline's device (not of whichever GPU is current).
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
     def start(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
+        return self._event() if self.cuda else time.perf_counter()
 
     def stop(self, mark: Any) -> Any:
         """A span from ``mark`` to now (read it with :meth:`seconds` after :meth:`synchronize`)."""
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return mark, event
+            return mark, self._event()
         return time.perf_counter() - mark
 
     def synchronize(self) -> None:
