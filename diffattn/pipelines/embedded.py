@@ -1,0 +1,278 @@
+"""The embedded default model: a small pixel-space Wan transformer diffattn trains and ships.
+
+Components (all diffusers/transformers classes, saved with ``save_pretrained`` as safetensors):
+
+* ``tokenizer``: a ``tokenizers`` word-level tokenizer over the caption grammar's vocabulary
+  (:data:`diffattn.pipelines.shapes.VOCABULARY`), wrapped as ``PreTrainedTokenizerFast``.
+* ``text_encoder``: a 2-layer ``UMT5EncoderModel`` (the same family as Wan's text encoder) trained
+  together with the transformer.
+* ``transformer``: a ``WanTransformer3DModel`` working directly on pixels: ``in_channels=3`` and
+  patch ``(1, 8, 8)``, so a 17-frame 64x64 clip is a 17x8x8 grid of 1088 tokens. There is no
+  autoencoder: nothing to train besides the denoiser, decoding is exact (the detector sees the
+  model's own pixels, not a VAE's blur), and every frame is a latent frame (no 1 + 4k rule).
+  Because it is a stock Wan transformer, the Wan adapter and every Wan preset apply unchanged.
+* ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` (rectified flow, like Wan).
+
+Example::
+
+    >>> pipe = load_embedded_pipeline()                                # offline, ~8 MB
+    >>> video = pipe("a red circle moves right", generator=torch.Generator().manual_seed(0)).frames[0]
+    >>> video.shape                                                     # float [0, 1]
+    (17, 64, 64, 3)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from .shapes import VOCABULARY
+
+#: Where the shipped weights live (package data).
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded_model"
+PIPELINE_CLASS_NAME = "EmbeddedVideoPipeline"
+PATCH_PIXELS = 8
+MAX_TEXT_TOKENS = 24
+TEXT_DIM = 64
+#: Call defaults: the base length the model was trained at.
+DEFAULT_CALL = dict(num_frames=17, height=64, width=64, num_inference_steps=25, guidance_scale=4.0)
+
+PAD, UNK = "<pad>", "<unk>"
+
+
+def build_tokenizer():
+    """Word-level tokenizer: lower-cased, split on whitespace and punctuation, unknown words -> <unk>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: index for index, word in enumerate((PAD, UNK, *VOCABULARY))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, unk_token=UNK, model_max_length=MAX_TEXT_TOKENS
+    )
+
+
+@dataclass(frozen=True)
+class EmbeddedModelConfig:
+    """Sizes of the embedded model (the training script's defaults ship)."""
+
+    num_layers: int = 6
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    ffn_dim: int = 512
+    text_layers: int = 2
+    shift: float = 2.0
+
+
+def build_components(config: EmbeddedModelConfig = EmbeddedModelConfig(), seed: int = 0) -> dict[str, Any]:
+    """Freshly initialised components (seeded) for training."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tokenizer()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        text_encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=16, d_ff=2 * TEXT_DIM, num_layers=config.text_layers,
+            num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=MAX_TEXT_TOKENS,
+            dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=0, decoder_start_token_id=0,
+        ))
+        transformer = WanTransformer3DModel(
+            patch_size=(1, PATCH_PIXELS, PATCH_PIXELS), num_attention_heads=config.num_attention_heads,
+            attention_head_dim=config.attention_head_dim, in_channels=3, out_channels=3, text_dim=TEXT_DIM,
+            freq_dim=64, ffn_dim=config.ffn_dim, num_layers=config.num_layers, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=256,
+        )
+    finally:
+        torch.random.set_rng_state(state)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=config.shift)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler)
+
+
+@dataclass
+class EmbeddedPipelineOutput(BaseOutput):
+    """``frames``: float ``[B, F, H, W, 3]`` in [0, 1] (``output_type="np"``), a tensor of the
+    same layout (``"pt"``), or lists of PIL images (``"pil"``)."""
+
+    frames: Any
+
+
+class EmbeddedVideoPipeline(DiffusionPipeline):
+    """Text-to-video with the embedded pixel-space Wan transformer (see the module docstring)."""
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+
+    def __init__(self, tokenizer, text_encoder, transformer, scheduler) -> None:
+        super().__init__()
+        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
+                              scheduler=scheduler)
+
+    @property
+    def patch_pixels(self) -> int:
+        return int(self.transformer.config.patch_size[1])
+
+    def check_inputs(self, num_frames: int, height: int, width: int) -> None:
+        """ValueError unless the transformer can take this size (any frame count; pixels a multiple of the patch)."""
+        check_size(num_frames, height, width, self.patch_pixels)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str | list[str], device: torch.device | None = None,
+                      max_sequence_length: int = MAX_TEXT_TOKENS) -> torch.Tensor:
+        """``[B, max_sequence_length, TEXT_DIM]`` text embeddings, zero at padding (as Wan's pipeline does)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return encode_text(self.tokenizer, self.text_encoder, prompts, device or self._execution_device,
+                           max_sequence_length)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int = DEFAULT_CALL["num_frames"],
+        height: int = DEFAULT_CALL["height"],
+        width: int = DEFAULT_CALL["width"],
+        num_inference_steps: int = DEFAULT_CALL["num_inference_steps"],
+        guidance_scale: float = DEFAULT_CALL["guidance_scale"],
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
+        max_sequence_length: int = MAX_TEXT_TOKENS,
+    ):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        self.check_inputs(num_frames, height, width)
+        if output_type not in ("np", "pt", "pil"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'pil'; got {output_type!r}")
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("give prompt or prompt_embeds")
+            prompt_embeds = self.encode_prompt(prompt, device, max_sequence_length)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_videos_per_prompt, 0)
+        batch = prompt_embeds.shape[0]
+        guided = guidance_scale > 1.0
+        if guided:
+            if negative_prompt_embeds is None:
+                negatives = negative_prompt if negative_prompt is not None else ""
+                negatives = [negatives] * batch if isinstance(negatives, str) else list(negatives)
+                if len(negatives) * num_videos_per_prompt == batch and len(negatives) != batch:
+                    negatives = [n for n in negatives for _ in range(num_videos_per_prompt)]
+                if len(negatives) != batch:
+                    raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} videos")
+                negative_prompt_embeds = self.encode_prompt(negatives, device, prompt_embeds.shape[1])
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+            if negative_prompt_embeds.shape[0] != batch:
+                negative_prompt_embeds = negative_prompt_embeds.expand(batch, -1, -1)
+
+        shape = (batch, 3, num_frames, height, width)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
+        latents = latents.to(device=device, dtype=torch.float32)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        with self.progress_bar(total=num_inference_steps) as progress:
+            for index, t in enumerate(self.scheduler.timesteps):
+                model_input = latents.to(dtype)
+                timestep = t.expand(batch)
+                velocity = self.transformer(model_input, timestep, prompt_embeds, return_dict=False)[0]
+                if guided:
+                    unconditional = self.transformer(model_input, timestep, negative_prompt_embeds,
+                                                     return_dict=False)[0]
+                    velocity = unconditional + guidance_scale * (velocity - unconditional)
+                latents = self.scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    callback_on_step_end(self, index, t, {"latents": latents})
+                progress.update()
+
+        video = ((latents.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)  # [B, F, H, W, 3]
+        self.maybe_free_model_hooks()
+        if output_type == "pt":
+            frames: Any = video
+        else:
+            frames = video.cpu().numpy()
+            if output_type == "pil":
+                from PIL import Image
+
+                frames = [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in clip] for clip in frames]
+        if not return_dict:
+            return (frames,)
+        return EmbeddedPipelineOutput(frames=frames)
+
+
+def check_size(num_frames: int, height: int, width: int, patch: int = PATCH_PIXELS, flag_prefix: str = "") -> None:
+    """ValueError unless the embedded model takes this size: any frame count (pixel space, no
+    temporal compression), height and width multiples of the patch. ``flag_prefix="--"`` names
+    the CLI flags in the message."""
+    if not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"{flag_prefix}num_frames must be a positive integer; got {num_frames!r}".replace(
+            "--num_frames", "--num-frames"))
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value < patch or value % patch:
+            raise ValueError(f"{flag_prefix}{name} must be a positive multiple of {patch} pixels for the embedded "
+                             f"model; got {value!r}")
+
+
+def latent_grid(num_frames: int, height: int, width: int, patch: int = PATCH_PIXELS):
+    """The transformer's token grid for a call: one token per frame and patch of pixels."""
+    from ..patterns import VideoGrid
+
+    return VideoGrid(num_frames, height // patch, width // patch)
+
+
+def encode_text(tokenizer, text_encoder, prompts: list[str], device: torch.device,
+                max_sequence_length: int = MAX_TEXT_TOKENS) -> torch.Tensor:
+    """Tokenise and encode ``prompts``; embeddings at padding positions are zero. Differentiable
+    (the training script calls it with gradients on)."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                       return_tensors="pt")
+    ids = tokens.input_ids.to(device)
+    mask = tokens.attention_mask.to(device)
+    hidden = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    return hidden * mask[..., None].to(hidden.dtype)
+
+
+def is_embedded_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a saved :class:`EmbeddedVideoPipeline` (by its model_index.json)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("_class_name") == PIPELINE_CLASS_NAME
+    except (OSError, ValueError):
+        return False
+
+
+def load_embedded_pipeline(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> EmbeddedVideoPipeline:
+    """Load the shipped embedded model (or one saved by the training script at ``path``), offline.
+
+    Raises:
+        FileNotFoundError: no saved pipeline at ``path`` (for the default: the package was
+            installed without its weights; run ``scripts/train_embedded_model.py``).
+    """
+    folder = Path(path) if path is not None else EMBEDDED_DIR
+    if not is_embedded_folder(folder):
+        raise FileNotFoundError(
+            f"no embedded model at {str(folder)!r} (model_index.json with _class_name {PIPELINE_CLASS_NAME!r}); "
+            f"train one with scripts/train_embedded_model.py"
+        )
+    pipe = EmbeddedVideoPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=None)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -1,0 +1,139 @@
+"""The embedded pipeline: tokenizer, save/load round trip, generation, the Wan adapter, training."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import diffattn
+from diffattn.adapters import sparsity_state
+from diffattn.patterns import Neighborhood
+from diffattn.pipelines.embedded import EMBEDDED_DIR, build_tokenizer, is_embedded_folder, load_embedded_pipeline
+from diffattn.pipelines.shapes import VOCABULARY
+
+from .tiny_embedded import tiny_embedded_pipeline as tiny_pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+
+def run(pipe, prompt="a red circle moves left", frames=3, size=16, steps=2, seed=0, **kwargs):
+    return pipe(prompt, num_frames=frames, height=size, width=size, num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(seed), **kwargs).frames
+
+
+def test_tokenizer_knows_the_grammar_and_nothing_else():
+    tokenizer = build_tokenizer()
+    ids = tokenizer("A Red circle, moves LEFT").input_ids
+    words = tokenizer.convert_ids_to_tokens(ids)
+    assert words == ["a", "red", "circle", "<unk>", "moves", "left"]
+    assert len(tokenizer) == len(VOCABULARY) + 2
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a magenta blob").input_ids) == ["a", "<unk>", "<unk>"]
+
+
+def test_generation_is_finite_shaped_and_seeded():
+    pipe = tiny_pipeline()
+    video = run(pipe, frames=5, size=24)
+    assert video.shape == (1, 5, 24, 24, 3) and np.isfinite(video).all()
+    assert video.min() >= 0 and video.max() <= 1
+    assert np.array_equal(video, run(pipe, frames=5, size=24))
+    assert not np.array_equal(video, run(pipe, frames=5, size=24, seed=1))
+    batch = pipe(["a red circle moves left", "a blue square moves up"], num_frames=2, height=16, width=16,
+                 num_inference_steps=1, output_type="pt").frames
+    assert batch.shape == (2, 2, 16, 16, 3)
+
+
+def test_prompt_changes_the_output():
+    pipe = tiny_pipeline()
+    assert not np.allclose(run(pipe, "a red circle moves left"), run(pipe, "a blue square moves down"))
+
+
+def plain(config) -> dict:
+    """A config as JSON-comparable data (tuples and lists alike), bookkeeping keys dropped."""
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    drop = ("_use_default_values", "_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype")
+    return json.loads(json.dumps({k: v for k, v in items.items() if k not in drop}, sort_keys=True, default=list))
+
+
+def test_save_load_round_trip_is_identical(tmp_path):
+    pipe = tiny_pipeline(seed=3)
+    pipe.save_pretrained(tmp_path)
+    assert is_embedded_folder(tmp_path)
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))  # safetensors only
+    loaded = load_embedded_pipeline(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    for name in ("transformer", "text_encoder"):
+        saved, restored = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert saved.keys() == restored.keys()
+        assert all(torch.equal(saved[k], restored[k]) for k in saved), name  # bit for bit
+        assert plain(getattr(pipe, name).config) == plain(getattr(loaded, name).config)
+    assert pipe.tokenizer.get_vocab() == loaded.tokenizer.get_vocab()
+    # Same weights, but freshly loaded tensors may take other BLAS code paths: ~1e-7 apart.
+    np.testing.assert_allclose(run(pipe), run(loaded), atol=1e-5)
+
+
+def test_bad_sizes_are_refused():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="height must be a positive multiple of 8"):
+        run(pipe, size=20)
+    with pytest.raises(ValueError, match="num_frames"):
+        run(pipe, frames=0)
+    with pytest.raises(FileNotFoundError, match="no embedded model"):
+        load_embedded_pipeline(REPO / "configs")
+
+
+def test_wan_adapter_applies_unchanged():
+    pipe = tiny_pipeline()
+    stock = run(pipe, frames=4, size=32)
+    diffattn.apply(pipe, "dense")  # every layer kept dense: the stock processors, exactly
+    assert np.array_equal(run(pipe, frames=4, size=32), stock)
+    diffattn.remove(pipe)
+    # 4 frames of 4x4 tokens: a 1x3x3 window is really sparse here.
+    diffattn.apply(pipe, diffattn.SparsityConfig(pattern=Neighborhood(kernel_size=(1, 3, 3)), block_size=32))
+    sparse = run(pipe, frames=4, size=32)
+    state = sparsity_state(pipe)
+    assert sum(state.sparse_calls.values()) == 2 * 2 * 2  # steps x CFG forwards x layers
+    assert np.isfinite(sparse).all() and not np.array_equal(sparse, stock)
+    diffattn.remove(pipe)
+    assert np.array_equal(run(pipe, frames=4, size=32), stock)
+
+
+@pytest.mark.skipif(not is_embedded_folder(EMBEDDED_DIR), reason="the shipped weights are not in this checkout")
+def test_shipped_model_loads_offline_and_is_small():
+    size = sum(f.stat().st_size for f in EMBEDDED_DIR.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20
+    pipe = load_embedded_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.patch_size == (1, 8, 8) or list(pipe.transformer.config.patch_size) == [1, 8, 8]
+    video = run(pipe, frames=3, size=64, steps=2)
+    assert video.shape == (1, 3, 64, 64, 3) and np.isfinite(video).all()
+
+
+def load_training_script():
+    spec = importlib.util.spec_from_file_location("train_embedded_model", REPO / "scripts" / "train_embedded_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_smoke_run_resumes_exactly(tmp_path):
+    train = load_training_script()
+    common = ["--batch-size", "2", "--num-frames", "3", "--size", "16", "--num-layers", "1",
+              "--num-attention-heads", "2", "--attention-head-dim", "24", "--ffn-dim", "32", "--save-every", "2",
+              "--warmup", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train.main([*common, "--steps", "4", "--output", str(straight / "pipe"),
+                       "--checkpoint-dir", str(straight / "ck")]) == 0
+    assert train.main([*common, "--steps", "2", "--output", str(resumed / "pipe"),
+                       "--checkpoint-dir", str(resumed / "ck")]) == 0
+    # Continue the 2-step run to 4 steps: same schedule needs the same --steps, so rewrite it.
+    info = json.loads((resumed / "ck" / "checkpoint.json").read_text())
+    assert info["step"] == 2
+    assert train.main([*common, "--steps", "4", "--output", str(resumed / "pipe"),
+                       "--checkpoint-dir", str(resumed / "ck"), "--resume"]) == 0
+    loss = lambda folder: [json.loads(line)["loss"] for line in (folder / "ck" / "loss.jsonl").read_text().splitlines()]
+    assert loss(straight)[2:] == loss(resumed)[2:]  # steps 3 and 4 see the same batches, weights and moments
+    a, b = load_embedded_pipeline(straight / "pipe"), load_embedded_pipeline(resumed / "pipe")
+    for (name, p), (_, q) in zip(a.transformer.named_parameters(), b.transformer.named_parameters()):
+        assert torch.equal(p, q), name
