@@ -6,7 +6,7 @@ import math
 import os
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -106,8 +106,10 @@ def profile(
 ) -> ProfileReport:
     """Run ``pipe(**call_kwargs)`` dense and with ``preset``, with the same seed, and compare.
 
-    The dense run applies the family's ``dense`` preset and the other run ``preset``, both through
-    :func:`diffattn.apply`, so both go through diffattn's processors. Every run gets a fresh CPU
+    The dense baseline is what a user runs without diffattn: every self-attention call through the
+    stock diffusers processor (diffattn's processors are installed with every layer kept dense, so
+    the same timing hook sees the calls); the other run applies ``preset``. Both go through
+    :func:`diffattn.apply`. Every run gets a fresh CPU
     ``torch.Generator`` seeded with ``seed`` and ``output_type="np"``. ``warmup`` untimed rounds
     (a dense and a preset run each) come first, then ``repeats`` timed rounds; the report holds
     medians. Wall time uses CUDA events and one synchronisation on a GPU, ``time.perf_counter`` on
@@ -139,7 +141,8 @@ def profile(
         raise ValueError(f"profile sets {', '.join(RESERVED_ARGUMENTS)} itself (use seed=); got {', '.join(reserved)}")
     adapter = find_adapter(pipe)
     name, config = resolve_preset(preset, adapter.family)
-    dense_config = load_preset("dense", family=adapter.family).config
+    # Every layer kept dense: the stock processor (PyTorch SDPA) runs every call, as without diffattn.
+    dense_config = replace(load_preset("dense", family=adapter.family).config, dense_layers=("*",))
     previous = _states(adapter, pipe)
     previous_config = previous[0].config if previous else None
     timer = AttentionTimer(_execution_device(pipe))
@@ -265,14 +268,13 @@ def _build_report(pipe: Any, family: str, name: str, config: SparsityConfig, see
     if untimed:
         notes.append(f"{untimed} stock attention calls per round ran a diffusers attention backend other than "
                      "scaled_dot_product_attention: their core op was not timed, attention times are too low")
-    # The baseline runs diffattn's kernel on a dense layout; calls the preset keeps dense run the
-    # stock processor. Their speed difference is part of the attention speedup: say so when it is large.
+    # Baseline and kept-dense calls both run the stock processor: a large gap between them is noise.
     kept_dense = {(call.step, call.layer) for call in calls if not call.sparse}
     baseline = sum(c.seconds for run in dense_runs for c in run.calls if (c.step, c.layer) in kept_dense)
     stock = sum(c.seconds for run in sparse_runs for c in run.calls if not c.sparse)
-    if baseline > 0 and stock > 0 and abs(baseline / stock - 1) > 0.1:
-        notes.append(f"the calls kept dense ran {baseline / stock:.2f}x as fast through the stock processor as the "
-                     "same calls through diffattn's dense kernel in the baseline; that is part of the attention speedup")
+    if baseline > 0 and stock > 0 and abs(baseline / stock - 1) > 0.25:
+        notes.append(f"the calls kept dense took {stock / baseline:.2f}x their baseline time although both run the "
+                     "stock processor: the timings are noisy (use more --repeats or a quieter machine)")
     if len(dense_runs[0].calls) != len(calls):
         notes.append(f"the dense run made {len(dense_runs[0].calls)} attention calls but the preset run {len(calls)}")
     if sparse_pairs and max(d for d, _ in sparse_pairs) >= 1.0 and name != "dense":

@@ -1,4 +1,4 @@
-"""``diffattn.profile`` on the tiny default pipeline (random weights, a few steps, tiny sizes)."""
+"""``diffattn.profile`` on a tiny embedded pipeline (random weights, a few steps, tiny sizes)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 import diffattn
 from diffattn import Neighborhood, ProfileReport, SparsityConfig
 from diffattn.adapters import sparsity_state
-from diffattn.pipelines import default as default_model
 from diffattn.processors import WanSparseAttnProcessor
+
+from ..pipelines.tiny_embedded import tiny_embedded_pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,14 +29,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pipe():
-    return default_model.default_pipeline()
+    return tiny_embedded_pipeline()
 
 
 @pytest.fixture(scope="module")
 def call():
-    embeddings = default_model.prompt_embeddings("a red ball")
-    return dict(prompt_embeds=embeddings, negative_prompt_embeds=default_model.prompt_embeddings(""),
-                num_frames=5, height=32, width=32, num_inference_steps=2)
+    # Pixel patches of 8: 2 frames at 16x16 px are a 2x2x2 token grid.
+    return dict(prompt="a red circle moves left", num_frames=2, height=16, width=16, num_inference_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +43,14 @@ def dense_report(pipe, call) -> ProfileReport:
     return diffattn.profile(pipe, "dense", warmup=1, repeats=3, **call)
 
 
-# Neighborhood (1, 3, 3) on 32-token blocks: a 2x4x4 grid at 64x64 px is sparse inside its one
+# Neighborhood (1, 3, 3) on 32-token blocks: a 2x4x4 grid at 32x32 px is sparse inside its one
 # block; step 0 and layer 0 stay dense, so both kinds of calls occur.
 SPARSE = SparsityConfig(pattern=Neighborhood(kernel_size=(1, 3, 3)), block_size=32, dense_steps=1, dense_layers=(0,))
 
 
 @pytest.fixture(scope="module")
 def sparse_report(pipe, call) -> ProfileReport:
-    return diffattn.profile(pipe, SPARSE, warmup=1, seed=3, **{**call, "height": 64, "width": 64, "num_inference_steps": 3})
+    return diffattn.profile(pipe, SPARSE, warmup=1, seed=3, **{**call, "height": 32, "width": 32, "num_inference_steps": 3})
 
 
 def finite(value) -> bool:
@@ -66,19 +66,20 @@ def test_every_field_is_documented(dense_report):
 def test_dense_preset_is_identical_to_the_dense_run(dense_report):
     r = dense_report
     assert (r.family, r.preset, r.device, r.dtype) == ("wan", "dense", "cpu", "float32")
-    assert (r.num_frames, r.height, r.width, r.num_inference_steps) == (5, 32, 32, 2)
+    assert (r.num_frames, r.height, r.width, r.num_inference_steps) == (2, 16, 16, 2)
     assert r.grid == dict(frames=2, height=2, width=2, text_tokens=0, num_tokens=8)
     assert r.psnr == math.inf and r.ssim == 1.0
-    assert r.density == 1.0 and r.layout_density == 1.0 and r.tile_density == 1.0
+    # The dense preset keeps every layer dense (stock processors): no sparse call, no layout.
+    assert r.density == 1.0 and r.layout_density is None and r.tile_density is None and r.sparse_calls == 0
     assert r.density_per_layer == {0: 1.0, 1: 1.0}
     assert r.amdahl_bound == pytest.approx(1.0)
     # Timing noise on a shared CPU (medians of 3 runs of ~50 ms): loose bands around 1.
     assert 0.5 < r.e2e_speedup < 2.0
     assert 0.33 < r.attention_speedup < 3.0
     assert 0.0 < r.attention_share < 1.0
-    # 2 steps x 2 CFG forwards x 2 blocks, every one through diffattn's kernel.
-    assert (r.attention_calls, r.sparse_calls, r.dense_calls, r.untimed_calls) == (8, 8, 0, 0)
-    assert r.dense_fraction == 0.0
+    # 2 steps x 2 CFG forwards x 2 blocks, every one through the stock processor (timed SDPA).
+    assert (r.attention_calls, r.sparse_calls, r.dense_calls, r.untimed_calls) == (8, 0, 8, 0)
+    assert r.dense_fraction == 1.0  # all attention time is in calls the preset keeps dense
 
 
 def test_timings_hold_every_repeat_and_the_medians(dense_report):
