@@ -6,7 +6,7 @@
 2. Runs ``block_sparse_attention`` on a smaller video (random q, k, v) for each preset and checks
    it against dense attention restricted to the same mask, with timings against dense SDPA.
 
-This is the main job until the CLI (``diffattn generate`` / ``profile``) lands.
+The main job is ``diffattn generate`` / ``diffattn profile`` with the embedded model (README).
 """
 
 from __future__ import annotations

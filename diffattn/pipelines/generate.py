@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_path
-from . import default as default_model
+from . import embedded as default_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -153,10 +153,15 @@ def check_lora(path: str | None) -> Path | None:
 
 
 def load_pipeline(model: str | None, dtype: torch.dtype):
-    """``(pipe, is_default)``: the temporary default model for None, else a local diffusers folder."""
+    """``(pipe, is_default)``: the shipped embedded model for None, else a local diffusers folder
+    (a folder saved by ``scripts/train_embedded_model.py`` loads as the embedded pipeline class)."""
     if model is None:
-        pipe = default_model.default_pipeline()
-        return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)), True
+        try:
+            return default_model.load_embedded_pipeline(dtype=dtype), True
+        except FileNotFoundError as error:
+            raise ValueError(f"the default model is missing from this installation: {error}") from None
+    if default_model.is_embedded_folder(model):
+        return default_model.load_embedded_pipeline(model, dtype=dtype), False
     if not os.path.isdir(model):
         if os.path.exists(model):
             raise ValueError(f"--model {model!r} is a file; give a local diffusers pipeline folder")
@@ -209,14 +214,13 @@ def _to_uint8(video) -> np.ndarray:
     return video
 
 
-# --- The temporary default model ----------------------------------------------------------------
+# --- The default model: the embedded model diffattn trains and ships ---------------------------
 # Everything specific to it is in default_model_call (and the default branch of load_pipeline):
-# the call defaults, its size rule, and prompts turned into seeded embeddings (it has no text
-# encoder). Swap these two places when the embedded trained model replaces it.
+# its call defaults, its size rule and the preset's fit to its token grid.
 def default_model_call(options: RunOptions, dtype: torch.dtype) -> tuple[dict, Any]:
-    """``(call, preset)`` for the default model, checked before the model is built: its call
+    """``(call, preset)`` for the default model, checked before the model is loaded: its call
     defaults overridden by the options, its size rule, the preset's fit to the latent grid, and
-    the prompts as ``prompt_embeds`` / ``negative_prompt_embeds`` (CPU tensors).
+    the prompts.
 
     Example:
         >>> call, preset = default_model_call(RunOptions(num_frames=9), torch.float32)
@@ -227,7 +231,7 @@ def default_model_call(options: RunOptions, dtype: torch.dtype) -> tuple[dict, A
 
     call = dict(default_model.DEFAULT_CALL)
     call.update(_size_arguments(options))
-    default_model.check_call(call["num_frames"], call["height"], call["width"])
+    default_model.check_size(call["num_frames"], call["height"], call["width"], flag_prefix="--")
     preset = load_preset(options.preset, family="wan")
     grid = default_model.latent_grid(call["num_frames"], call["height"], call["width"])
     try:
@@ -237,8 +241,8 @@ def default_model_call(options: RunOptions, dtype: torch.dtype) -> tuple[dict, A
             f"preset {preset.name!r} does not fit the latent grid {grid.frames}x{grid.height}x{grid.width} of "
             f"{call['num_frames']} frames at {call['height']}x{call['width']}: {error}"
         ) from None
-    call["prompt_embeds"] = default_model.prompt_embeddings(options.prompt, dtype)
-    call["negative_prompt_embeds"] = default_model.prompt_embeddings(options.negative_prompt, dtype)
+    call["prompt"] = options.prompt
+    call["negative_prompt"] = options.negative_prompt
     return call, preset
 # --------------------------------------------------------------------------------------------------
 
@@ -283,7 +287,8 @@ def prepare_run(options: RunOptions) -> PreparedRun:
         if options.negative_prompt:
             call["negative_prompt"] = options.negative_prompt
         preset = load_preset(options.preset, family=family)
-        if family == "wan" and "num_frames" in call and (call["num_frames"] - 1) % 4:
+        embedded = isinstance(pipe, default_model.EmbeddedVideoPipeline)  # pixel space: any frame count
+        if family == "wan" and not embedded and "num_frames" in call and (call["num_frames"] - 1) % 4:
             raise ValueError(f"--num-frames must be 1 + 4k (1, 5, 9, 13, 17, ...) for a Wan model; got {call['num_frames']}")
     if lora is not None:
         if not hasattr(pipe, "load_lora_weights"):
