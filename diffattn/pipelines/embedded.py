@@ -217,16 +217,18 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         return EmbeddedPipelineOutput(frames=frames)
 
 
-def check_size(num_frames: int, height: int, width: int, patch: int = PATCH_PIXELS, flag_prefix: str = "") -> None:
+def check_size(num_frames: int, height: int, width: int, patch: int = PATCH_PIXELS, cli_flags: bool = False) -> None:
     """ValueError unless the embedded model takes this size: any frame count (pixel space, no
-    temporal compression), height and width multiples of the patch. ``flag_prefix="--"`` names
-    the CLI flags in the message."""
+    temporal compression), height and width multiples of the patch. ``cli_flags`` names the CLI
+    flags (``--num-frames``) in the message instead of the call arguments (``num_frames``)."""
+    def label(name: str) -> str:
+        return f"--{name.replace('_', '-')}" if cli_flags else name
+
     if not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"{flag_prefix}num_frames must be a positive integer; got {num_frames!r}".replace(
-            "--num_frames", "--num-frames"))
+        raise ValueError(f"{label('num_frames')} must be a positive integer; got {num_frames!r}")
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value < patch or value % patch:
-            raise ValueError(f"{flag_prefix}{name} must be a positive multiple of {patch} pixels for the embedded "
+            raise ValueError(f"{label(name)} must be a positive multiple of {patch} pixels for the embedded "
                              f"model; got {value!r}")
 
 
@@ -235,6 +237,23 @@ def latent_grid(num_frames: int, height: int, width: int, patch: int = PATCH_PIX
     from ..patterns import VideoGrid
 
     return VideoGrid(num_frames, height // patch, width // patch)
+
+
+def fitting_preset(name_or_path: str, num_frames: int, height: int, width: int):
+    """Load a Wan-family preset (name or YAML path) and check that its layout can be built on the
+    embedded model's token grid for this call size; ValueError naming the preset and the grid if not."""
+    from ..processors.presets import load_preset, preset_layout
+
+    preset = load_preset(name_or_path, family="wan")
+    grid = latent_grid(num_frames, height, width)
+    try:
+        preset_layout(preset.config, grid)
+    except ValueError as error:
+        raise ValueError(
+            f"preset {preset.name!r} does not fit the latent grid {grid.frames}x{grid.height}x{grid.width} of "
+            f"{num_frames} frames at {height}x{width}: {error}"
+        ) from None
+    return preset
 
 
 def encode_text(tokenizer, text_encoder, prompts: list[str], device: torch.device,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .embedded import DEFAULT_CALL
+from .generate import check_positive, to_uint8
 from .shape_detector import score_video
 from .shapes import caption, render_clip, sample_clip
 
@@ -32,10 +33,6 @@ TARGET_DEVIATION_PX = 2.0
 def held_out_specs(count: int, seed: int = EVAL_SEED):
     """``count`` clip specs from the evaluation seed stream (disjoint from training's)."""
     return [sample_clip(np.random.default_rng([seed, index])) for index in range(count)]
-
-
-def to_uint8(video: np.ndarray) -> np.ndarray:
-    return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def evaluate_embedded(
@@ -75,7 +72,7 @@ def evaluate_embedded(
         batch = captions[first:first + batch_size]
         generators = [torch.Generator().manual_seed(seed + first + i) for i in range(len(batch))]
         frames = pipe(prompt=batch, generator=generators, **call).frames
-        videos.extend(to_uint8(np.asarray(v)) for v in frames)
+        videos.extend(to_uint8(v) for v in frames)
         if log is not None:
             log(f"generated {len(videos)}/{num_captions}")
     seconds = time.perf_counter() - start
@@ -83,8 +80,11 @@ def evaluate_embedded(
     scores = [score_video(video, spec) for video, spec in zip(videos, specs)]
     truth = [score_video(render_clip(spec, num_frames, size), spec) for spec in specs]
 
+    def all_deviations(items) -> list[float]:
+        return [d for s in items for d in s.deviations.values()]
+
     def summary(items) -> dict[str, float]:
-        deviations = [d for s in items for d in s.deviations.values()]
+        deviations = all_deviations(items)
         return {"adherence": float(np.mean([s.adherence for s in items])),
                 "motion_deviation_px": float(np.mean(deviations)) if deviations else float("nan")}
 
@@ -92,7 +92,7 @@ def evaluate_embedded(
                 for kind in ("present", "shape", "direction")}
     objects = [all(s.checks[f"{shape.colour} {kind}"] for kind in ("present", "shape", "direction"))
                for s, spec in zip(scores, specs) for shape in spec.shapes]
-    deviations = [d for s in scores for d in s.deviations.values()]
+    deviations = all_deviations(scores)
     result = summary(scores)
     return {
         **result,
@@ -163,22 +163,13 @@ def run_evaluation(report_path: str, model: str | None = None, preset: str = "de
     from pathlib import Path
 
     from ..adapters import apply
-    from ..processors.presets import load_preset, preset_layout
-    from .embedded import check_size, latent_grid, load_embedded_pipeline
+    from .embedded import check_size, fitting_preset, load_embedded_pipeline
 
     if Path(report_path).suffix.lower() != ".json":
         raise ValueError(f"--report must be a .json path; got {report_path!r}")
-    for name, value in (("--num-captions", num_captions), ("--batch-size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value}")
-    if num_inference_steps is not None and num_inference_steps < 1:
-        raise ValueError(f"--steps must be a positive integer; got {num_inference_steps}")
-    check_size(num_frames, size, size, flag_prefix="--")
-    loaded = load_preset(preset, family="wan")
-    try:
-        preset_layout(loaded.config, latent_grid(num_frames, size, size))
-    except ValueError as error:
-        raise ValueError(f"preset {loaded.name!r} does not fit {num_frames} frames at {size}x{size}: {error}") from None
+    check_positive({"--num-captions": num_captions, "--batch-size": batch_size, "--steps": num_inference_steps})
+    check_size(num_frames, size, size, cli_flags=True)
+    loaded = fitting_preset(preset, num_frames, size, size)
     try:
         pipe = load_embedded_pipeline(model)
     except FileNotFoundError as error:

@@ -198,7 +198,7 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> P
     return path
 
 
-def _to_uint8(video) -> np.ndarray:
+def to_uint8(video) -> np.ndarray:
     """A pipeline's ``frames[0]`` (float [0, 1] array, tensor or list of PIL images) as uint8 [F, H, W, 3]."""
     if isinstance(video, torch.Tensor):
         video = video.float().cpu().numpy()
@@ -217,30 +217,20 @@ def _to_uint8(video) -> np.ndarray:
 # --- The default model: the embedded model diffattn trains and ships ---------------------------
 # Everything specific to it is in default_model_call (and the default branch of load_pipeline):
 # its call defaults, its size rule and the preset's fit to its token grid.
-def default_model_call(options: RunOptions, dtype: torch.dtype) -> tuple[dict, Any]:
+def default_model_call(options: RunOptions) -> tuple[dict, Any]:
     """``(call, preset)`` for the default model, checked before the model is loaded: its call
     defaults overridden by the options, its size rule, the preset's fit to the latent grid, and
     the prompts.
 
     Example:
-        >>> call, preset = default_model_call(RunOptions(num_frames=9), torch.float32)
+        >>> call, preset = default_model_call(RunOptions(num_frames=9))
         >>> call["num_frames"], preset.name
         (9, 'dense')
     """
-    from ..processors.presets import load_preset, preset_layout
-
     call = dict(default_model.DEFAULT_CALL)
     call.update(_size_arguments(options))
-    default_model.check_size(call["num_frames"], call["height"], call["width"], flag_prefix="--")
-    preset = load_preset(options.preset, family="wan")
-    grid = default_model.latent_grid(call["num_frames"], call["height"], call["width"])
-    try:
-        preset_layout(preset.config, grid)
-    except ValueError as error:
-        raise ValueError(
-            f"preset {preset.name!r} does not fit the latent grid {grid.frames}x{grid.height}x{grid.width} of "
-            f"{call['num_frames']} frames at {call['height']}x{call['width']}: {error}"
-        ) from None
+    default_model.check_size(call["num_frames"], call["height"], call["width"], cli_flags=True)
+    preset = default_model.fitting_preset(options.preset, call["num_frames"], call["height"], call["width"])
     call["prompt"] = options.prompt
     call["negative_prompt"] = options.negative_prompt
     return call, preset
@@ -278,7 +268,7 @@ def prepare_run(options: RunOptions) -> PreparedRun:
 
     preset = None
     if options.model is None:
-        call, preset = default_model_call(options, dtype)  # fail fast, before building the model
+        call, preset = default_model_call(options)  # fail fast, before building the model
     pipe, is_default = load_pipeline(options.model, dtype)
     family = find_adapter(pipe).family
     if not is_default:
@@ -325,7 +315,7 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
 
     start = time.perf_counter()
     result = pipe(**run.call, generator=generator, output_type="np")
-    frames = _to_uint8(result.frames[0] if hasattr(result, "frames") else result.images)
+    frames = to_uint8(result.frames[0] if hasattr(result, "frames") else result.images)
     seconds = time.perf_counter() - start
     write_video(frames, output, fps=options.fps)
 

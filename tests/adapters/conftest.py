@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from diffattn.processors import state as state_module
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' ops are microseconds of work: with several OpenMP threads on a busy 2-core
-    machine they spend far longer waiting for each other than computing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from ..threads import one_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import torch
 
 import diffattn
 from diffattn import Neighborhood, ProfileReport, SparsityConfig
@@ -15,16 +14,7 @@ from diffattn.adapters import sparsity_state
 from diffattn.processors import WanSparseAttnProcessor
 
 from ..pipelines.tiny_embedded import tiny_embedded_pipeline
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's ops are far too small for intra-op threads; on a busy machine their
-    # spin-waits make every run 50x slower. Restored for the other test modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from ..threads import one_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
