@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
 
 from diffattn._io import atomic_path, atomic_write_text  # noqa: E402
 from diffattn.pipelines.embedded import (  # noqa: E402
-    EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components, encode_text,
+    EMBEDDED_DIR, PREDICTION_TYPES, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components, encode_text,
 )
 from diffattn.pipelines.shapes import sample_batch  # noqa: E402
 
@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--min-loss-sigma", type=float, default=0.25,
+                   help="x-prediction: the loss is the velocity error (x0_hat - x0) / sigma with sigma "
+                        "clipped below at this value, so near-clean steps do not dominate")
     for field, default in EmbeddedModelConfig.__dataclass_fields__.items():
         p.add_argument(f"--{field.replace('_', '-')}", type=type(default.default), default=default.default)
     args = p.parse_args(argv)
@@ -71,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--stop-after must be in 1..--steps ({args.steps}); got {args.stop_after}")
     if args.size % 8:
         p.error(f"--size must be a multiple of 8 (the patch); got {args.size}")
+    if args.prediction_type not in PREDICTION_TYPES:
+        p.error(f"--prediction-type must be one of {PREDICTION_TYPES}; got {args.prediction_type!r}")
+    if not 0.0 < args.min_loss_sigma <= 1.0:
+        p.error(f"--min-loss-sigma must be in (0, 1]; got {args.min_loss_sigma}")
     if not 0.0 <= args.caption_dropout < 1.0:
         p.error(f"--caption-dropout must be in [0, 1); got {args.caption_dropout}")
     return args
@@ -156,13 +163,26 @@ def load_checkpoint(folder: Path, models: dict[str, torch.nn.Module], ema: dict[
     return int(info["step"])
 
 
-def write_pipeline(components: dict, ema: dict[str, torch.Tensor], output: Path, provenance: dict) -> None:
+def denoising_loss(prediction: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                   prediction_type: str, min_loss_sigma: float) -> torch.Tensor:
+    """Rectified-flow loss. "flow": MSE to the velocity ``noise - clean``. "sample": the network
+    predicts the clean clip and the loss is its velocity error ``(x0_hat - x0) / sigma`` with sigma
+    clipped at ``min_loss_sigma`` (x-prediction with a v-loss, as JiT; the clip bounds the weight of
+    near-clean steps at ``1 / min_loss_sigma**2``)."""
+    if prediction_type == "flow":
+        return torch.nn.functional.mse_loss(prediction, noise - clean)
+    weight = sigma.clamp(min=min_loss_sigma).view(-1, *[1] * (clean.ndim - 1))
+    return torch.mean(((prediction - clean) / weight) ** 2)
+
+
+def write_pipeline(components: dict, ema: dict[str, torch.Tensor], output: Path, provenance: dict,
+                   prediction_type: str) -> None:
     """save_pretrained the pipeline with the EMA weights into a temporary folder (plus
     ``training.json``: how it was made), then swap it in."""
     for name in ("transformer", "text_encoder"):
         model = components[name]
         model.load_state_dict({k[len(name) + 1:]: v for k, v in ema.items() if k.startswith(name + ".")})
-    pipe = EmbeddedVideoPipeline(**components)
+    pipe = EmbeddedVideoPipeline(**components, prediction_type=prediction_type)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     umask = os.umask(0)
@@ -232,13 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         sigma = shifted_sigmas(torch.rand(args.batch_size, generator=generator), shift)
         s = sigma.view(-1, 1, 1, 1, 1)
         noisy = ((1 - s) * clean + s * noise).to(device)
-        target = (noise - clean).to(device)
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         text = encode_text(tokenizer, text_encoder, captions, device)
         prediction = transformer(noisy, (sigma * 1000).to(device), text, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(prediction.float(), target)
+        loss = denoising_loss(prediction.float(), clean.to(device), noise.to(device), sigma.to(device),
+                              args.prediction_type, args.min_loss_sigma)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -269,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": vars(args), "steps": stop, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "mean_loss_last_100": float(np.mean([e["loss"] for e in log[-100:]])) if log else None,
             "wall_seconds_last_run": time.perf_counter() - began,
-        })
+        }, args.prediction_type)
         accelerator.print(f"wrote {args.output} after {stop} steps "
                           f"({(time.perf_counter() - began) / 60:.1f} min this run)")
     return 0

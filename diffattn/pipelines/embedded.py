@@ -13,6 +13,13 @@ Components (all diffusers/transformers classes, saved with ``save_pretrained`` a
   Because it is a stock Wan transformer, the Wan adapter and every Wan preset apply unchanged.
 * ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` (rectified flow, like Wan).
 
+The transformer predicts the clean clip (``prediction_type="sample"``, "x-prediction") rather
+than the flow velocity ``noise - clean``: a patch holds 8x8x3 = 192 pixel values but the hidden
+state is 128 wide, so a velocity target (which carries the full-rank noise) cannot pass through
+it, while clean clips of flat shapes lie on a low-dimensional manifold that can (the argument of
+Li & He, "Back to Basics: Let Denoising Generative Models Denoise", 2025). The pipeline turns the
+prediction into the velocity the stock scheduler steps with: ``v = (x_t - x0_hat) / sigma``.
+
 Example::
 
     >>> pipe = load_embedded_pipeline()                                # offline, ~8 MB
@@ -41,6 +48,8 @@ PIPELINE_CLASS_NAME = "EmbeddedVideoPipeline"
 PATCH_PIXELS = 8
 MAX_TEXT_TOKENS = 24
 TEXT_DIM = 64
+#: What the transformer's output means: the clean clip ("sample") or the flow velocity ("flow").
+PREDICTION_TYPES = ("sample", "flow")
 #: Call defaults: the base length the model was trained at.
 DEFAULT_CALL = dict(num_frames=17, height=64, width=64, num_inference_steps=25, guidance_scale=4.0)
 
@@ -71,6 +80,7 @@ class EmbeddedModelConfig:
     ffn_dim: int = 512
     text_layers: int = 2
     shift: float = 2.0
+    prediction_type: str = "sample"
 
 
 def build_components(config: EmbeddedModelConfig = EmbeddedModelConfig(), seed: int = 0) -> dict[str, Any]:
@@ -99,6 +109,12 @@ def build_components(config: EmbeddedModelConfig = EmbeddedModelConfig(), seed: 
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler)
 
 
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+    return prediction_type
+
+
 @dataclass
 class EmbeddedPipelineOutput(BaseOutput):
     """``frames``: float ``[B, F, H, W, 3]`` in [0, 1] (``output_type="np"``), a tensor of the
@@ -112,10 +128,12 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer"
 
-    def __init__(self, tokenizer, text_encoder, transformer, scheduler) -> None:
+    def __init__(self, tokenizer, text_encoder, transformer, scheduler, prediction_type: str = "sample") -> None:
         super().__init__()
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
                               scheduler=scheduler)
+        # Saved in model_index.json, so a loaded pipeline knows what its transformer predicts.
+        self.register_to_config(prediction_type=check_prediction_type(prediction_type))
 
     @property
     def patch_pixels(self) -> int:
@@ -192,12 +210,18 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
             for index, t in enumerate(self.scheduler.timesteps):
                 model_input = latents.to(dtype)
                 timestep = t.expand(batch)
-                velocity = self.transformer(model_input, timestep, prompt_embeds, return_dict=False)[0]
+                prediction = self.transformer(model_input, timestep, prompt_embeds, return_dict=False)[0]
                 if guided:
+                    # Guidance is affine in the prediction, so guiding x0 or the velocity is the same.
                     unconditional = self.transformer(model_input, timestep, negative_prompt_embeds,
                                                      return_dict=False)[0]
-                    velocity = unconditional + guidance_scale * (velocity - unconditional)
-                latents = self.scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
+                    prediction = unconditional + guidance_scale * (prediction - unconditional)
+                velocity = prediction.float()
+                if self.config.prediction_type == "sample":
+                    # Clamping the clean estimate to the pixel range keeps strong guidance from
+                    # overshooting (static thresholding); sigma > 0 at every step taken.
+                    velocity = (latents - velocity.clamp(-1, 1)) / self.scheduler.sigmas[index].to(latents)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     callback_on_step_end(self, index, t, {"latents": latents})
                 progress.update()

@@ -11,9 +11,12 @@ import torch
 import diffattn
 from diffattn.adapters import sparsity_state
 from diffattn.patterns import Neighborhood
-from diffattn.pipelines.embedded import EMBEDDED_DIR, build_tokenizer, is_embedded_folder, load_embedded_pipeline
+from diffattn.pipelines.embedded import (
+    EMBEDDED_DIR, EmbeddedVideoPipeline, build_components, build_tokenizer, is_embedded_folder, load_embedded_pipeline,
+)
 from diffattn.pipelines.shapes import VOCABULARY
 
+from .tiny_embedded import TINY
 from .tiny_embedded import tiny_embedded_pipeline as tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,6 +76,54 @@ def test_save_load_round_trip_is_identical(tmp_path):
     np.testing.assert_allclose(run(pipe), run(loaded), atol=1e-5)
 
 
+def oracle(pipe, prediction_type: str, clean: torch.Tensor, noise: torch.Tensor, monkeypatch) -> list[float]:
+    """Make the transformer an oracle that knows the clean clip and the noise it was drawn from;
+    return the timesteps it was called with."""
+    seen: list[float] = []
+
+    def forward(hidden_states, timestep, encoder_hidden_states, return_dict=True):
+        seen.append(float(timestep[0]))
+        return (clean.expand_as(hidden_states) if prediction_type == "sample" else (noise - clean).expand_as(hidden_states),)
+
+    monkeypatch.setattr(pipe.transformer, "forward", forward)
+    return seen
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "flow"])
+def test_sampler_reaches_the_clean_clip_the_model_predicts(prediction_type, monkeypatch):
+    """Independent of training: on the straight path x_t = (1 - s) x0 + s noise, a model that
+    predicts x0 exactly (or the velocity noise - x0 exactly) must land on x0 whatever the steps."""
+    pipe = EmbeddedVideoPipeline(**build_components(TINY), prediction_type=prediction_type)
+    pipe.set_progress_bar_config(disable=True)
+    clean = torch.rand(1, 3, 2, 16, 16) * 1.6 - 0.8
+    noise = torch.randn(1, 3, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    timesteps = oracle(pipe, prediction_type, clean, noise, monkeypatch)
+    video = pipe("a red circle moves left", num_frames=2, height=16, width=16, num_inference_steps=5,
+                 latents=noise, output_type="pt").frames
+    np.testing.assert_allclose(video.numpy(), ((clean + 1) / 2).permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
+    assert len(timesteps) == 2 * 5 and timesteps[0] == 1000.0  # CFG: two forwards per step, from pure noise
+
+
+def test_prediction_type_is_checked_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="prediction_type must be one of \\('sample', 'flow'\\); got 'epsilon'"):
+        EmbeddedVideoPipeline(**build_components(TINY), prediction_type="epsilon")
+    EmbeddedVideoPipeline(**build_components(TINY), prediction_type="flow").save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["prediction_type"] == "flow"
+    assert load_embedded_pipeline(tmp_path).config.prediction_type == "flow"
+
+
+def test_training_loss_is_the_clipped_velocity_error():
+    train = load_training_script()
+    clean, noise = torch.zeros(2, 3, 1, 2, 2), torch.ones(2, 3, 1, 2, 2)
+    sigma = torch.tensor([0.1, 0.5])
+    off_by_one = clean + 1.0
+    # Per clip the squared x0 error is 1, divided by max(sigma, 0.25)^2: 16 and 4 -> mean 10.
+    assert float(train.denoising_loss(off_by_one, clean, noise, sigma, "sample", 0.25)) == pytest.approx(10.0)
+    assert float(train.denoising_loss(clean, clean, noise, sigma, "sample", 0.25)) == 0.0
+    assert float(train.denoising_loss(noise - clean, clean, noise, sigma, "flow", 0.25)) == 0.0
+    assert float(train.denoising_loss(clean, clean, noise, sigma, "flow", 0.25)) == pytest.approx(1.0)
+
+
 def test_bad_sizes_are_refused():
     pipe = tiny_pipeline()
     with pytest.raises(ValueError, match="height must be a positive multiple of 8"):
@@ -106,6 +157,7 @@ def test_shipped_model_loads_offline_and_is_small():
     pipe = load_embedded_pipeline()
     pipe.set_progress_bar_config(disable=True)
     assert pipe.transformer.config.patch_size == (1, 8, 8) or list(pipe.transformer.config.patch_size) == [1, 8, 8]
+    assert pipe.config.prediction_type == "sample"
     video = run(pipe, frames=3, size=64, steps=2)
     assert video.shape == (1, 3, 64, 64, 3) and np.isfinite(video).all()
 
