@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
 
 from diffattn._io import atomic_path, atomic_write_text  # noqa: E402
 from diffattn.pipelines.embedded import (  # noqa: E402
-    EMBEDDED_DIR, PREDICTION_TYPES, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components, encode_text,
+    EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components, check_prediction_type, encode_text,
 )
 from diffattn.pipelines.shapes import sample_batch  # noqa: E402
 
@@ -74,8 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--stop-after must be in 1..--steps ({args.steps}); got {args.stop_after}")
     if args.size % 8:
         p.error(f"--size must be a multiple of 8 (the patch); got {args.size}")
-    if args.prediction_type not in PREDICTION_TYPES:
-        p.error(f"--prediction-type must be one of {PREDICTION_TYPES}; got {args.prediction_type!r}")
+    try:
+        check_prediction_type(args.prediction_type)
+    except ValueError as error:
+        p.error(f"--prediction-type: {error}")
     if not 0.0 < args.min_loss_sigma <= 1.0:
         p.error(f"--min-loss-sigma must be in (0, 1]; got {args.min_loss_sigma}")
     if not 0.0 <= args.caption_dropout < 1.0:

@@ -216,11 +216,13 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
                     unconditional = self.transformer(model_input, timestep, negative_prompt_embeds,
                                                      return_dict=False)[0]
                     prediction = unconditional + guidance_scale * (prediction - unconditional)
-                velocity = prediction.float()
+                prediction = prediction.float()
                 if self.config.prediction_type == "sample":
                     # Clamping the clean estimate to the pixel range keeps strong guidance from
                     # overshooting (static thresholding); sigma > 0 at every step taken.
-                    velocity = (latents - velocity.clamp(-1, 1)) / self.scheduler.sigmas[index].to(latents)
+                    velocity = (latents - prediction.clamp(-1, 1)) / self.scheduler.sigmas[index].to(latents)
+                else:
+                    velocity = prediction
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     callback_on_step_end(self, index, t, {"latents": latents})
