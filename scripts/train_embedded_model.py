@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(f"checkpoint is at step {start}: writing the pipeline only")
     transformer, text_encoder, optimizer = accelerator.prepare(transformer, text_encoder, optimizer)
     device = accelerator.device
+    ema = {key: value.to(device) for key, value in ema.items()}  # updated in place next to the weights
     shift = components["scheduler"].config.shift
     losses: list[float] = []
     log_path = checkpoints / "loss.jsonl"
