@@ -12,9 +12,12 @@
 # "-" (the same slug bench_kernels.py uses), <date> is today's local date (YYYY-MM-DD).
 #
 # Usage:  scripts/gpu_check.sh            (PYTHON=/path/to/python to pick an interpreter)
+#         BENCH_ARGS='--only Wan2.1-1.3B --repeats 10' STEP_TIMEOUT=240 scripts/gpu_check.sh
 # Assumes a CUDA build of torch is already installed in that interpreter's environment; pip
-# only adds what is missing. Every step runs even if an earlier one fails; the exit status is
-# non-zero if any step failed.
+# only adds what is missing, and is skipped when diffattn and the test tools already import (an
+# offline machine with the dependencies on PYTHONPATH). BENCH_ARGS go to bench_kernels.py;
+# STEP_TIMEOUT (seconds, 0 = none) bounds each test and benchmark step on a short lease. Every
+# step runs even if an earlier one fails; the exit status is non-zero if any step failed.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,8 +32,14 @@ command -v nvidia-smi >/dev/null 2>&1 || die "nvidia-smi not found: this script 
 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || die "torch in $PYTHON cannot see a CUDA GPU (install a CUDA build of torch first)"
 
-echo "== pip install -e .[test]"
-"$PYTHON" -m pip install -e ".[test]" || die "pip install -e .[test] failed"
+STEP_TIMEOUT="${STEP_TIMEOUT:-0}"
+read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
+if "$PYTHON" -c "import diffattn, diffusers, pytest, hypothesis" >/dev/null 2>&1; then
+    echo "== diffattn and the test tools import: no pip install"
+else
+    echo "== pip install -e .[test]"
+    "$PYTHON" -m pip install -e ".[test]" || die "pip install -e .[test] failed"
+fi
 
 GPU_SLUG="$("$PYTHON" -c '
 import re, torch
@@ -57,15 +66,15 @@ print(f"device 0: {torch.cuda.get_device_name(0)}  capability {torch.cuda.get_de
 } 2>&1 | tee "$STEM.nvidia-smi.txt"
 
 echo "== pytest -m cuda tests/kernels -x -q"
-"$PYTHON" -m pytest -m cuda tests/kernels -x -q 2>&1 | tee "$STEM.pytest-cuda.log"
+timeout "$STEP_TIMEOUT" "$PYTHON" -m pytest -m cuda tests/kernels -x -q 2>&1 | tee "$STEM.pytest-cuda.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("pytest -m cuda tests/kernels")
 
 echo "== pytest tests/kernels -q"
-"$PYTHON" -m pytest tests/kernels -q 2>&1 | tee "$STEM.pytest-kernels.log"
+timeout "$STEP_TIMEOUT" "$PYTHON" -m pytest tests/kernels -q 2>&1 | tee "$STEM.pytest-kernels.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("pytest tests/kernels")
 
-echo "== python scripts/bench_kernels.py --device cuda --shapes reference --out $OUT_DIR"
-"$PYTHON" scripts/bench_kernels.py --device cuda --shapes reference --out "$OUT_DIR" 2>&1 | tee "$STEM.bench.log"
+echo "== python scripts/bench_kernels.py --device cuda --shapes reference --out $OUT_DIR ${BENCH_EXTRA[*]}"
+timeout "$STEP_TIMEOUT" "$PYTHON" scripts/bench_kernels.py --device cuda --shapes reference --out "$OUT_DIR" "${BENCH_EXTRA[@]}" 2>&1 | tee "$STEM.bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("bench_kernels.py")
 
 echo
