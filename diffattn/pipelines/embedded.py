@@ -51,7 +51,7 @@ TEXT_DIM = 64
 #: What the transformer's output means: the clean clip ("sample") or the flow velocity ("flow").
 PREDICTION_TYPES = ("sample", "flow")
 #: Call defaults: the base length the model was trained at.
-DEFAULT_CALL = dict(num_frames=17, height=64, width=64, num_inference_steps=25, guidance_scale=4.0)
+DEFAULT_CALL = dict(num_frames=17, height=64, width=64, num_inference_steps=25, guidance_scale=5.0)
 
 PAD, UNK = "<pad>", "<unk>"
 
