@@ -396,6 +396,15 @@ def fmt(x: object, spec: str = ".2f") -> str:
     return format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 
+def flex_fallbacks(rows: list[dict]) -> dict[str, list[str]]:
+    """Non-default FlexAttention kernel options -> the 'shape / pattern' rows that used them."""
+    used: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("flex_kernel_options"):
+            used.setdefault(str(r["flex_kernel_options"]), []).append(f"{r['shape']} / {r['pattern']}")
+    return used
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"# Kernel benchmark: {meta['device']} ({meta['date']})",
@@ -408,6 +417,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "kernel visits); ratio = speedup vs SDPA / ideal. FlexAttention: `torch.compile`d, same mask as a "
         "BlockMask built from the layout, compile excluded. Forward timings run under `torch.no_grad()`.",
         "",
+        *[f"FlexAttention ran with `kernel_options={options}` for: {', '.join(names)} (its default tiles did not "
+          "compile here), which makes it slower than with tiles that fit: read 'vs Flex' accordingly.\n"
+          for options, names in flex_fallbacks(rows).items()],
         f"Load average (1 min) before / after: {meta['load_before']} / {meta['load_after']}.",
         "",
         "Shapes: " + "; ".join(f"{s['name']}: grid {s['grid']}, N={s['tokens']}, B={s['batch']}, H={s['heads']}, D={s['head_dim']}"
