@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+from .scripts import load_script
 
-import bench_kernels  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+bench_kernels = load_script("bench_kernels")
 
 
 def test_flex_fallbacks_group_rows_by_non_default_options():

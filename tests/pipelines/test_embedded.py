@@ -1,6 +1,5 @@
 """The embedded pipeline: tokenizer, save/load round trip, generation, the Wan adapter, training."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from diffattn.pipelines.embedded import (
 )
 from diffattn.pipelines.shapes import VOCABULARY
 
+from ..scripts import load_script
 from .tiny_embedded import TINY
 from .tiny_embedded import tiny_embedded_pipeline as tiny_pipeline
 
@@ -113,7 +113,7 @@ def test_prediction_type_is_checked_and_saved(tmp_path):
 
 
 def test_training_loss_is_the_clipped_velocity_error():
-    train = load_training_script()
+    train = load_script("train_embedded_model")
     clean, noise = torch.zeros(2, 3, 1, 2, 2), torch.ones(2, 3, 1, 2, 2)
     sigma = torch.tensor([0.1, 0.5])
     off_by_one = clean + 1.0
@@ -162,15 +162,8 @@ def test_shipped_model_loads_offline_and_is_small():
     assert video.shape == (1, 3, 64, 64, 3) and np.isfinite(video).all()
 
 
-def load_training_script():
-    spec = importlib.util.spec_from_file_location("train_embedded_model", REPO / "scripts" / "train_embedded_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_training_smoke_run_resumes_exactly(tmp_path):
-    train = load_training_script()
+    train = load_script("train_embedded_model")
     common = ["--batch-size", "2", "--num-frames", "3", "--size", "16", "--num-layers", "1",
               "--num-attention-heads", "2", "--attention-head-dim", "24", "--ffn-dim", "32", "--save-every", "2",
               "--warmup", "2"]

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from diffattn.pipelines.eval_embedded import TUNING_SEED
 
-REPO = Path(__file__).resolve().parents[2]
+from ..scripts import load_script
+
 TINY = ("--steps 2 --batch-size 1 --num-frames 3 --size 16 --num-layers 1 --num-attention-heads 2 "
         "--attention-head-dim 24 --ffn-dim 32 --warmup 1")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("explore_embedded_recipes",
-                                                  REPO / "scripts" / "explore_embedded_recipes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("variants, message", [
@@ -29,7 +20,7 @@ def load_script():
     (["bad/name=--steps 2"], "must be NAME=FLAGS"),
 ])
 def test_bad_variants_are_refused(variants, message, tmp_path, capsys):
-    script = load_script()
+    script = load_script("explore_embedded_recipes")
     with pytest.raises(SystemExit) as exit_info:
         script.parse_args([x for v in variants for x in ("--variant", v)] + ["--out", str(tmp_path)])
     assert exit_info.value.code == 2
@@ -37,7 +28,7 @@ def test_bad_variants_are_refused(variants, message, tmp_path, capsys):
 
 
 def test_tiny_run_scores_finished_variants_and_reports_failed_ones(tmp_path):
-    script = load_script()
+    script = load_script("explore_embedded_recipes")
     assert script.main(["--variant", f"tiny={TINY}", "--variant", "broken=--steps 0", "--out", str(tmp_path),
                         "--num-captions", "1", "--guidance", "1.0", "--threads", "1", "--deadline-min", "5"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
