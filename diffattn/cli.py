@@ -229,6 +229,9 @@ def cmd_eval_embedded(args) -> int:
           f"direction {by['direction']:.3f}; objects fully right {report['objects_fully_correct']:.3f})")
     print(f"motion deviation {report['motion_deviation_px']:.2f} px (median {report['motion_deviation_px_median']:.2f}; "
           f"detector on ground truth: {report['ground_truth']['motion_deviation_px']:.2f} px)")
+    profile = report["denoising_profile"]
+    print("one-step denoising of true clips, adherence by noise level: " + ", ".join(
+        f"{sigma:g}: {value:.2f}" for sigma, value in zip(profile["sigmas"], profile["adherence"])))
     print(f"targets (adherence >= {report['targets']['adherence']}, deviation <= "
           f"{report['targets']['motion_deviation_px']} px): {'met' if report['targets_met'] else 'NOT met'}")
     print("wrote " + ", ".join(paths))

@@ -197,6 +197,9 @@ def test_eval_embedded_writes_report_and_contact_sheet(tmp_path):
     assert data["ground_truth"]["adherence"] == 1.0  # the detector itself on the true clips
     assert report.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "adherence" in result.stdout and "targets" in result.stdout
+    profile = data["denoising_profile"]
+    assert len(profile["adherence"]) == len(profile["sigmas"]) == len(profile["x0_mse"]) and profile["num_captions"] == 2
+    assert "adherence by noise level: 0.05:" in result.stdout
 
 
 @pytest.mark.parametrize("override, message", [

@@ -6,9 +6,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
-from diffattn.pipelines.eval_embedded import EVAL_SEED, TUNING_SEED, evaluate_embedded, held_out_specs
+from diffattn.pipelines.embedded import EmbeddedVideoPipeline, build_components
+from diffattn.pipelines.eval_embedded import (
+    EVAL_SEED, TUNING_SEED, denoising_profile, evaluate_embedded, held_out_specs,
+)
+from diffattn.pipelines.shape_detector import score_video
 from diffattn.pipelines.shapes import caption, render_clip
+
+from .tiny_embedded import TINY
 
 
 class RenderingPipe:
@@ -49,3 +56,43 @@ def test_blank_model_fails_every_presence_check():
     assert report["adherence_by_check"]["present"] == 0.0
     assert report["adherence"] == 0.0
     assert not report["targets_met"]
+
+
+def oracle_pipeline(prediction_type: str, clean: torch.Tensor | None, monkeypatch) -> EmbeddedVideoPipeline:
+    """A tiny pipeline whose transformer knows the true clips ``[B, 3, F, H, W]`` (in [-1, 1]) and
+    answers in its prediction type; ``clean=None``: it predicts a flat grey clip."""
+    pipe = EmbeddedVideoPipeline(**build_components(TINY), prediction_type=prediction_type)
+
+    def forward(hidden_states, timestep, encoder_hidden_states, return_dict=True):
+        target = torch.zeros_like(hidden_states) if clean is None else clean.to(hidden_states)
+        if prediction_type == "flow":
+            sigma = (timestep / 1000).view(-1, 1, 1, 1, 1)
+            target = (hidden_states - target) / sigma
+        return (target,)
+
+    monkeypatch.setattr(pipe.transformer, "forward", forward)
+    return pipe
+
+
+def true_clips(count: int, frames: int, stream: int = TUNING_SEED) -> torch.Tensor:
+    clips = np.stack([render_clip(spec, frames) for spec in held_out_specs(count, stream)])
+    return torch.from_numpy(clips).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "flow"])
+def test_denoising_profile_of_an_exact_model_is_the_detectors_own_score(prediction_type, monkeypatch):
+    pipe = oracle_pipeline(prediction_type, true_clips(4, 9), monkeypatch)
+    profile = denoising_profile(pipe, num_captions=4, num_frames=9, sigmas=(0.1, 0.9), batch_size=4)
+    truth = np.mean([score_video(render_clip(spec, 9), spec).adherence for spec in held_out_specs(4, TUNING_SEED)])
+    assert profile["sigmas"] == [0.1, 0.9] and profile["caption_seed"] == TUNING_SEED
+    assert profile["adherence"] == pytest.approx([truth, truth]) and truth > 0.9
+    assert max(profile["x0_mse"]) < 1e-6
+
+
+def test_denoising_profile_of_a_blank_model_finds_nothing(monkeypatch):
+    profile = denoising_profile(oracle_pipeline("sample", None, monkeypatch), num_captions=3, num_frames=5,
+                                sigmas=(0.5,), batch_size=2)
+    assert profile["adherence"] == [0.0] and profile["adherence_by_check"]["present"] == [0.0]
+    assert profile["x0_mse"][0] > 0.05
+    with pytest.raises(ValueError, match=r"sigmas must be non-empty and in \(0, 1\]; got \(0.0,\)"):
+        denoising_profile(oracle_pipeline("sample", None, monkeypatch), num_captions=1, sigmas=(0.0,))
