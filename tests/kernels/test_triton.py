@@ -14,8 +14,6 @@ along the tokens or the (padded) head dim shows up as NaN.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
