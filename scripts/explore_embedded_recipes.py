@@ -31,9 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SUMMARY_KEYS = ("adherence", "motion_deviation_px", "adherence_by_check", "objects_fully_correct",
-                "spurious_per_video")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -62,7 +59,7 @@ def evaluate(model: Path, out: Path, name: str, args: argparse.Namespace) -> dic
     import torch
 
     from diffattn.pipelines.embedded import load_embedded_pipeline
-    from diffattn.pipelines.eval_embedded import TUNING_SEED, evaluate_embedded, write_report
+    from diffattn.pipelines.eval_embedded import SUMMARY_KEYS, TUNING_SEED, evaluate_embedded, write_report
 
     pipe = load_embedded_pipeline(model).to("cuda" if torch.cuda.is_available() else "cpu")
     scores = {}

@@ -28,6 +28,9 @@ EVAL_SEED = 20261122
 #: A second held-out stream for choosing recipes and settings, so that the reported numbers
 #: (EVAL_SEED) are not tuned on.
 TUNING_SEED = EVAL_SEED + 1
+#: The headline numbers of a report, for comparing runs.
+SUMMARY_KEYS = ("adherence", "motion_deviation_px", "adherence_by_check", "objects_fully_correct",
+                "spurious_per_video")
 #: The issue's targets at the base length.
 TARGET_ADHERENCE = 0.8
 TARGET_DEVIATION_PX = 2.0
@@ -205,21 +208,21 @@ def write_report(report: dict[str, Any], videos: list[np.ndarray], path: str) ->
     from .._io import atomic_path, atomic_write_text
 
     target = Path(path)
-    atomic_write_text(target, json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
+    atomic_write_text(target, json.dumps(nan_to_null(report), indent=1, allow_nan=False) + "\n")
     sheet = target.with_suffix(".png")
     with atomic_path(sheet) as tmp:
         Image.fromarray(contact_sheet(videos)).save(tmp, format="PNG")
     return [str(target), str(sheet)]
 
 
-def _finite(value: Any) -> Any:
-    """NaN (no shape found to measure) becomes null: JSON has no NaN."""
+def nan_to_null(value: Any) -> Any:
+    """``value`` with every NaN (no shape found to measure) replaced by None: JSON has no NaN."""
     if isinstance(value, float) and value != value:
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: nan_to_null(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [nan_to_null(v) for v in value]
     return value
 
 
