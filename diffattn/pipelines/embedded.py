@@ -51,7 +51,7 @@ TEXT_DIM = 64
 #: What the transformer's output means: the clean clip ("sample") or the flow velocity ("flow").
 PREDICTION_TYPES = ("sample", "flow")
 #: Call defaults: the base length the model was trained at.
-DEFAULT_CALL = dict(num_frames=17, height=64, width=64, num_inference_steps=25, guidance_scale=5.0)
+DEFAULT_CALL = dict(num_frames=17, height=64, width=64, num_inference_steps=25, guidance_scale=7.0)
 
 PAD, UNK = "<pad>", "<unk>"
 
@@ -81,6 +81,10 @@ class EmbeddedModelConfig:
     text_layers: int = 2
     shift: float = 2.0
     prediction_type: str = "sample"
+    #: Sampler: re-noise the clean estimate at each step (x_next = (1 - s') x0_hat + s' noise)
+    #: instead of the deterministic Euler step. With an imperfect model the ODE drifts off the
+    #: data at high noise and never recovers; fresh noise at each step lets the model correct it.
+    stochastic_sampling: bool = True
 
 
 def build_components(config: EmbeddedModelConfig = EmbeddedModelConfig(), seed: int = 0) -> dict[str, Any]:
@@ -105,7 +109,7 @@ def build_components(config: EmbeddedModelConfig = EmbeddedModelConfig(), seed: 
         )
     finally:
         torch.random.set_rng_state(state)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=config.shift)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=config.shift, stochastic_sampling=config.stochastic_sampling)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler)
 
 
@@ -223,7 +227,8 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
                     velocity = (latents - prediction.clamp(-1, 1)) / self.scheduler.sigmas[index].to(latents)
                 else:
                     velocity = prediction
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                # The generator seeds the fresh noise of a stochastic scheduler (unused by a deterministic one).
+                latents = self.scheduler.step(velocity, t, latents, generator=generator, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     callback_on_step_end(self, index, t, {"latents": latents})
                 progress.update()

@@ -1,5 +1,6 @@
 """The embedded pipeline: tokenizer, save/load round trip, generation, the Wan adapter, training."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -89,11 +90,14 @@ def oracle(pipe, prediction_type: str, clean: torch.Tensor, noise: torch.Tensor,
     return seen
 
 
-@pytest.mark.parametrize("prediction_type", ["sample", "flow"])
-def test_sampler_reaches_the_clean_clip_the_model_predicts(prediction_type, monkeypatch):
+# A velocity oracle knows only the initial noise, so it is exact on the deterministic path alone.
+@pytest.mark.parametrize("prediction_type, stochastic", [("sample", False), ("sample", True), ("flow", False)])
+def test_sampler_reaches_the_clean_clip_the_model_predicts(prediction_type, stochastic, monkeypatch):
     """Independent of training: on the straight path x_t = (1 - s) x0 + s noise, a model that
-    predicts x0 exactly (or the velocity noise - x0 exactly) must land on x0 whatever the steps."""
-    pipe = EmbeddedVideoPipeline(**build_components(TINY), prediction_type=prediction_type)
+    predicts x0 exactly (or the velocity noise - x0 exactly) must land on x0 whatever the steps;
+    re-noising between steps (stochastic sampling) must not move the end point of an exact x0 model."""
+    config = dataclasses.replace(TINY, stochastic_sampling=stochastic)
+    pipe = EmbeddedVideoPipeline(**build_components(config), prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
     clean = torch.rand(1, 3, 2, 16, 16) * 1.6 - 0.8
     noise = torch.randn(1, 3, 2, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -102,6 +106,20 @@ def test_sampler_reaches_the_clean_clip_the_model_predicts(prediction_type, monk
                  latents=noise, output_type="pt").frames
     np.testing.assert_allclose(video.numpy(), ((clean + 1) / 2).permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
     assert len(timesteps) == 2 * 5 and timesteps[0] == 1000.0  # CFG: two forwards per step, from pure noise
+
+
+def test_stochastic_sampling_draws_its_noise_from_the_callers_generator():
+    """Same start latents: a deterministic sampler ignores the generator, the stochastic one (the
+    default) follows it, so a seed still fixes the video."""
+    latents = torch.randn(1, 3, 2, 16, 16, generator=torch.Generator().manual_seed(5))
+    for stochastic in (True, False):
+        pipe = EmbeddedVideoPipeline(**build_components(dataclasses.replace(TINY, stochastic_sampling=stochastic)))
+        pipe.set_progress_bar_config(disable=True)
+        assert pipe.scheduler.config.stochastic_sampling is stochastic
+        videos = [run(pipe, frames=2, steps=3, seed=seed, latents=latents.clone()) for seed in (0, 0, 1)]
+        assert np.array_equal(videos[0], videos[1])
+        assert np.array_equal(videos[0], videos[2]) is not stochastic
+    assert build_components(TINY)["scheduler"].config.stochastic_sampling is True
 
 
 def test_prediction_type_is_checked_and_saved(tmp_path):
@@ -122,6 +140,31 @@ def test_training_loss_is_the_clipped_velocity_error():
     assert float(train.denoising_loss(clean, clean, noise, sigma, "sample", 0.25)) == 0.0
     assert float(train.denoising_loss(noise - clean, clean, noise, sigma, "flow", 0.25)) == 0.0
     assert float(train.denoising_loss(clean, clean, noise, sigma, "flow", 0.25)) == pytest.approx(1.0)
+
+
+def test_motion_loss_counts_only_errors_that_change_between_frames():
+    train = load_script("train_embedded_model")
+    clean, noise, sigma = torch.zeros(1, 3, 4, 2, 2), torch.ones(1, 3, 4, 2, 2), torch.tensor([1.0])
+    constant_error = clean + 0.5  # the same error in every frame: nothing for the motion term
+    assert float(train.denoising_loss(constant_error, clean, noise, sigma, "sample", 1.0, 3.0)) == pytest.approx(0.25)
+    flicker = clean.clone()
+    flicker[:, :, 1::2] = 1.0  # error 0, 1, 0, 1: squared error 0.5 per pixel, every frame difference 1
+    assert float(train.denoising_loss(flicker, clean, noise, sigma, "sample", 1.0)) == pytest.approx(0.5)
+    assert float(train.denoising_loss(flicker, clean, noise, sigma, "sample", 1.0, 3.0)) == pytest.approx(0.5 + 3.0)
+
+
+def test_training_flags_parse_and_bad_ones_are_refused(capsys):
+    train = load_script("train_embedded_model")
+    defaults = train.parse_args([])
+    assert defaults.stochastic_sampling is True and defaults.timestep_shift > defaults.shift
+    assert train.parse_args(["--no-stochastic-sampling"]).stochastic_sampling is False
+    for flags, message in ((["--timestep-shift", "0"], "--timestep-shift must be > 0; got 0.0"),
+                           (["--min-loss-sigma", "1.5"], "--min-loss-sigma must be in (0, 1]; got 1.5"),
+                           (["--motion-loss-weight", "-1"], "--motion-loss-weight must be >= 0; got -1.0"),
+                           (["--size", "60"], "--size must be a multiple of 8")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(flags)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_bad_sizes_are_refused():

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from diffattn.pipelines.embedded import DEFAULT_CALL
 from diffattn.pipelines.eval_embedded import PROFILE_SIGMAS
 
 from ..scripts import load_script
@@ -44,6 +45,6 @@ def test_tiny_run_scores_each_setting_and_the_denoising_profile(tmp_path):
     result = json.loads(out.read_text())
     first, second = result["settings"]
     assert (first["guidance"], first["steps"], first["sampler"]) == (1.0, 1, "euler")
-    assert (second["steps"], second["sampler"]) == (2, result["model_sampler"]) and second["guidance"] == 5.0
+    assert (second["steps"], second["sampler"]) == (2, result["model_sampler"]) and second["guidance"] == DEFAULT_CALL["guidance_scale"]
     assert all(0.0 <= entry["adherence"] <= 1.0 for entry in (first, second))
     assert result["denoising_profile"]["sigmas"] == list(PROFILE_SIGMAS)
