@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=17)
     p.add_argument("--size", type=int, default=64, help="height = width in pixels (multiple of 8)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 25)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's, 5.0 (the best of 3-6 on the tuning captions)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's; 7.0 for the embedded model (the best of 3, 5 and 7 on the tuning captions)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the first video (video i uses seed + i)")
     p.add_argument("--batch-size", type=int, default=8)
     return parser
