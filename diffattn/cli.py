@@ -232,6 +232,11 @@ def cmd_eval_embedded(args) -> int:
     profile = report["denoising_profile"]
     print("one-step denoising of true clips, adherence by noise level: " + ", ".join(
         f"{sigma:g}: {value:.2f}" for sigma, value in zip(profile["sigmas"], profile["adherence"])))
+    probe = report["caption_sensitivity"]
+    print("caption words read at sigma " + ", ".join(f"{sigma:g}" for sigma in probe["sigmas"]) + ": estimate change "
+          + "; ".join(f"{kind} " + "/".join(f"{v:.4f}" for v in values) for kind, values in probe["mean_abs_change"].items())
+          + "; direction following " + "/".join(f"{v:.2f}" for v in probe["direction_following_px_per_frame"])
+          + " px/frame")
     print(f"targets (adherence >= {report['targets']['adherence']}, deviation <= "
           f"{report['targets']['motion_deviation_px']} px): {'met' if report['targets_met'] else 'NOT met'}")
     print("wrote " + ", ".join(paths))

@@ -200,6 +200,10 @@ def test_eval_embedded_writes_report_and_contact_sheet(tmp_path):
     profile = data["denoising_profile"]
     assert len(profile["adherence"]) == len(profile["sigmas"]) == len(profile["x0_mse"]) and profile["num_captions"] == 2
     assert "adherence by noise level: 0.05:" in result.stdout
+    probe = data["caption_sensitivity"]
+    assert set(probe["mean_abs_change"]) == {"colour", "shape", "direction"}
+    assert len(probe["direction_following_px_per_frame"]) == len(probe["sigmas"])
+    assert "caption words read at sigma 1, 0.9: estimate change colour" in result.stdout
 
 
 @pytest.mark.parametrize("override, message", [

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable
 
@@ -21,8 +22,10 @@ import torch
 
 from .embedded import DEFAULT_CALL
 from .generate import check_positive, to_uint8
-from .shape_detector import score_video
-from .shapes import caption, render_clip, sample_clip
+from .shape_detector import MAX_COLOUR_DISTANCE, score_video
+from .shapes import (
+    COLOURS, DIRECTIONS, FRAMES_BEFORE_BOUNCE, SHAPES, ClipSpec, caption, render_clip, sample_clip,
+)
 
 EVAL_SEED = 20261122
 #: A second held-out stream for choosing recipes and settings, so that the reported numbers
@@ -126,6 +129,21 @@ def evaluate_embedded(
     }, videos
 
 
+def check_sigmas(sigmas: tuple[float, ...]) -> None:
+    if not sigmas or not all(0.0 < sigma <= 1.0 for sigma in sigmas):
+        raise ValueError(f"sigmas must be non-empty and in (0, 1]; got {sigmas!r}")
+
+
+def clean_estimate(pipe: Any, noisy: torch.Tensor, sigma: float, text: torch.Tensor) -> torch.Tensor:
+    """One conditional transformer call (no guidance): the clean-clip estimate ``[B, 3, F, H, W]``
+    in [-1, 1] for ``noisy`` at noise level ``sigma``, whatever the pipeline's prediction type."""
+    dtype = pipe.transformer.dtype
+    timestep = torch.full((noisy.shape[0],), sigma * pipe.scheduler.config.num_train_timesteps, device=noisy.device)
+    output = pipe.transformer(noisy.to(dtype), timestep, text.to(dtype), return_dict=False)[0].float()
+    estimate = output if pipe.config.prediction_type == "sample" else noisy - sigma * output
+    return estimate.clamp(-1, 1)
+
+
 #: Noise levels of the one-step denoising profile (rectified flow: x_t = (1 - sigma) x0 + sigma noise).
 PROFILE_SIGMAS = (0.05, 0.2, 0.4, 0.6, 0.8, 0.95)
 
@@ -151,11 +169,9 @@ def denoising_profile(
     Returns ``{"sigmas", "adherence", "adherence_by_check": {"present"|"shape"|"direction": [...]},
     "x0_mse"}``, one entry per sigma (``x0_mse`` on the [-1, 1] pixel scale).
     """
-    if not sigmas or not all(0.0 < sigma <= 1.0 for sigma in sigmas):
-        raise ValueError(f"sigmas must be non-empty and in (0, 1]; got {sigmas!r}")
+    check_sigmas(sigmas)
     specs = held_out_specs(num_captions, caption_seed)
-    device, dtype = pipe._execution_device, pipe.transformer.dtype
-    train_steps = pipe.scheduler.config.num_train_timesteps
+    device = pipe._execution_device
     estimates: dict[float, list[np.ndarray]] = {sigma: [] for sigma in sigmas}
     squared_error = {sigma: 0.0 for sigma in sigmas}
     for first in range(0, num_captions, batch_size):
@@ -166,10 +182,7 @@ def denoising_profile(
         noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed + first)).to(device)
         for sigma in sigmas:
             noisy = (1 - sigma) * clean + sigma * noise
-            timestep = torch.full((len(batch),), sigma * train_steps, device=device)
-            output = pipe.transformer(noisy.to(dtype), timestep, text.to(dtype), return_dict=False)[0].float()
-            estimate = output if pipe.config.prediction_type == "sample" else noisy - sigma * output
-            estimate = estimate.clamp(-1, 1)
+            estimate = clean_estimate(pipe, noisy, sigma, text)
             squared_error[sigma] += float(((estimate - clean) ** 2).mean()) * len(batch)
             frames = ((estimate + 1) / 2).permute(0, 2, 3, 4, 1).cpu().numpy()
             estimates[sigma].extend(to_uint8(video) for video in frames)
@@ -184,6 +197,100 @@ def denoising_profile(
         "adherence_by_check": {kind: [share(scores[sigma], kind) for sigma in sigmas]
                                for kind in ("present", "shape", "direction")},
         "x0_mse": [squared_error[sigma] / num_captions for sigma in sigmas],
+        "num_captions": num_captions,
+        "caption_seed": caption_seed,
+    }
+
+
+#: Noise levels of the caption-sensitivity probe: pure noise (only the caption says anything) and
+#: just below, where a model may already copy what it sees instead of reading the caption.
+SENSITIVITY_SIGMAS = (1.0, 0.9)
+#: Which word of the first named shape the probe swaps.
+SWAPPED_WORDS = ("colour", "shape", "direction")
+OPPOSITE = {name: next(other for other, (ox, oy) in DIRECTIONS.items() if (ox, oy) == (-dx, -dy))
+            for name, (dx, dy) in DIRECTIONS.items()}
+
+
+def swapped_specs(spec: ClipSpec) -> dict[str, ClipSpec]:
+    """``spec`` with one word of its first shape's phrase changed, per kind of word: the colour to
+    the first palette colour the clip does not use, the shape to the next one, the direction to
+    its opposite. Geometry (start, size, speed) stays, so only the caption differs."""
+    first = spec.shapes[0]
+    used = {shape.colour for shape in spec.shapes}
+    changes = {"colour": dict(colour=next(c for c in COLOURS if c not in used)),
+               "shape": dict(shape=SHAPES[(SHAPES.index(first.shape) + 1) % len(SHAPES)]),
+               "direction": dict(direction=OPPOSITE[first.direction])}
+    return {kind: dataclasses.replace(spec, shapes=(dataclasses.replace(first, **change), *spec.shapes[1:]))
+            for kind, change in changes.items()}
+
+
+def colour_centroids(video: torch.Tensor, colour: str) -> torch.Tensor:
+    """``[F, 2]`` (x, y) pixel centroids of how much each pixel of ``video`` ``[3, F, H, W]`` (in
+    [-1, 1]) looks like palette ``colour``: weight 1 at the colour, falling linearly to 0 at the
+    detector's colour tolerance, so blurry estimates count too and grey backgrounds do not."""
+    rgb = (video.float() + 1) * 127.5
+    target = torch.tensor(COLOURS[colour], dtype=torch.float32, device=video.device).view(3, 1, 1, 1)
+    weight = (1 - torch.linalg.vector_norm(rgb - target, dim=0) / MAX_COLOUR_DISTANCE).clamp(min=0)  # [F, H, W]
+    height, width = weight.shape[1:]
+    ys = torch.arange(height, dtype=torch.float32, device=video.device) + 0.5
+    xs = torch.arange(width, dtype=torch.float32, device=video.device) + 0.5
+    mass = weight.sum((1, 2)).clamp(min=1e-6)
+    return torch.stack([(weight.sum(1) * xs).sum(-1) / mass, (weight.sum(2) * ys).sum(-1) / mass], dim=1)
+
+
+@torch.no_grad()
+def caption_sensitivity(
+    pipe: Any,
+    num_captions: int = 16,
+    num_frames: int = 17,
+    size: int = 64,
+    sigmas: tuple[float, ...] = SENSITIVITY_SIGMAS,
+    seed: int = 0,
+    batch_size: int = 8,
+    caption_seed: int = TUNING_SEED,
+) -> dict[str, Any]:
+    """Does the model read each kind of caption word? The clean-clip estimate of one conditional
+    call on the same noisy input, with the true caption and with one word of the first shape's
+    phrase swapped (:func:`swapped_specs`).
+
+    Returns, per sigma: ``mean_abs_change`` of the estimate per swapped word kind (pixel scale
+    [-1, 1]; 0 = the word is ignored), and ``direction_following_px_per_frame``: how much faster
+    the first shape's colour mass moves along its captioned direction over the first
+    ``FRAMES_BEFORE_BOUNCE`` frames with the true caption than with the opposite direction, halved
+    -- about the shapes' speed (1 to 2.5 px/frame) for a model that follows the direction word,
+    0 for one that ignores it. At sigma 1 the input is pure noise, so a model can only get
+    layout and motion from the caption.
+    """
+    check_sigmas(sigmas)
+    specs = held_out_specs(num_captions, caption_seed)
+    device = pipe._execution_device
+    frames = min(num_frames, FRAMES_BEFORE_BOUNCE + 1)
+    change = {sigma: {kind: 0.0 for kind in SWAPPED_WORDS} for sigma in sigmas}
+    following = {sigma: [] for sigma in sigmas}
+    for first in range(0, num_captions, batch_size):
+        batch = specs[first:first + batch_size]
+        variants = {"true": batch, **{kind: [swapped_specs(spec)[kind] for spec in batch] for kind in SWAPPED_WORDS}}
+        texts = {kind: pipe.encode_prompt([caption(spec) for spec in items], device) for kind, items in variants.items()}
+        noise = torch.randn((len(batch), 3, num_frames, size, size), generator=torch.Generator().manual_seed(seed + first)).to(device)
+        clean = torch.from_numpy(np.stack([render_clip(spec, num_frames, size) for spec in batch]))
+        clean = clean.float().permute(0, 4, 1, 2, 3).to(device) / 127.5 - 1.0
+        for sigma in sigmas:
+            noisy = (1 - sigma) * clean + sigma * noise
+            estimates = {kind: clean_estimate(pipe, noisy, sigma, text) for kind, text in texts.items()}
+            for kind in SWAPPED_WORDS:
+                change[sigma][kind] += float((estimates[kind] - estimates["true"]).abs().mean()) * len(batch)
+            for index, spec in enumerate(batch):
+                shape_spec = spec.shapes[0]
+                unit = torch.tensor(DIRECTIONS[shape_spec.direction], dtype=torch.float32, device=device)
+                speeds = []
+                for kind in ("true", "direction"):
+                    track = colour_centroids(estimates[kind][index, :, :frames], shape_spec.colour)
+                    speeds.append(float(((track[-1] - track[0]) / max(1, frames - 1)) @ unit))
+                following[sigma].append((speeds[0] - speeds[1]) / 2)
+    return {
+        "sigmas": list(sigmas),
+        "mean_abs_change": {kind: [change[sigma][kind] / num_captions for sigma in sigmas] for kind in SWAPPED_WORDS},
+        "direction_following_px_per_frame": [float(np.mean(following[sigma])) for sigma in sigmas],
         "num_captions": num_captions,
         "caption_seed": caption_seed,
     }
@@ -252,6 +359,8 @@ def run_evaluation(report_path: str, model: str | None = None, preset: str = "de
     # On the tuning stream: a diagnostic, not a reported score.
     report["denoising_profile"] = denoising_profile(pipe, num_captions, num_frames, size, seed=seed,
                                                     batch_size=batch_size)
+    report["caption_sensitivity"] = caption_sensitivity(pipe, num_captions, num_frames, size, seed=seed,
+                                                        batch_size=batch_size)
     report["model"] = model or "embedded (shipped)"
     report["preset"] = loaded.name
     report["device"] = "cpu"

@@ -10,10 +10,11 @@ import torch
 
 from diffattn.pipelines.embedded import EmbeddedVideoPipeline, build_components
 from diffattn.pipelines.eval_embedded import (
-    EVAL_SEED, TUNING_SEED, denoising_profile, evaluate_embedded, held_out_specs,
+    EVAL_SEED, SENSITIVITY_SIGMAS, TUNING_SEED, caption_sensitivity, colour_centroids, denoising_profile,
+    evaluate_embedded, held_out_specs, swapped_specs,
 )
 from diffattn.pipelines.shape_detector import score_video
-from diffattn.pipelines.shapes import caption, render_clip
+from diffattn.pipelines.shapes import COLOURS, DIRECTIONS, SHAPES, caption, render_clip, true_centroids
 
 from .tiny_embedded import TINY
 
@@ -96,3 +97,75 @@ def test_denoising_profile_of_a_blank_model_finds_nothing(monkeypatch):
     assert profile["x0_mse"][0] > 0.05
     with pytest.raises(ValueError, match=r"sigmas must be non-empty and in \(0, 1\]; got \(0.0,\)"):
         denoising_profile(oracle_pipeline("sample", None, monkeypatch), num_captions=1, sigmas=(0.0,))
+
+
+def test_swapped_specs_change_one_word_of_the_first_phrase_and_nothing_else():
+    for spec in held_out_specs(12, TUNING_SEED):
+        original = caption(spec).split()
+        for kind, swapped in swapped_specs(spec).items():
+            words = caption(swapped).split()
+            differing = [i for i, (a, b) in enumerate(zip(original, words)) if a != b]
+            assert len(words) == len(original) and len(differing) == 1, (kind, caption(spec), caption(swapped))
+            assert differing[0] == {"colour": 1, "shape": 2, "direction": 4}[kind]
+            assert words[differing[0]] in {"colour": COLOURS, "shape": SHAPES, "direction": DIRECTIONS}[kind]
+            moved, kept = swapped.shapes[0], spec.shapes[0]
+            assert (moved.x, moved.y, moved.radius, moved.speed) == (kept.x, kept.y, kept.radius, kept.speed)
+            assert swapped.shapes[1:] == spec.shapes[1:] and swapped.background == spec.background
+        new_colour = swapped_specs(spec)["colour"].shapes[0].colour
+        assert new_colour not in {shape.colour for shape in spec.shapes}
+        dx, dy = DIRECTIONS[spec.shapes[0].direction]
+        assert DIRECTIONS[swapped_specs(spec)["direction"].shapes[0].direction] == (-dx, -dy)
+
+
+def test_colour_centroids_track_a_rendered_shape_and_ignore_the_background():
+    spec = held_out_specs(1, TUNING_SEED)[0]
+    clip = torch.from_numpy(render_clip(spec, 6)).float().permute(3, 0, 1, 2) / 127.5 - 1.0
+    first = spec.shapes[0]
+    found = colour_centroids(clip, first.colour).numpy()
+    expected = true_centroids(spec, 6)[0]
+    assert np.abs(found - expected).max() < 0.6  # pixel-centre sampling of the shape's area
+
+
+class CaptionRenderingTransformer:
+    """Stands in for pipe.encode_prompt + pipe.transformer: returns the true clip of whatever
+    caption it was given (a model that reads every word), or ignores the caption (text_blind)."""
+
+    def __init__(self, pipe, specs, text_blind: bool) -> None:
+        self.by_caption = {caption(s): s for spec in specs for s in (spec, *swapped_specs(spec).values())}
+        self.text_blind, self.prompts = text_blind, []
+        self.config = pipe.transformer.config
+
+    def encode_prompt(self, prompt, device):
+        self.prompts.append(list(prompt))
+        return torch.full((len(prompt), 1, 1), float(len(self.prompts) - 1))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=True):
+        if self.text_blind:
+            return (hidden_states.clone(),)
+        prompts = self.prompts[int(encoder_hidden_states[0, 0, 0])]
+        frames, size = hidden_states.shape[2], hidden_states.shape[-1]
+        clips = np.stack([render_clip(self.by_caption[p], frames, size) for p in prompts])
+        return (torch.from_numpy(clips).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0,)
+
+
+@pytest.mark.parametrize("text_blind", [False, True])
+def test_caption_sensitivity_tells_a_model_that_reads_words_from_one_that_does_not(text_blind, monkeypatch):
+    pipe = EmbeddedVideoPipeline(**build_components(TINY))
+    specs = held_out_specs(6, TUNING_SEED)
+    stand_in = CaptionRenderingTransformer(pipe, specs, text_blind)
+    monkeypatch.setattr(pipe, "encode_prompt", stand_in.encode_prompt)
+    monkeypatch.setattr(pipe.transformer, "forward", stand_in.forward)
+    probe = caption_sensitivity(pipe, num_captions=6, num_frames=9, batch_size=4)
+    assert probe["sigmas"] == list(SENSITIVITY_SIGMAS) and probe["caption_seed"] == TUNING_SEED
+    changes = probe["mean_abs_change"]
+    following = probe["direction_following_px_per_frame"]
+    if text_blind:
+        assert all(value == 0.0 for values in changes.values() for value in values)
+        assert following == [0.0] * len(SENSITIVITY_SIGMAS)
+    else:
+        assert all(value > 0.002 for values in changes.values() for value in values)
+        # The opposite direction may meet a wall in the first frames: not the whole speed, but most of it.
+        mean_speed = np.mean([spec.shapes[0].speed for spec in specs])
+        assert all(0.5 * mean_speed < value <= mean_speed + 1e-4 for value in following), (following, mean_speed)
+    with pytest.raises(ValueError, match=r"sigmas must be non-empty and in \(0, 1\]; got \(\)"):
+        caption_sensitivity(pipe, num_captions=1, sigmas=())
