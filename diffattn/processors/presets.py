@@ -18,6 +18,7 @@ Keys: ``description`` (str, required), ``pattern`` (mapping, required), and the 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,19 @@ import yaml
 from ..patterns import Dense, Neighborhood, Pattern, Radial
 from .config import SparsityConfig
 
+#: Where a wheel installs the presets (``[tool.setuptools.data-files]`` in pyproject.toml).
+INSTALLED_CONFIG_DIR = Path(sys.prefix) / "share" / "diffattn" / "configs"
+
+
+def _shipped_config_dir() -> Path:
+    """The source tree's ``configs/`` (a checkout or an editable install), else the copy a wheel
+    installed under ``sys.prefix``."""
+    source = Path(__file__).resolve().parents[2] / "configs"
+    return source if source.is_dir() else INSTALLED_CONFIG_DIR
+
+
 #: Where shipped presets live (override with the ``DIFFATTN_CONFIGS`` environment variable).
-CONFIG_DIR = Path(os.environ.get("DIFFATTN_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
+CONFIG_DIR = Path(os.environ.get("DIFFATTN_CONFIGS") or _shipped_config_dir())
 
 _PATTERN_KEYS: dict[str, tuple[type[Pattern], tuple[str, ...]]] = {
     "dense": (Dense, ()),

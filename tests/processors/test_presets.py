@@ -1,10 +1,13 @@
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
 from diffattn import Radial
 from diffattn.adapters import ADAPTERS, apply, remove, sparsity_state
 from diffattn.processors.config import SparsityConfig
-from diffattn.processors.presets import CONFIG_DIR, families, list_presets, load_preset, parse_preset
+from diffattn.processors.presets import CONFIG_DIR, INSTALLED_CONFIG_DIR, families, list_presets, load_preset, parse_preset
 
 from ..adapters.tiny_pipelines import tiny_wan_pipeline, wan_call_kwargs
 
@@ -96,3 +99,14 @@ def test_every_shipped_preset_applies_to_a_tiny_pipeline_of_its_family(family):
         assert sparsity_state(pipe).config == preset.config
         remove(pipe)
         assert sparsity_state(pipe) is None
+
+
+def test_a_wheel_installs_every_family_where_the_loader_looks_outside_a_source_tree():
+    """pyproject's data-files must list each family folder of configs/ (a new family left out
+    would be missing from pip-installed copies), installed at INSTALLED_CONFIG_DIR."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[2]
+    data_files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    shipped = sorted(p.name for p in (root / "configs").iterdir() if p.is_dir())
+    assert data_files == {f"share/diffattn/configs/{family}": [f"configs/{family}/*.yaml"] for family in shipped}
+    assert INSTALLED_CONFIG_DIR == Path(sys.prefix) / "share" / "diffattn" / "configs"
