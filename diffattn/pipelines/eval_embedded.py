@@ -234,7 +234,9 @@ def colour_centroids(video: torch.Tensor, colour: str) -> torch.Tensor:
     height, width = weight.shape[1:]
     ys = torch.arange(height, dtype=torch.float32, device=video.device) + 0.5
     xs = torch.arange(width, dtype=torch.float32, device=video.device) + 0.5
-    mass = weight.sum((1, 2)).clamp(min=1e-6)
+    # A frame with less than one pixel's worth of the colour has no centroid (NaN), not (0, 0).
+    mass = weight.sum((1, 2))
+    mass = torch.where(mass >= 1.0, mass, torch.full_like(mass, float("nan")))
     return torch.stack([(weight.sum(1) * xs).sum(-1) / mass, (weight.sum(2) * ys).sum(-1) / mass], dim=1)
 
 
@@ -258,8 +260,9 @@ def caption_sensitivity(
     the first shape's colour mass moves along its captioned direction over the first
     ``FRAMES_BEFORE_BOUNCE`` frames with the true caption than with the opposite direction, halved
     -- about the shapes' speed (1 to 2.5 px/frame) for a model that follows the direction word,
-    0 for one that ignores it. At sigma 1 the input is pure noise, so a model can only get
-    layout and motion from the caption.
+    0 for one that ignores it; NaN where no estimate holds the shape's colour within the
+    detector's tolerance (a blurry mean prediction at sigma 1 often does not). At sigma 1 the
+    input is pure noise, so a model can only get layout and motion from the caption.
     """
     check_sigmas(sigmas)
     specs = held_out_specs(num_captions, caption_seed)
@@ -287,10 +290,15 @@ def caption_sensitivity(
                     track = colour_centroids(estimates[kind][index, :, :frames], shape_spec.colour)
                     speeds.append(float(((track[-1] - track[0]) / max(1, frames - 1)) @ unit))
                 following[sigma].append((speeds[0] - speeds[1]) / 2)
+
+    def mean_of_found(values: list[float]) -> float:
+        found = [value for value in values if value == value]
+        return float(np.mean(found)) if found else float("nan")
+
     return {
         "sigmas": list(sigmas),
         "mean_abs_change": {kind: [change[sigma][kind] / num_captions for sigma in sigmas] for kind in SWAPPED_WORDS},
-        "direction_following_px_per_frame": [float(np.mean(following[sigma])) for sigma in sigmas],
+        "direction_following_px_per_frame": [mean_of_found(following[sigma]) for sigma in sigmas],
         "num_captions": num_captions,
         "caption_seed": caption_seed,
     }

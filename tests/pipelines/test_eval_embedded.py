@@ -128,7 +128,8 @@ def test_colour_centroids_track_a_rendered_shape_and_ignore_the_background():
 
 class CaptionRenderingTransformer:
     """Stands in for pipe.encode_prompt + pipe.transformer: returns the true clip of whatever
-    caption it was given (a model that reads every word), or ignores the caption (text_blind)."""
+    caption it was given (a model that reads every word), or with ``text_blind`` the true clip of
+    the unswapped caption whatever it is given (a model that draws well but ignores the words)."""
 
     def __init__(self, pipe, specs, text_blind: bool) -> None:
         self.by_caption = {caption(s): s for spec in specs for s in (spec, *swapped_specs(spec).values())}
@@ -140,9 +141,9 @@ class CaptionRenderingTransformer:
         return torch.full((len(prompt), 1, 1), float(len(self.prompts) - 1))
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=True):
-        if self.text_blind:
-            return (hidden_states.clone(),)
         prompts = self.prompts[int(encoder_hidden_states[0, 0, 0])]
+        if self.text_blind:  # the batch's true captions were encoded first
+            prompts = self.prompts[4 * (int(encoder_hidden_states[0, 0, 0]) // 4)]
         frames, size = hidden_states.shape[2], hidden_states.shape[-1]
         clips = np.stack([render_clip(self.by_caption[p], frames, size) for p in prompts])
         return (torch.from_numpy(clips).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0,)
@@ -169,3 +170,8 @@ def test_caption_sensitivity_tells_a_model_that_reads_words_from_one_that_does_n
         assert all(0.5 * mean_speed < value <= mean_speed + 1e-4 for value in following), (following, mean_speed)
     with pytest.raises(ValueError, match=r"sigmas must be non-empty and in \(0, 1\]; got \(\)"):
         caption_sensitivity(pipe, num_captions=1, sigmas=())
+
+
+def test_colour_centroids_are_nan_where_the_colour_is_absent():
+    grey = torch.zeros(3, 2, 16, 16)
+    assert torch.isnan(colour_centroids(grey, "red")).all()
