@@ -51,7 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (and write the pipeline) after this many steps of the --steps schedule")
     p.add_argument("--batch-size", type=int, default=4, help="clips per step and process")
-    p.add_argument("--num-frames", type=int, default=17)
+    p.add_argument("--num-frames", type=int, default=17, help="clip length (the base length the model ships at)")
+    p.add_argument("--short-frames", type=int, default=9,
+                   help="clip length of the first --short-share of the steps: a 9-frame step costs about half "
+                        "a 17-frame one, so the model sees more clips in the same time; the rest of the steps "
+                        "train at --num-frames (RoPE positions simply extend in time)")
+    p.add_argument("--short-share", type=float, default=0.0,
+                   help="share of the --steps schedule trained at --short-frames, in [0, 1); 0 (the shipped "
+                        "recipe) trains every step at --num-frames. 5600 steps at 0.75 (84 min) scored below "
+                        "the shipped recipe: benchmarks/results/embedded-progressive-length-cpu-2026-12-02.json")
     p.add_argument("--size", type=int, default=64, help="frame height and width in pixels")
     p.add_argument("--lr", type=float, default=1.2e-3)
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
@@ -78,11 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         else:
             p.add_argument(f"--{field.replace('_', '-')}", type=type(default.default), default=default.default)
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "num_frames", "size", "save_every"):
+    for name in ("steps", "batch_size", "num_frames", "short_frames", "size", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
         p.error(f"--stop-after must be in 1..--steps ({args.steps}); got {args.stop_after}")
+    if not 0.0 <= args.short_share < 1.0:
+        p.error(f"--short-share must be in [0, 1), so the last steps train at --num-frames; got {args.short_share}")
     if args.size % 8:
         p.error(f"--size must be a multiple of 8 (the patch); got {args.size}")
     try:
@@ -106,6 +116,12 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def clip_frames(step: int, args: argparse.Namespace) -> int:
+    """Clip length at ``step`` (0-based): ``--short-frames`` for the first ``--short-share`` of the
+    ``--steps`` schedule, ``--num-frames`` after (a function of the step alone, so resuming is exact)."""
+    return args.short_frames if step < args.short_share * args.steps else args.num_frames
 
 
 def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -269,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     for step in progress:
         rng = np.random.default_rng([args.seed, step, accelerator.process_index])
-        videos, captions, _ = sample_batch(rng, args.batch_size, args.num_frames, args.size)
+        videos, captions, _ = sample_batch(rng, args.batch_size, clip_frames(step, args), args.size)
         captions = ["" if rng.random() < args.caption_dropout else c for c in captions]
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         clean = torch.from_numpy(videos).to(torch.float32).permute(0, 4, 1, 2, 3) / 127.5 - 1.0  # [B, 3, F, H, W]
@@ -299,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         progress.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{learning_rate(step, args):.1e}")
         if accelerator.is_main_process:
             with open(log_path, "a") as log:
-                log.write(json.dumps({"step": step + 1, "loss": value, "seconds": time.perf_counter() - began}) + "\n")
+                log.write(json.dumps({"step": step + 1, "frames": clip_frames(step, args), "loss": value,
+                                     "seconds": time.perf_counter() - began}) + "\n")
             if (step + 1) % args.save_every == 0 or step + 1 == stop:
                 save_checkpoint(checkpoints, step + 1, {n: accelerator.unwrap_model(m) for n, m in
                                                         (("transformer", transformer), ("text_encoder", text_encoder))},

@@ -158,10 +158,17 @@ def test_training_flags_parse_and_bad_ones_are_refused(capsys):
     defaults = train.parse_args([])
     assert defaults.stochastic_sampling is True and defaults.timestep_shift > defaults.shift
     assert train.parse_args(["--no-stochastic-sampling"]).stochastic_sampling is False
+    assert {train.clip_frames(step, defaults) for step in range(defaults.steps)} == {17}  # the shipped recipe
+    progressive = train.parse_args(["--steps", "5600", "--short-share", "0.75", "--short-frames", "9"])
+    lengths = [train.clip_frames(step, progressive) for step in range(progressive.steps)]
+    assert lengths[0] == 9 and lengths[-1] == 17 and lengths.count(9) == 4200
+    assert lengths == sorted(lengths)  # one switch, short clips first
     for flags, message in ((["--timestep-shift", "0"], "--timestep-shift must be > 0; got 0.0"),
                            (["--min-loss-sigma", "1.5"], "--min-loss-sigma must be in (0, 1]; got 1.5"),
                            (["--motion-loss-weight", "-1"], "--motion-loss-weight must be >= 0; got -1.0"),
-                           (["--size", "60"], "--size must be a multiple of 8")):
+                           (["--size", "60"], "--size must be a multiple of 8"),
+                           (["--short-share", "1"], "--short-share must be in [0, 1)"),
+                           (["--short-frames", "0"], "--short-frames must be >= 1; got 0")):
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args(flags)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -207,7 +214,9 @@ def test_shipped_model_loads_offline_and_is_small():
 
 def test_training_smoke_run_resumes_exactly(tmp_path):
     train = load_script("train_embedded_model")
-    common = ["--batch-size", "2", "--num-frames", "3", "--size", "16", "--num-layers", "1",
+    # Step 0 trains on 2-frame clips (--short-share 0.25 of either schedule), the rest on 3-frame ones.
+    common = ["--batch-size", "2", "--num-frames", "3", "--short-frames", "2", "--short-share", "0.25",
+              "--size", "16", "--num-layers", "1",
               "--num-attention-heads", "2", "--attention-head-dim", "24", "--ffn-dim", "32", "--save-every", "2",
               "--warmup", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -220,8 +229,10 @@ def test_training_smoke_run_resumes_exactly(tmp_path):
     assert info["step"] == 2
     assert train.main([*common, "--steps", "4", "--output", str(resumed / "pipe"),
                        "--checkpoint-dir", str(resumed / "ck"), "--resume"]) == 0
-    loss = lambda folder: [json.loads(line)["loss"] for line in (folder / "ck" / "loss.jsonl").read_text().splitlines()]
-    assert loss(straight)[2:] == loss(resumed)[2:]  # steps 3 and 4 see the same batches, weights and moments
+    log = lambda folder: [json.loads(line) for line in (folder / "ck" / "loss.jsonl").read_text().splitlines()]
+    assert [entry["frames"] for entry in log(straight)] == [2, 3, 3, 3]
+    # steps 3 and 4 see the same batches, weights and moments
+    assert [entry["loss"] for entry in log(straight)[2:]] == [entry["loss"] for entry in log(resumed)[2:]]
     a, b = load_embedded_pipeline(straight / "pipe"), load_embedded_pipeline(resumed / "pipe")
     for (name, p), (_, q) in zip(a.transformer.named_parameters(), b.transformer.named_parameters()):
         assert torch.equal(p, q), name
