@@ -37,9 +37,10 @@ if str(REPO) not in sys.path:
 
 from diffattn._io import atomic_path, atomic_write_text  # noqa: E402
 from diffattn.pipelines.embedded import (  # noqa: E402
-    EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components, check_prediction_type, encode_text,
+    EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components, check_prediction_type,
+    clean_estimate_from_output, encode_text,
 )
-from diffattn.pipelines.shapes import sample_batch  # noqa: E402
+from diffattn.pipelines.shapes import FRAMES_BEFORE_BOUNCE, MAX_RUN_UP_FRAMES, sample_batch  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="x-prediction: the loss is (x0_hat - x0) / max(sigma, this). 1 (the default) is the "
                         "plain x0 error, every noise level weighted alike; smaller values approach the velocity "
                         "loss, which weights near-clean steps up to 1/this**2 times more")
+    p.add_argument("--run-up-frames", type=int, default=FRAMES_BEFORE_BOUNCE,
+                   help="training clips: frames every shape travels before its first bounce (it starts in the "
+                        "part of the frame it moves away from, so where it is depends on its direction)")
     p.add_argument("--motion-loss-weight", type=float, default=0.0,
                    help="x-prediction: weight of an extra loss on the error of frame-to-frame differences "
                         "(emphasises motion over appearance; 0, the shipped recipe, leaves it out)")
@@ -101,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--prediction-type: {error}")
     if args.timestep_shift <= 0:
         p.error(f"--timestep-shift must be > 0; got {args.timestep_shift}")
+    if not 0 <= args.run_up_frames <= MAX_RUN_UP_FRAMES:
+        p.error(f"--run-up-frames must be in 0..{MAX_RUN_UP_FRAMES}; got {args.run_up_frames}")
     if args.motion_loss_weight < 0:
         p.error(f"--motion-loss-weight must be >= 0; got {args.motion_loss_weight}")
     if not 0.0 < args.min_loss_sigma <= 1.0:
@@ -198,17 +204,22 @@ def load_checkpoint(folder: Path, models: dict[str, torch.nn.Module], ema: dict[
 
 def denoising_loss(prediction: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
                    prediction_type: str, min_loss_sigma: float, motion_weight: float = 0.0) -> torch.Tensor:
-    """Rectified-flow loss. "flow": MSE to the velocity ``noise - clean``. "sample": the network
-    predicts the clean clip and the loss is ``(x0_hat - x0) / max(sigma, min_loss_sigma)``: the
-    velocity error (as JiT) for ``min_loss_sigma -> 0``, the plain x0 error at 1. The shipped model
-    uses 1: with the velocity loss (0.25) near-clean steps, which this model already denoises well,
-    got up to 16x the weight of the high noise levels where it fails (layout, colour and motion
-    are decided there). ``motion_weight`` adds the same error on frame-to-frame differences, so
-    an error that changes between frames (wrong motion) costs more than one that stays."""
+    """Rectified-flow loss. "flow": MSE to the velocity ``noise - clean``. "sample" and
+    "sample_skip": the output is turned into the clean-clip estimate (for "sample_skip",
+    ``x0_hat = c_skip x_t + c_out output``, :func:`clean_estimate_from_output`) and the loss is
+    ``(x0_hat - x0) / max(sigma, min_loss_sigma)``: the velocity error (as JiT) for
+    ``min_loss_sigma -> 0``, the plain x0 error at 1. The shipped model uses 1: with the velocity
+    loss (0.25) near-clean steps, which this model already denoises well, got up to 16x the weight
+    of the high noise levels where it fails (layout, colour and motion are decided there).
+    ``motion_weight`` adds the same error on frame-to-frame differences, so an error that changes
+    between frames (wrong motion) costs more than one that stays."""
     if prediction_type == "flow":
         return torch.nn.functional.mse_loss(prediction, noise - clean)
     weight = sigma.clamp(min=min_loss_sigma).view(-1, *[1] * (clean.ndim - 1))
-    error = (prediction - clean) / weight  # [B, C, F, H, W]
+    s = sigma.view(-1, *[1] * (clean.ndim - 1))
+    noisy = (1 - s) * clean + s * noise
+    estimate = clean_estimate_from_output(prediction, noisy, s, prediction_type)
+    error = (estimate - clean) / weight  # [B, C, F, H, W]
     loss = torch.mean(error ** 2)
     if motion_weight > 0:
         loss = loss + motion_weight * torch.mean((error[:, :, 1:] - error[:, :, :-1]) ** 2)
@@ -285,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     for step in progress:
         rng = np.random.default_rng([args.seed, step, accelerator.process_index])
-        videos, captions, _ = sample_batch(rng, args.batch_size, clip_frames(step, args), args.size)
+        videos, captions, _ = sample_batch(rng, args.batch_size, clip_frames(step, args), args.size,
+                                           run_up_frames=args.run_up_frames)
         captions = ["" if rng.random() < args.caption_dropout else c for c in captions]
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         clean = torch.from_numpy(videos).to(torch.float32).permute(0, 4, 1, 2, 3) / 127.5 - 1.0  # [B, 3, F, H, W]

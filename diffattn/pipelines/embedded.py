@@ -48,8 +48,13 @@ PIPELINE_CLASS_NAME = "EmbeddedVideoPipeline"
 PATCH_PIXELS = 8
 MAX_TEXT_TOKENS = 24
 TEXT_DIM = 64
-#: What the transformer's output means: the clean clip ("sample") or the flow velocity ("flow").
-PREDICTION_TYPES = ("sample", "flow")
+#: What the transformer's output means: the clean clip ("sample"), the flow velocity ("flow"), or
+#: the residual of a skip parameterization ("sample_skip", see :func:`clean_estimate_from_output`).
+PREDICTION_TYPES = ("sample", "flow", "sample_skip")
+#: Mean and standard deviation of the training clips' pixels in [-1, 1] (measured over 256 clips):
+#: the data statistics of the "sample_skip" parameterization.
+PIXEL_MEAN = -0.39
+PIXEL_STD = 0.28
 #: Call defaults: the base length the model was trained at.
 DEFAULT_CALL = dict(num_frames=17, height=64, width=64, num_inference_steps=25, guidance_scale=7.0)
 
@@ -117,6 +122,40 @@ def check_prediction_type(prediction_type: str) -> str:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
     return prediction_type
+
+
+def clean_estimate_from_output(output: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor | float,
+                               prediction_type: str) -> torch.Tensor:
+    """The clean-clip estimate ``x0_hat`` (same shape as ``noisy``, ``[B, 3, F, H, W]``) that the
+    transformer's ``output`` stands for, with ``noisy = (1 - sigma) x0 + sigma noise``.
+
+    ``sigma`` is a float or a tensor broadcastable to ``noisy`` (e.g. ``[B, 1, 1, 1, 1]``).
+
+    * ``"sample"``: the output is ``x0_hat``.
+    * ``"flow"``: the output is the velocity ``noise - x0``, so ``x0_hat = noisy - sigma * output``.
+    * ``"sample_skip"``: EDM's preconditioning (Karras et al. 2022) carried over to rectified flow,
+      around the data mean ``m`` with data std ``s`` (:data:`PIXEL_MEAN`, :data:`PIXEL_STD`)::
+
+          x0_hat = m + c_skip (noisy - (1 - sigma) m) + c_out output
+          c_skip = (1 - sigma) s^2 / D,   c_out = sigma s / sqrt(D),   D = (1 - sigma)^2 s^2 + sigma^2
+
+      ``c_skip`` is the least-squares linear estimate of ``x0`` from ``noisy``, so near sigma 0 the
+      network only adds a small correction to its input (it cannot lose the edges it was given),
+      and the target of ``output`` has unit variance at every noise level.
+
+    Example::
+
+        >>> x0 = clean_estimate_from_output(output, noisy, 0.3, "sample_skip")
+    """
+    if check_prediction_type(prediction_type) == "sample":
+        return output
+    if prediction_type == "flow":
+        return noisy - sigma * output
+    keep = 1 - sigma
+    spread = keep**2 * PIXEL_STD**2 + sigma**2
+    c_skip = keep * PIXEL_STD**2 / spread
+    c_out = sigma * PIXEL_STD / spread**0.5
+    return PIXEL_MEAN + c_skip * (noisy - keep * PIXEL_MEAN) + c_out * output
 
 
 @dataclass
@@ -221,12 +260,14 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
                                                      return_dict=False)[0]
                     prediction = unconditional + guidance_scale * (prediction - unconditional)
                 prediction = prediction.float()
-                if self.config.prediction_type == "sample":
+                if self.config.prediction_type == "flow":
+                    velocity = prediction
+                else:
                     # Clamping the clean estimate to the pixel range keeps strong guidance from
                     # overshooting (static thresholding); sigma > 0 at every step taken.
-                    velocity = (latents - prediction.clamp(-1, 1)) / self.scheduler.sigmas[index].to(latents)
-                else:
-                    velocity = prediction
+                    sigma = self.scheduler.sigmas[index].to(latents)
+                    clean = clean_estimate_from_output(prediction, latents, sigma, self.config.prediction_type)
+                    velocity = (latents - clean.clamp(-1, 1)) / sigma
                 # The generator seeds the fresh noise of a stochastic scheduler (unused by a deterministic one).
                 latents = self.scheduler.step(velocity, t, latents, generator=generator, return_dict=False)[0]
                 if callback_on_step_end is not None:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .embedded import DEFAULT_CALL
+from .embedded import DEFAULT_CALL, clean_estimate_from_output
 from .generate import check_positive, to_uint8
 from .shape_detector import MAX_COLOUR_DISTANCE, score_video
 from .shapes import (
@@ -140,7 +140,7 @@ def clean_estimate(pipe: Any, noisy: torch.Tensor, sigma: float, text: torch.Ten
     dtype = pipe.transformer.dtype
     timestep = torch.full((noisy.shape[0],), sigma * pipe.scheduler.config.num_train_timesteps, device=noisy.device)
     output = pipe.transformer(noisy.to(dtype), timestep, text.to(dtype), return_dict=False)[0].float()
-    estimate = output if pipe.config.prediction_type == "sample" else noisy - sigma * output
+    estimate = clean_estimate_from_output(output, noisy, sigma, pipe.config.prediction_type)
     return estimate.clamp(-1, 1)
 
 

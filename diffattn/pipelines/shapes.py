@@ -50,6 +50,9 @@ SPEED_RANGE = (1.0, 2.5)
 #: A shape travels at least this many frames before its first bounce, so its captioned
 #: direction is visible at the start of every clip.
 FRAMES_BEFORE_BOUNCE = 5
+#: The most run-up frames a clip can ask for: the fastest, largest shape must still fit its run-up
+#: inside the frame.
+MAX_RUN_UP_FRAMES = int((BASE_SIZE - 2 * RADIUS_RANGE[1]) // SPEED_RANGE[1])
 #: Shapes keep their bounding boxes this many pixels apart during the first BASE_FRAMES frames,
 #: so that no shape hides another at the base length (the detector needs to see them whole).
 BASE_FRAMES = 17
@@ -97,10 +100,18 @@ def caption(spec: ClipSpec) -> str:
     return " and ".join(shape.phrase() for shape in spec.shapes)
 
 
-def sample_clip(rng: np.random.Generator, max_shapes: int = 3) -> ClipSpec:
-    """A random clip: 1..``max_shapes`` shapes of distinct colours, on a plain or gradient background."""
+def sample_clip(rng: np.random.Generator, max_shapes: int = 3, run_up_frames: int = FRAMES_BEFORE_BOUNCE) -> ClipSpec:
+    """A random clip: 1..``max_shapes`` shapes of distinct colours, on a plain or gradient background.
+
+    Every shape travels ``run_up_frames`` frames before its first bounce: it starts in the part of
+    the frame it moves away from. More run-up makes where a shape is depend more on its direction
+    (a shape that "moves left" starts further right), at the price of fewer bounces per clip.
+    """
     if not 1 <= max_shapes <= len(COLOURS):
         raise ValueError(f"max_shapes must be in 1..{len(COLOURS)}; got {max_shapes}")
+    if not isinstance(run_up_frames, (int, np.integer)) or not 0 <= run_up_frames <= MAX_RUN_UP_FRAMES:
+        raise ValueError(f"run_up_frames must be an integer in 0..{MAX_RUN_UP_FRAMES} (the fastest, largest shape "
+                         f"must fit its run-up in the frame); got {run_up_frames!r}")
     count = int(rng.integers(1, max_shapes + 1))
     colours = rng.choice(list(COLOURS), size=count, replace=False)
     shapes: list[ShapeSpec] = []
@@ -108,7 +119,7 @@ def sample_clip(rng: np.random.Generator, max_shapes: int = 3) -> ClipSpec:
     for colour in colours:
         # Rejection sampling; a shape that finds no free path is left out (the clip has fewer).
         for _ in range(PLACEMENT_TRIES):
-            candidate = _sample_shape(rng, str(colour))
+            candidate = _sample_shape(rng, str(colour), int(run_up_frames))
             track = box_centres(candidate, BASE_FRAMES)
             if all(_apart(candidate, track, other, other_track) for other, other_track in zip(shapes, tracks)):
                 shapes.append(candidate)
@@ -117,14 +128,14 @@ def sample_clip(rng: np.random.Generator, max_shapes: int = 3) -> ClipSpec:
     return ClipSpec(tuple(shapes), _sample_background(rng))
 
 
-def _sample_shape(rng: np.random.Generator, colour: str) -> ShapeSpec:
+def _sample_shape(rng: np.random.Generator, colour: str, run_up_frames: int) -> ShapeSpec:
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
     radius = float(rng.uniform(*RADIUS_RANGE))
     speed = float(rng.uniform(*SPEED_RANGE))
     dx, dy = DIRECTIONS[direction]
     lo, hi = radius, BASE_SIZE - radius
-    run_up = FRAMES_BEFORE_BOUNCE * speed  # free travel needed before the first wall
+    run_up = run_up_frames * speed  # free travel needed before the first wall
     x = float(rng.uniform(lo + (run_up if dx < 0 else 0), hi - (run_up if dx > 0 else 0)))
     y = float(rng.uniform(lo + (run_up if dy < 0 else 0), hi - (run_up if dy > 0 else 0)))
     return ShapeSpec(shape, colour, direction, x, y, radius, speed)
@@ -225,8 +236,9 @@ def render_clip(spec: ClipSpec, num_frames: int, size: int = BASE_SIZE) -> np.nd
 
 
 def sample_batch(rng: np.random.Generator, batch: int, num_frames: int, size: int = BASE_SIZE,
-                 max_shapes: int = 3) -> tuple[np.ndarray, list[str], list[ClipSpec]]:
+                 max_shapes: int = 3, run_up_frames: int = FRAMES_BEFORE_BOUNCE,
+                 ) -> tuple[np.ndarray, list[str], list[ClipSpec]]:
     """``(videos uint8 [B, F, S, S, 3], captions, specs)`` for training and evaluation."""
-    specs = [sample_clip(rng, max_shapes) for _ in range(batch)]
+    specs = [sample_clip(rng, max_shapes, run_up_frames) for _ in range(batch)]
     videos = np.stack([render_clip(spec, num_frames, size) for spec in specs])
     return videos, [caption(spec) for spec in specs], specs

@@ -12,7 +12,8 @@ import diffattn
 from diffattn.adapters import sparsity_state
 from diffattn.patterns import Neighborhood
 from diffattn.pipelines.embedded import (
-    EMBEDDED_DIR, EmbeddedVideoPipeline, build_components, build_tokenizer, is_embedded_folder, load_embedded_pipeline,
+    EMBEDDED_DIR, PIXEL_MEAN, PIXEL_STD, EmbeddedVideoPipeline, build_components, build_tokenizer,
+    clean_estimate_from_output, is_embedded_folder, load_embedded_pipeline,
 )
 from diffattn.pipelines.shapes import VOCABULARY
 
@@ -46,6 +47,31 @@ def test_generation_is_finite_shaped_and_seeded():
     batch = pipe(["a red circle moves left", "a blue square moves up"], num_frames=2, height=16, width=16,
                  num_inference_steps=1, output_type="pt").frames
     assert batch.shape == (2, 2, 16, 16, 3)
+
+
+def test_skip_sampler_matches_the_sample_sampler_on_a_reexpressed_transformer():
+    """A transformer whose output means x0 ("sample") and the same transformer re-expressed as a
+    skip residual ("sample_skip") must give the same video: the sampler decodes the residual."""
+    prediction_type = "sample_skip"
+    components = build_components(TINY)
+    reference = EmbeddedVideoPipeline(**components)
+    reference.set_progress_bar_config(disable=True)
+    expected = run(reference, frames=2, steps=3)
+    forward = components["transformer"].forward
+
+    def reexpressed(hidden_states, timestep, *args, **kwargs):
+        x0 = forward(hidden_states, timestep, *args, **kwargs)[0]
+        sigma = (timestep / 1000).view(-1, 1, 1, 1, 1)
+        zero = clean_estimate_from_output(torch.zeros_like(x0), hidden_states, sigma, prediction_type)
+        unit = clean_estimate_from_output(torch.ones_like(x0), hidden_states, sigma, prediction_type) - zero
+        return ((x0 - zero) / unit,)
+
+    other = EmbeddedVideoPipeline(**components, prediction_type=prediction_type)
+    other.set_progress_bar_config(disable=True)
+    other.transformer.forward = reexpressed
+    video = run(other, frames=2, steps=3)
+    assert np.isfinite(video).all() and video.shape == expected.shape
+    assert np.allclose(video, expected, atol=1e-4)
 
 
 def test_prompt_changes_the_output():
@@ -123,11 +149,46 @@ def test_stochastic_sampling_draws_its_noise_from_the_callers_generator():
 
 
 def test_prediction_type_is_checked_and_saved(tmp_path):
-    with pytest.raises(ValueError, match="prediction_type must be one of \\('sample', 'flow'\\); got 'epsilon'"):
+    with pytest.raises(ValueError, match="prediction_type must be one of \\('sample', 'flow', 'sample_skip'\\); "
+                                         "got 'epsilon'"):
         EmbeddedVideoPipeline(**build_components(TINY), prediction_type="epsilon")
-    EmbeddedVideoPipeline(**build_components(TINY), prediction_type="flow").save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "model_index.json").read_text())["prediction_type"] == "flow"
-    assert load_embedded_pipeline(tmp_path).config.prediction_type == "flow"
+    with pytest.raises(ValueError, match="got 'epsilon'"):
+        clean_estimate_from_output(torch.zeros(1), torch.zeros(1), 0.5, "epsilon")
+    for kind in ("flow", "sample_skip"):
+        EmbeddedVideoPipeline(**build_components(TINY), prediction_type=kind).save_pretrained(tmp_path / kind)
+        assert json.loads((tmp_path / kind / "model_index.json").read_text())["prediction_type"] == kind
+        assert load_embedded_pipeline(tmp_path / kind).config.prediction_type == kind
+
+
+@pytest.mark.parametrize("sigma", [0.02, 0.3, 0.7, 0.98])
+def test_skip_parameterization_is_the_least_squares_estimate_plus_a_unit_variance_residual(sigma):
+    """Independent reference: on Gaussian data with the pixel statistics, regress x0 on x_t by least
+    squares. With output 0, "sample_skip" must give that regression; the residual it leaves to the
+    network, divided by c_out, must have unit variance at every noise level."""
+    g = torch.Generator().manual_seed(0)
+    clean = PIXEL_MEAN + PIXEL_STD * torch.randn(400_000, generator=g, dtype=torch.float64)
+    noisy = (1 - sigma) * clean + sigma * torch.randn(400_000, generator=g, dtype=torch.float64)
+    design = torch.stack([noisy, torch.ones_like(noisy)], dim=1)
+    fit = torch.linalg.lstsq(design, clean[:, None]).solution[:, 0]  # slope, intercept
+    baseline = clean_estimate_from_output(torch.zeros_like(noisy), noisy, sigma, "sample_skip")
+    assert torch.allclose(baseline, design @ fit, atol=5e-3)
+    c_out = clean_estimate_from_output(torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                                       sigma, "sample_skip") - clean_estimate_from_output(
+        torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), sigma, "sample_skip")
+    target = (clean - baseline) / c_out
+    assert float(target.std()) == pytest.approx(1.0, abs=0.01)
+    assert float(target.mean()) == pytest.approx(0.0, abs=0.01)
+
+
+def test_skip_parameterization_at_the_ends_of_the_noise_range():
+    noisy, output = torch.randn(5, generator=torch.Generator().manual_seed(1)), torch.randn(5)
+    # sigma 1: nothing to keep from the input; sigma -> 0: the input is the answer.
+    assert torch.allclose(clean_estimate_from_output(output, noisy, 1.0, "sample_skip"), PIXEL_MEAN + PIXEL_STD * output)
+    assert torch.allclose(clean_estimate_from_output(output, noisy, 1e-6, "sample_skip"), noisy, atol=1e-4)
+    sigma = torch.tensor([0.2, 0.9]).view(2, 1)  # per-clip sigmas broadcast like [B, 1, 1, 1, 1]
+    both = clean_estimate_from_output(output.expand(2, 5), noisy.expand(2, 5), sigma, "sample_skip")
+    for row, value in enumerate((0.2, 0.9)):
+        assert torch.allclose(both[row], clean_estimate_from_output(output, noisy, value, "sample_skip"))
 
 
 def test_training_loss_is_the_clipped_velocity_error():
@@ -140,6 +201,23 @@ def test_training_loss_is_the_clipped_velocity_error():
     assert float(train.denoising_loss(clean, clean, noise, sigma, "sample", 0.25)) == 0.0
     assert float(train.denoising_loss(noise - clean, clean, noise, sigma, "flow", 0.25)) == 0.0
     assert float(train.denoising_loss(clean, clean, noise, sigma, "flow", 0.25)) == pytest.approx(1.0)
+
+
+def test_skip_training_loss_is_the_x0_error_of_the_skip_estimate():
+    train = load_script("train_embedded_model")
+    g = torch.Generator().manual_seed(2)
+    clean, noise = torch.randn(2, 3, 2, 4, 4, generator=g) * 0.3, torch.randn(2, 3, 2, 4, 4, generator=g)
+    sigma = torch.tensor([0.3, 0.8])
+    s = sigma.view(-1, 1, 1, 1, 1)
+    noisy = (1 - s) * clean + s * noise
+    zero = clean_estimate_from_output(torch.zeros_like(clean), noisy, s, "sample_skip")
+    unit = clean_estimate_from_output(torch.ones_like(clean), noisy, s, "sample_skip") - zero  # c_out
+    exact = (clean - zero) / unit  # the output that reproduces the clean clip
+    assert float(train.denoising_loss(exact, clean, noise, sigma, "sample_skip", 1.0)) == pytest.approx(0.0, abs=1e-10)
+    # An output error of e costs (c_out * e)^2 in x0: the network's share shrinks with the noise.
+    loss = float(train.denoising_loss(exact + 1.0, clean, noise, sigma, "sample_skip", 1.0))
+    assert loss == pytest.approx(float((unit ** 2).mean()), rel=1e-5)
+    assert float(unit[0].mean()) < float(unit[1].mean())
 
 
 def test_motion_loss_counts_only_errors_that_change_between_frames():
@@ -168,7 +246,9 @@ def test_training_flags_parse_and_bad_ones_are_refused(capsys):
                            (["--motion-loss-weight", "-1"], "--motion-loss-weight must be >= 0; got -1.0"),
                            (["--size", "60"], "--size must be a multiple of 8"),
                            (["--short-share", "1"], "--short-share must be in [0, 1)"),
-                           (["--short-frames", "0"], "--short-frames must be >= 1; got 0")):
+                           (["--short-frames", "0"], "--short-frames must be >= 1; got 0"),
+                           (["--run-up-frames", "19"], "--run-up-frames must be in 0..18; got 19"),
+                           (["--prediction-type", "v"], "--prediction-type: prediction_type must be one of")):
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args(flags)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
