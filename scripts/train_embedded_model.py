@@ -37,8 +37,8 @@ if str(REPO) not in sys.path:
 
 from diffattn._io import atomic_path, atomic_write_text  # noqa: E402
 from diffattn.pipelines.embedded import (  # noqa: E402
-    EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components, check_prediction_type,
-    clean_estimate_from_output, encode_text,
+    EMBEDDED_DIR, PATCH_PIXELS, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components,
+    check_prediction_type, clean_estimate_from_output, encode_text, model_timesteps,
 )
 from diffattn.pipelines.shapes import FRAMES_BEFORE_BOUNCE, MAX_RUN_UP_FRAMES, sample_batch  # noqa: E402
 
@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-up-frames", type=int, default=FRAMES_BEFORE_BOUNCE,
                    help="training clips: frames every shape travels before its first bounce (it starts in the "
                         "part of the frame it moves away from, so where it is depends on its direction)")
+    p.add_argument("--frame-noise-share", type=float, default=0.0,
+                   help="share of the training clips whose frames get independent noise levels (Diffusion "
+                        "Forcing, Chen et al. 2024) instead of one per clip: denoising a noisy frame next to "
+                        "cleaner ones needs the motion the caption names, and the sampler's --frame-lag "
+                        "schedule (earlier frames ahead of later ones) relies on it. 0 (the shipped recipe) "
+                        "gives every frame of a clip the same noise level")
     p.add_argument("--motion-loss-weight", type=float, default=0.0,
                    help="x-prediction: weight of an extra loss on the error of frame-to-frame differences "
                         "(emphasises motion over appearance; 0, the shipped recipe, leaves it out)")
@@ -107,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--timestep-shift must be > 0; got {args.timestep_shift}")
     if not 0 <= args.run_up_frames <= MAX_RUN_UP_FRAMES:
         p.error(f"--run-up-frames must be in 0..{MAX_RUN_UP_FRAMES}; got {args.run_up_frames}")
+    if not 0.0 <= args.frame_noise_share <= 1.0:
+        p.error(f"--frame-noise-share must be in [0, 1]; got {args.frame_noise_share}")
     if args.motion_loss_weight < 0:
         p.error(f"--motion-loss-weight must be >= 0; got {args.motion_loss_weight}")
     if not 0.0 < args.min_loss_sigma <= 1.0:
@@ -134,6 +142,19 @@ def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     """The scheduler's timestep shift applied to uniform samples: noise levels for training
     (``--timestep-shift``; the sampler uses the model config's ``shift``)."""
     return shift * u / (1 + (shift - 1) * u)
+
+
+def frame_sigmas(batch: int, num_frames: int, shift: float, frame_noise_share: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """``[batch, num_frames]`` training noise levels: one shifted-uniform level per clip, and for a
+    ``frame_noise_share`` of the clips an independent level per frame instead. With a share of 0
+    this draws exactly what the shipped recipe drew (one ``rand(batch)``), so it still reproduces."""
+    sigma = shifted_sigmas(torch.rand(batch, generator=generator), shift)[:, None].expand(batch, num_frames)
+    if frame_noise_share <= 0:
+        return sigma.contiguous()
+    per_frame = shifted_sigmas(torch.rand(batch, num_frames, generator=generator), shift)
+    chosen = torch.rand(batch, generator=generator) < frame_noise_share
+    return torch.where(chosen[:, None], per_frame, sigma)
 
 
 # ---- checkpoints: safetensors + JSON, written atomically ------------------------------------------------
@@ -202,9 +223,19 @@ def load_checkpoint(folder: Path, models: dict[str, torch.nn.Module], ema: dict[
     return int(info["step"])
 
 
+def broadcast_sigma(sigma: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """``[B]`` or ``[B, F]`` noise levels as ``[B, 1, F or 1, 1, 1]``, broadcastable to ``[B, C, F, H, W]``."""
+    if sigma.ndim == 1:
+        return sigma.view(-1, 1, 1, 1, 1)
+    if sigma.ndim == 2 and sigma.shape[1] == clean.shape[2]:
+        return sigma.view(sigma.shape[0], 1, sigma.shape[1], 1, 1)
+    raise ValueError(f"sigma must be [B] or [B, F={clean.shape[2]}]; got shape {tuple(sigma.shape)}")
+
+
 def denoising_loss(prediction: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
                    prediction_type: str, min_loss_sigma: float, motion_weight: float = 0.0) -> torch.Tensor:
-    """Rectified-flow loss. "flow": MSE to the velocity ``noise - clean``. "sample" and
+    """Rectified-flow loss; ``sigma`` is ``[B]`` (one noise level per clip) or ``[B, F]`` (per frame).
+    "flow": MSE to the velocity ``noise - clean``. "sample" and
     "sample_skip": the output is turned into the clean-clip estimate (for "sample_skip",
     ``x0_hat = c_skip x_t + c_out output``, :func:`clean_estimate_from_output`) and the loss is
     ``(x0_hat - x0) / max(sigma, min_loss_sigma)``: the velocity error (as JiT) for
@@ -215,8 +246,8 @@ def denoising_loss(prediction: torch.Tensor, clean: torch.Tensor, noise: torch.T
     between frames (wrong motion) costs more than one that stays."""
     if prediction_type == "flow":
         return torch.nn.functional.mse_loss(prediction, noise - clean)
-    weight = sigma.clamp(min=min_loss_sigma).view(-1, *[1] * (clean.ndim - 1))
-    s = sigma.view(-1, *[1] * (clean.ndim - 1))
+    s = broadcast_sigma(sigma, clean)
+    weight = s.clamp(min=min_loss_sigma)
     noisy = (1 - s) * clean + s * noise
     estimate = clean_estimate_from_output(prediction, noisy, s, prediction_type)
     error = (estimate - clean) / weight  # [B, C, F, H, W]
@@ -302,14 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         clean = torch.from_numpy(videos).to(torch.float32).permute(0, 4, 1, 2, 3) / 127.5 - 1.0  # [B, 3, F, H, W]
         noise = torch.randn(clean.shape, generator=generator)
-        sigma = shifted_sigmas(torch.rand(args.batch_size, generator=generator), shift)
-        s = sigma.view(-1, 1, 1, 1, 1)
+        sigma = frame_sigmas(args.batch_size, clean.shape[2], shift, args.frame_noise_share, generator)  # [B, F]
+        s = broadcast_sigma(sigma, clean)
         noisy = ((1 - s) * clean + s * noise).to(device)
+        timestep = model_timesteps(sigma, (args.size // PATCH_PIXELS) ** 2) if args.frame_noise_share > 0 else sigma[:, 0] * 1000
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         text = encode_text(tokenizer, text_encoder, captions, device)
-        prediction = transformer(noisy, (sigma * 1000).to(device), text, return_dict=False)[0]
+        prediction = transformer(noisy, timestep.to(device), text, return_dict=False)[0]
         loss = denoising_loss(prediction.float(), clean.to(device), noise.to(device), sigma.to(device),
                               args.prediction_type, args.min_loss_sigma, args.motion_loss_weight)
         accelerator.backward(loss)

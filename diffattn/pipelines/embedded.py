@@ -158,6 +158,53 @@ def clean_estimate_from_output(output: torch.Tensor, noisy: torch.Tensor, sigma:
     return PIXEL_MEAN + c_skip * (noisy - keep * PIXEL_MEAN) + c_out * output
 
 
+def model_timesteps(frame_sigmas: torch.Tensor, tokens_per_frame: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Per-frame noise levels ``[B, F]`` as the transformer's per-token timesteps ``[B, F * tokens_per_frame]``.
+
+    ``WanTransformer3DModel`` takes a ``[B, seq_len]`` timestep (Wan 2.2's per-token
+    conditioning); its tokens are frame-major (patch embedding flattened over ``F, H', W'``), so
+    every token of frame ``f`` gets frame ``f``'s level.
+
+    Example::
+
+        >>> model_timesteps(torch.tensor([[1.0, 0.5]]), tokens_per_frame=2)
+        tensor([[1000., 1000.,  500.,  500.]])
+    """
+    if frame_sigmas.ndim != 2:
+        raise ValueError(f"frame_sigmas must be [B, F]; got shape {tuple(frame_sigmas.shape)}")
+    return frame_sigmas.repeat_interleave(tokens_per_frame, dim=1) * num_train_timesteps
+
+
+def check_frame_lag(frame_lag: float) -> float:
+    if not isinstance(frame_lag, (int, float)) or not 0.0 <= frame_lag < 1.0:
+        raise ValueError(f"frame_lag must be a number in [0, 1) (0: every frame at the same noise level); "
+                         f"got {frame_lag!r}")
+    return float(frame_lag)
+
+
+def lagged_frame_sigmas(num_inference_steps: int, num_frames: int, frame_lag: float, shift: float) -> torch.Tensor:
+    """``[num_inference_steps + 1, num_frames]`` noise levels of a schedule in which later frames
+    trail earlier ones (the "pyramid" schedule of Diffusion Forcing, Chen et al. 2024).
+
+    Overall progress runs ``k / num_inference_steps``; frame ``f`` starts denoising when it
+    reaches ``frame_lag * f / (num_frames - 1)`` and is clean ``1 - frame_lag`` later, so the
+    first frame is settled first and later frames are denoised next to cleaner earlier ones.
+    Within its window a frame follows the sampler's shifted schedule
+    ``sigma = shift u / (1 + (shift - 1) u)``. Every row ends at 0; the first is all 1. A model
+    trained with per-frame noise levels (``--frame-noise-share``) is needed to make use of it.
+
+    Example::
+
+        >>> lagged_frame_sigmas(4, 3, 0.5, shift=1.0)[:, 0]     # the first frame runs ahead
+        tensor([1.0000, 0.5000, 0.0000, 0.0000, 0.0000])
+    """
+    check_frame_lag(frame_lag)
+    progress = torch.arange(num_inference_steps + 1, dtype=torch.float64)[:, None] / num_inference_steps
+    start = frame_lag * torch.arange(num_frames, dtype=torch.float64)[None, :] / max(1, num_frames - 1)
+    remaining = 1.0 - ((progress - start) / (1.0 - frame_lag)).clamp(0.0, 1.0)
+    return (shift * remaining / (1 + (shift - 1) * remaining)).float()
+
+
 @dataclass
 class EmbeddedPipelineOutput(BaseOutput):
     """``frames``: float ``[B, F, H, W, 3]`` in [0, 1] (``output_type="np"``), a tensor of the
@@ -213,10 +260,15 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
         max_sequence_length: int = MAX_TEXT_TOKENS,
+        frame_lag: float = 0.0,
     ):
+        """Generate ``[B, F, H, W, 3]`` videos. ``frame_lag`` in [0, 1): 0 (the default) denoises
+        all frames together with the scheduler; above 0 later frames trail earlier ones
+        (:func:`lagged_frame_sigmas`), for models trained with per-frame noise levels."""
         from diffusers.utils.torch_utils import randn_tensor
 
         self.check_inputs(num_frames, height, width)
+        frame_lag = check_frame_lag(frame_lag)
         if output_type not in ("np", "pt", "pil"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'pil'; got {output_type!r}")
         device = self._execution_device
@@ -248,31 +300,20 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
         latents = latents.to(device=device, dtype=torch.float32)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        with self.progress_bar(total=num_inference_steps) as progress:
-            for index, t in enumerate(self.scheduler.timesteps):
-                model_input = latents.to(dtype)
-                timestep = t.expand(batch)
-                prediction = self.transformer(model_input, timestep, prompt_embeds, return_dict=False)[0]
-                if guided:
-                    # Guidance is affine in the prediction, so guiding x0 or the velocity is the same.
-                    unconditional = self.transformer(model_input, timestep, negative_prompt_embeds,
-                                                     return_dict=False)[0]
-                    prediction = unconditional + guidance_scale * (prediction - unconditional)
-                prediction = prediction.float()
-                if self.config.prediction_type == "flow":
-                    velocity = prediction
-                else:
-                    # Clamping the clean estimate to the pixel range keeps strong guidance from
-                    # overshooting (static thresholding); sigma > 0 at every step taken.
-                    sigma = self.scheduler.sigmas[index].to(latents)
-                    clean = clean_estimate_from_output(prediction, latents, sigma, self.config.prediction_type)
-                    velocity = (latents - clean.clamp(-1, 1)) / sigma
-                # The generator seeds the fresh noise of a stochastic scheduler (unused by a deterministic one).
-                latents = self.scheduler.step(velocity, t, latents, generator=generator, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    callback_on_step_end(self, index, t, {"latents": latents})
-                progress.update()
+        def guided_prediction(noisy: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            model_input = noisy.to(dtype)
+            prediction = self.transformer(model_input, timestep, prompt_embeds, return_dict=False)[0]
+            if guided:
+                # Guidance is affine in the prediction, so guiding x0 or the velocity is the same.
+                unconditional = self.transformer(model_input, timestep, negative_prompt_embeds, return_dict=False)[0]
+                prediction = unconditional + guidance_scale * (prediction - unconditional)
+            return prediction.float()
+
+        if frame_lag > 0:
+            latents = self._sample_lagged(latents, guided_prediction, num_inference_steps, frame_lag, generator,
+                                          callback_on_step_end)
+        else:
+            latents = self._sample(latents, guided_prediction, num_inference_steps, generator, callback_on_step_end)
 
         video = ((latents.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)  # [B, F, H, W, 3]
         self.maybe_free_model_hooks()
@@ -287,6 +328,59 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         if not return_dict:
             return (frames,)
         return EmbeddedPipelineOutput(frames=frames)
+
+    def _sample(self, latents, guided_prediction, num_inference_steps, generator, callback_on_step_end):
+        """All frames at one noise level: the stock scheduler's steps."""
+        device, batch = latents.device, latents.shape[0]
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        with self.progress_bar(total=num_inference_steps) as progress:
+            for index, t in enumerate(self.scheduler.timesteps):
+                prediction = guided_prediction(latents, t.expand(batch))
+                if self.config.prediction_type == "flow":
+                    velocity = prediction
+                else:
+                    # Clamping the clean estimate to the pixel range keeps strong guidance from
+                    # overshooting (static thresholding); sigma > 0 at every step taken.
+                    sigma = self.scheduler.sigmas[index].to(latents)
+                    clean = clean_estimate_from_output(prediction, latents, sigma, self.config.prediction_type)
+                    velocity = (latents - clean.clamp(-1, 1)) / sigma
+                # The generator seeds the fresh noise of a stochastic scheduler (unused by a deterministic one).
+                latents = self.scheduler.step(velocity, t, latents, generator=generator, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    callback_on_step_end(self, index, t, {"latents": latents})
+                progress.update()
+        return latents
+
+    def _sample_lagged(self, latents, guided_prediction, num_inference_steps, frame_lag, generator,
+                       callback_on_step_end):
+        """Per-frame noise levels (:func:`lagged_frame_sigmas`), stepped like the scheduler would:
+        re-noising the clean estimate (stochastic sampling) or an Euler step; a frame whose level
+        does not change in a step (not started yet, or already clean) is left as it is."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        batch, _, num_frames, height, width = latents.shape
+        schedule = lagged_frame_sigmas(num_inference_steps, num_frames, frame_lag,
+                                       float(self.scheduler.config.shift)).to(latents.device)
+        tokens_per_frame = (height // self.patch_pixels) * (width // self.patch_pixels)
+        stochastic = bool(self.scheduler.config.get("stochastic_sampling", False))
+        with self.progress_bar(total=num_inference_steps) as progress:
+            for index in range(num_inference_steps):
+                now, after = schedule[index], schedule[index + 1]
+                timestep = model_timesteps(now.expand(batch, -1), tokens_per_frame,
+                                           self.scheduler.config.num_train_timesteps)
+                prediction = guided_prediction(latents, timestep)
+                sigma, next_sigma = now.view(1, 1, -1, 1, 1), after.view(1, 1, -1, 1, 1)
+                clean = clean_estimate_from_output(prediction, latents, sigma, self.config.prediction_type).clamp(-1, 1)
+                if stochastic:
+                    noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+                    stepped = (1 - next_sigma) * clean + next_sigma * noise
+                else:
+                    stepped = latents + (next_sigma - sigma) * (latents - clean) / sigma.clamp(min=1e-6)
+                latents = torch.where(next_sigma == sigma, latents, stepped)
+                if callback_on_step_end is not None:
+                    callback_on_step_end(self, index, timestep, {"latents": latents})
+                progress.update()
+        return latents
 
 
 def check_size(num_frames: int, height: int, width: int, patch: int = PATCH_PIXELS, cli_flags: bool = False) -> None:

@@ -55,6 +55,7 @@ def evaluate_embedded(
     batch_size: int = 8,
     log: Callable[[str], None] | None = None,
     caption_seed: int = EVAL_SEED,
+    frame_lag: float = 0.0,
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Generate one video per held-out caption and score adherence and motion.
 
@@ -65,6 +66,7 @@ def evaluate_embedded(
     scores of the detector on the ground-truth renders of the same captions (its own error
     floor), ``targets_met``, settings, timings and per-video details. ``caption_seed`` picks the
     held-out stream: :data:`EVAL_SEED` for reported numbers, :data:`TUNING_SEED` for tuning.
+    ``frame_lag`` > 0 is passed to the pipeline (later frames trail earlier ones).
     """
     if num_captions < 1:
         raise ValueError(f"num_captions must be >= 1; got {num_captions}")
@@ -77,6 +79,8 @@ def evaluate_embedded(
         call["num_inference_steps"] = num_inference_steps
     if guidance_scale is not None:
         call["guidance_scale"] = guidance_scale
+    if frame_lag:
+        call["frame_lag"] = frame_lag
     videos = []
     start = time.perf_counter()
     for first in range(0, num_captions, batch_size):
@@ -121,6 +125,7 @@ def evaluate_embedded(
         "width": size,
         "num_inference_steps": call.get("num_inference_steps", DEFAULT_CALL["num_inference_steps"]),
         "guidance_scale": call.get("guidance_scale", DEFAULT_CALL["guidance_scale"]),
+        "frame_lag": float(frame_lag),
         "seed": seed,
         "caption_seed": caption_seed,
         "generation_seconds": seconds,

@@ -18,10 +18,12 @@ def test_settings_parse_into_typed_values():
     assert script.parse_setting("guidance=4.5,steps=10,sampler=euler") == {"guidance": 4.5, "steps": 10,
                                                                           "sampler": "euler"}
     assert script.parse_setting("sampler=stochastic") == {"sampler": "stochastic"}
+    assert script.parse_setting("lag=0.5,guidance=7") == {"lag": 0.5, "guidance": 7.0}
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("guidance", "must be key=value with key one of ('guidance', 'steps', 'sampler')"),
+    ("guidance", "must be key=value with key one of ('guidance', 'steps', 'sampler', 'lag')"),
+    ("lag=1", "lag='1' must be a number in [0, 1)"),
     ("shift=3", "must be key=value with key one of"),
     ("steps=0", "steps='0' must be a positive integer"),
     ("guidance=high", "guidance='high' must be a number"),
