@@ -84,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frame-noise-share", type=float, default=0.0,
                    help="share of the training clips whose frames get independent noise levels (Diffusion "
                         "Forcing, Chen et al. 2024) instead of one per clip: denoising a noisy frame next to "
-                        "cleaner ones needs the motion the caption names, and the sampler's --frame-lag "
-                        "schedule (earlier frames ahead of later ones) relies on it. 0 (the shipped recipe) "
+                        "cleaner ones needs the motion the caption names, and the pipeline's frame_lag schedule "
+                        "(earlier frames ahead of later ones; tune_embedded_sampler.py lag=) relies on it. 0 (the shipped recipe) "
                         "gives every frame of a clip the same noise level")
     p.add_argument("--motion-loss-weight", type=float, default=0.0,
                    help="x-prediction: weight of an extra loss on the error of frame-to-frame differences "
