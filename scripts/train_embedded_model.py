@@ -37,8 +37,8 @@ if str(REPO) not in sys.path:
 
 from diffattn._io import atomic_path, atomic_write_text  # noqa: E402
 from diffattn.pipelines.embedded import (  # noqa: E402
-    EMBEDDED_DIR, PATCH_PIXELS, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components,
-    check_prediction_type, clean_estimate_from_output, encode_text, model_timesteps,
+    EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components,
+    check_prediction_type, clean_estimate_from_output, encode_text, latent_grid, model_timesteps,
 )
 from diffattn.pipelines.shapes import FRAMES_BEFORE_BOUNCE, MAX_RUN_UP_FRAMES, sample_batch  # noqa: E402
 
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         sigma = frame_sigmas(args.batch_size, clean.shape[2], shift, args.frame_noise_share, generator)  # [B, F]
         s = broadcast_sigma(sigma, clean)
         noisy = ((1 - s) * clean + s * noise).to(device)
-        timestep = model_timesteps(sigma, (args.size // PATCH_PIXELS) ** 2) if args.frame_noise_share > 0 else sigma[:, 0] * 1000
+        timestep = model_timesteps(sigma, latent_grid(*clean.shape[2:]).tokens_per_frame) if args.frame_noise_share > 0 else sigma[:, 0] * 1000
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)

@@ -361,7 +361,7 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         batch, _, num_frames, height, width = latents.shape
         schedule = lagged_frame_sigmas(num_inference_steps, num_frames, frame_lag,
                                        float(self.scheduler.config.shift)).to(latents.device)
-        tokens_per_frame = (height // self.patch_pixels) * (width // self.patch_pixels)
+        tokens_per_frame = latent_grid(num_frames, height, width, self.patch_pixels).tokens_per_frame
         stochastic = bool(self.scheduler.config.get("stochastic_sampling", False))
         with self.progress_bar(total=num_inference_steps) as progress:
             for index in range(num_inference_steps):
