@@ -11,7 +11,7 @@ from typing import Any
 from ..processors.config import SparsityConfig
 from ..processors.presets import load_preset
 from ..patterns import Pattern
-from .base import INSTALLED_ATTRIBUTE, ModelAdapter, install, uninstall
+from .base import INSTALLED_ATTRIBUTE, DenseFallbackWarning, ModelAdapter, install, uninstall
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .ltx_video import LTXVideoAdapter
@@ -92,4 +92,4 @@ def sparsity_state(pipe: Any, attribute: str = "transformer"):
     return None if installed is None else installed.state
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "apply", "find_adapter", "remove", "sparsity_state"]
+__all__ = ["ADAPTERS", "DenseFallbackWarning", "ModelAdapter", "apply", "find_adapter", "remove", "sparsity_state"]

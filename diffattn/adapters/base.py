@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import fnmatch
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,9 @@ class ModelAdapter(abc.ABC):
     transformer_attributes: tuple[str, ...] = ("transformer",)
     #: Transformer class names this adapter handles.
     transformer_classes: tuple[str, ...] = ()
+    #: When :meth:`grid_from_call` can answer None, which calls those are (for the
+    #: :class:`DenseFallbackWarning`); empty for families whose every call has a grid.
+    no_grid_calls: str = ""
 
     def matches(self, pipe: Any) -> bool:
         return any(type(t).__name__ in self.transformer_classes for _, t in self.transformers(pipe))
@@ -62,6 +66,11 @@ def call_argument(args: tuple, kwargs: dict, name: str, position: int, required:
     if required:
         raise ValueError(f"the transformer was called without {name!r} (keyword, or positional #{position})")
     return None
+
+
+class DenseFallbackWarning(UserWarning):
+    """A sparsified transformer was called with inputs that form no token grid, so the call ran
+    the stock dense attention (issued once per installed transformer)."""
 
 
 @dataclass
@@ -115,8 +124,22 @@ def install(adapter: ModelAdapter, transformer: torch.nn.Module, config: Sparsit
     direct = not hasattr(transformer, "set_attn_processor")
     _set_processors(transformer, replacement, direct)
 
+    warned = False
+
     def publish(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        state.begin_call(adapter.grid_from_call(module, args, kwargs), adapter.timestep_from_call(args, kwargs))
+        nonlocal warned
+        grid = adapter.grid_from_call(module, args, kwargs)
+        if grid is None and not warned:
+            # Dense is the right answer for such a call, but a user who asked for sparsity must
+            # hear that this call got none: the speed they expected is not there.
+            warned = True
+            warnings.warn(
+                f"diffattn: the {adapter.family} transformer ({type(module).__name__}) was called with inputs "
+                f"that form no token grid ({adapter.no_grid_calls or 'unexpected inputs'}); such calls run the "
+                "stock dense attention (this warning is shown once per apply())",
+                DenseFallbackWarning, stacklevel=2,
+            )
+        state.begin_call(grid, adapter.timestep_from_call(args, kwargs))
 
     # Eager under torch.compile: reading the scheduler and building the grid is host-side work
     # that would otherwise be traced, guarded and recompiled for every new step and shape.

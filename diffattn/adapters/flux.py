@@ -30,6 +30,7 @@ _SUPPORTED_STOCK = ("FluxAttnProcessor",)
 class FluxAdapter(ModelAdapter):
     family = "flux"
     transformer_classes = ("FluxTransformer2DModel",)
+    no_grid_calls = "image ids that are not one raster grid, e.g. FLUX Kontext's appended reference image"
 
     def self_attention_layers(self, transformer: torch.nn.Module) -> list[tuple[str, int]]:
         double = len(transformer.transformer_blocks)

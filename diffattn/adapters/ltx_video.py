@@ -51,6 +51,8 @@ class LTXVideoAdapter(ModelAdapter):
     family = "ltx_video"
     transformer_attributes = ("transformer",)
     transformer_classes = ("LTXVideoTransformer3DModel",)
+    no_grid_calls = ("explicit video_coords, as LTXConditionPipeline passes, or num_frames/height/width that do "
+                     "not describe the sequence")
 
     def self_attention_layers(self, transformer: torch.nn.Module) -> list[tuple[str, int]]:
         return [(f"transformer_blocks.{i}.attn1", i) for i in range(len(transformer.transformer_blocks))]

@@ -4,11 +4,13 @@ remove()."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from diffattn import Dense, Neighborhood, Radial, VideoGrid
-from diffattn.adapters import apply, find_adapter, remove, sparsity_state
+from diffattn.adapters import DenseFallbackWarning, apply, find_adapter, remove, sparsity_state
 from diffattn.adapters.ltx_video import LTXVideoAdapter
 from diffattn.processors import LTXVideoSparseAttnProcessor, SparsityConfig, SparsityState
 
@@ -147,6 +149,43 @@ def test_grid_comes_from_the_size_arguments_and_odd_calls_stay_dense():
     assert adapter.grid_from_call(
         transformer, (), dict(hidden_states=hidden, num_frames=3, height=4, width=6, video_coords=coords)
     ) is None
+
+
+def test_a_call_without_a_grid_warns_once_and_matches_stock(pipe):
+    """LTXConditionPipeline passes explicit video_coords: that call is dense, and the user hears so."""
+    generator = torch.Generator().manual_seed(3)
+    t, h, w = torch.meshgrid(torch.arange(GRID.frames), torch.arange(GRID.height), torch.arange(GRID.width),
+                             indexing="ij")
+    forward = dict(
+        hidden_states=torch.randn(1, GRID.video_tokens, 8, generator=generator),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=generator), timestep=torch.tensor([500]),
+        encoder_attention_mask=torch.ones(1, 8), num_frames=GRID.frames, height=GRID.height, width=GRID.width,
+        video_coords=torch.stack([t, h, w]).flatten(1)[None].float(), return_dict=False,
+    )
+    stock = pipe.transformer(**forward)[0]
+    apply(pipe, Radial(block_size=32), block_size=32)
+    try:
+        with pytest.warns(DenseFallbackWarning, match="video_coords"):
+            first = pipe.transformer(**forward)[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            second = pipe.transformer(**forward)[0]
+        assert not sparsity_state(pipe).sparse_calls
+    finally:
+        remove(pipe)
+    torch.testing.assert_close(first, stock, atol=0, rtol=0)
+    torch.testing.assert_close(second, stock, atol=0, rtol=0)
+
+
+def test_a_pipeline_call_with_a_grid_does_not_warn(pipe):
+    apply(pipe, Radial(block_size=32), block_size=32)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DenseFallbackWarning)
+            pipe(**ltx_call_kwargs(steps=2))
+        assert sparsity_state(pipe).sparse_calls
+    finally:
+        remove(pipe)
 
 
 def test_calls_without_a_grid_run_the_stock_path(pipe, stock_latents):
