@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "Forcing, Chen et al. 2024) instead of one per clip: denoising a noisy frame next to "
                         "cleaner ones needs the motion the caption names, and the pipeline's frame_lag schedule "
                         "(earlier frames ahead of later ones; tune_embedded_sampler.py lag=) relies on it. 0 (the shipped recipe) "
-                        "gives every frame of a clip the same noise level")
+                        "gives every frame of a clip the same noise level; 0.5 scored below it on the tuning "
+                        "captions (benchmarks/results/embedded-frame-noise-cpu-2026-12-03.json)")
     p.add_argument("--motion-loss-weight", type=float, default=0.0,
                    help="x-prediction: weight of an extra loss on the error of frame-to-frame differences "
                         "(emphasises motion over appearance; 0, the shipped recipe, leaves it out)")
