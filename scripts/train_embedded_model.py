@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:
 from diffattn._io import atomic_path, atomic_write_text  # noqa: E402
 from diffattn.pipelines.embedded import (  # noqa: E402
     EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components,
-    check_prediction_type, clean_estimate_from_output, encode_text, latent_grid, model_timesteps,
+    check_prediction_type, clean_estimate_from_output, encode_text, latent_grid, model_timesteps, shifted_sigmas,
 )
 from diffattn.pipelines.shapes import FRAMES_BEFORE_BOUNCE, MAX_RUN_UP_FRAMES, sample_batch  # noqa: E402
 
@@ -85,9 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of the training clips whose frames get independent noise levels (Diffusion "
                         "Forcing, Chen et al. 2024) instead of one per clip: denoising a noisy frame next to "
                         "cleaner ones needs the motion the caption names, and the pipeline's frame_lag schedule "
-                        "(earlier frames ahead of later ones; tune_embedded_sampler.py lag=) relies on it. 0 (the shipped recipe) "
-                        "gives every frame of a clip the same noise level; 0.5 scored below it on the tuning "
-                        "captions (benchmarks/results/embedded-frame-noise-cpu-2026-12-03.json)")
+                        "(earlier frames ahead of later ones; tune_embedded_sampler.py lag=) relies on it. "
+                        "0 (the shipped recipe) gives every frame of a clip the same noise level; 0.5 scored "
+                        "below it on the tuning captions (benchmarks/results/embedded-frame-noise-cpu-2026-12-03.json)")
     p.add_argument("--motion-loss-weight", type=float, default=0.0,
                    help="x-prediction: weight of an extra loss on the error of frame-to-frame differences "
                         "(emphasises motion over appearance; 0, the shipped recipe, leaves it out)")
@@ -137,12 +137,6 @@ def clip_frames(step: int, args: argparse.Namespace) -> int:
     """Clip length at ``step`` (0-based): ``--short-frames`` for the first ``--short-share`` of the
     ``--steps`` schedule, ``--num-frames`` after (a function of the step alone, so resuming is exact)."""
     return args.short_frames if step < args.short_share * args.steps else args.num_frames
-
-
-def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """The scheduler's timestep shift applied to uniform samples: noise levels for training
-    (``--timestep-shift``; the sampler uses the model config's ``shift``)."""
-    return shift * u / (1 + (shift - 1) * u)
 
 
 def frame_sigmas(batch: int, num_frames: int, shift: float, frame_noise_share: float,
@@ -337,7 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         sigma = frame_sigmas(args.batch_size, clean.shape[2], shift, args.frame_noise_share, generator)  # [B, F]
         s = broadcast_sigma(sigma, clean)
         noisy = ((1 - s) * clean + s * noise).to(device)
-        timestep = model_timesteps(sigma, latent_grid(*clean.shape[2:]).tokens_per_frame) if args.frame_noise_share > 0 else sigma[:, 0] * 1000
+        if args.frame_noise_share > 0:
+            timestep = model_timesteps(sigma, latent_grid(*clean.shape[2:]).tokens_per_frame)
+        else:  # one level per clip: the scalar timestep path of the shipped recipe
+            timestep = sigma[:, 0] * 1000
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)

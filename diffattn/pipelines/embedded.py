@@ -182,6 +182,13 @@ def check_frame_lag(frame_lag: float) -> float:
     return float(frame_lag)
 
 
+def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """The scheduler's timestep shift ``sigma = shift u / (1 + (shift - 1) u)`` of uniform progress
+    ``u`` in [0, 1]: training noise levels (``--timestep-shift``) and the lagged sampler's
+    per-frame schedule (the model config's ``shift``)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def lagged_frame_sigmas(num_inference_steps: int, num_frames: int, frame_lag: float, shift: float) -> torch.Tensor:
     """``[num_inference_steps + 1, num_frames]`` noise levels of a schedule in which later frames
     trail earlier ones (the "pyramid" schedule of Diffusion Forcing, Chen et al. 2024).
@@ -189,9 +196,9 @@ def lagged_frame_sigmas(num_inference_steps: int, num_frames: int, frame_lag: fl
     Overall progress runs ``k / num_inference_steps``; frame ``f`` starts denoising when it
     reaches ``frame_lag * f / (num_frames - 1)`` and is clean ``1 - frame_lag`` later, so the
     first frame is settled first and later frames are denoised next to cleaner earlier ones.
-    Within its window a frame follows the sampler's shifted schedule
-    ``sigma = shift u / (1 + (shift - 1) u)``. Every row ends at 0; the first is all 1. A model
-    trained with per-frame noise levels (``--frame-noise-share``) is needed to make use of it.
+    Within its window a frame follows the sampler's shifted schedule (:func:`shifted_sigmas`).
+    Every row ends at 0; the first is all 1. A model trained with per-frame noise levels
+    (``--frame-noise-share``) is needed to make use of it.
 
     Example::
 
@@ -202,7 +209,7 @@ def lagged_frame_sigmas(num_inference_steps: int, num_frames: int, frame_lag: fl
     progress = torch.arange(num_inference_steps + 1, dtype=torch.float64)[:, None] / num_inference_steps
     start = frame_lag * torch.arange(num_frames, dtype=torch.float64)[None, :] / max(1, num_frames - 1)
     remaining = 1.0 - ((progress - start) / (1.0 - frame_lag)).clamp(0.0, 1.0)
-    return (shift * remaining / (1 + (shift - 1) * remaining)).float()
+    return shifted_sigmas(remaining, shift).float()
 
 
 @dataclass
