@@ -39,6 +39,7 @@ from diffattn._io import atomic_path, atomic_write_text  # noqa: E402
 from diffattn.pipelines.embedded import (  # noqa: E402
     EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components,
     check_prediction_type, clean_estimate_from_output, encode_text, latent_grid, model_timesteps, shifted_sigmas,
+    transformer_input,
 )
 from diffattn.pipelines.shapes import FRAMES_BEFORE_BOUNCE, MAX_RUN_UP_FRAMES, sample_batch  # noqa: E402
 
@@ -339,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         text = encode_text(tokenizer, text_encoder, captions, device)
-        prediction = transformer(noisy, timestep.to(device), text, return_dict=False)[0]
+        model_input = transformer_input(components["transformer"], noisy)  # the unwrapped model's config
+        prediction = transformer(model_input, timestep.to(device), text, return_dict=False)[0]
         loss = denoising_loss(prediction.float(), clean.to(device), noise.to(device), sigma.to(device),
                               args.prediction_type, args.min_loss_sigma, args.motion_loss_weight)
         accelerator.backward(loss)

@@ -47,6 +47,8 @@ EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded_model"
 PIPELINE_CLASS_NAME = "EmbeddedVideoPipeline"
 PATCH_PIXELS = 8
 MAX_TEXT_TOKENS = 24
+#: Input channels after the pixels of a transformer built with ``position_channels``: x, y, frame.
+POSITION_CHANNELS = 3
 TEXT_DIM = 64
 #: What the transformer's output means: the clean clip ("sample"), the flow velocity ("flow"), or
 #: the residual of a skip parameterization ("sample_skip", see :func:`clean_estimate_from_output`).
@@ -90,6 +92,11 @@ class EmbeddedModelConfig:
     #: instead of the deterministic Euler step. With an imperfect model the ODE drifts off the
     #: data at high noise and never recovers; fresh noise at each step lets the model correct it.
     stochastic_sampling: bool = True
+    #: Give the transformer x, y and frame-index channels next to the pixels
+    #: (:func:`transformer_input`). Wan's only positional signal is RoPE, which is relative: a
+    #: token cannot tell where the walls are or which frame it is in, yet where a shape is in
+    #: frame ``f`` is its start plus ``f`` times its captioned velocity, folded at the walls.
+    position_channels: bool = False
 
 
 def build_components(config: EmbeddedModelConfig = EmbeddedModelConfig(), seed: int = 0) -> dict[str, Any]:
@@ -108,7 +115,8 @@ def build_components(config: EmbeddedModelConfig = EmbeddedModelConfig(), seed: 
         ))
         transformer = WanTransformer3DModel(
             patch_size=(1, PATCH_PIXELS, PATCH_PIXELS), num_attention_heads=config.num_attention_heads,
-            attention_head_dim=config.attention_head_dim, in_channels=3, out_channels=3, text_dim=TEXT_DIM,
+            attention_head_dim=config.attention_head_dim,
+            in_channels=3 + (POSITION_CHANNELS if config.position_channels else 0), out_channels=3, text_dim=TEXT_DIM,
             freq_dim=64, ffn_dim=config.ffn_dim, num_layers=config.num_layers, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=256,
         )
@@ -116,6 +124,47 @@ def build_components(config: EmbeddedModelConfig = EmbeddedModelConfig(), seed: 
         torch.random.set_rng_state(state)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=config.shift, stochastic_sampling=config.stochastic_sampling)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler)
+
+
+def position_channels(batch: int, num_frames: int, height: int, width: int,
+                      device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[batch, 3, num_frames, height, width]`` coordinates of every pixel: x and y of the pixel
+    centre in [-1, 1] across the frame, and the frame index scaled so the base length
+    (``DEFAULT_CALL["num_frames"]``) spans [-1, 1] (longer clips continue past 1 at the same rate).
+
+    Example::
+
+        >>> position_channels(1, 17, 64, 64)[0, 2, :, 0, 0][[0, 8, 16]]
+        tensor([-1.,  0.,  1.])
+    """
+    frame_step = 2.0 / (DEFAULT_CALL["num_frames"] - 1)
+    t = torch.arange(num_frames, device=device, dtype=torch.float32) * frame_step - 1.0
+    y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * (2.0 / height) - 1.0
+    x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * (2.0 / width) - 1.0
+    grid = torch.stack([
+        x.view(1, 1, -1).expand(num_frames, height, width),
+        y.view(1, -1, 1).expand(num_frames, height, width),
+        t.view(-1, 1, 1).expand(num_frames, height, width),
+    ])
+    return grid.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1, -1)
+
+
+def transformer_input(transformer: Any, noisy: torch.Tensor) -> torch.Tensor:
+    """What the transformer takes for ``noisy`` pixels ``[B, 3, F, H, W]``: the pixels alone, or
+    (a transformer with ``in_channels = 3 + POSITION_CHANNELS``) the pixels followed by
+    :func:`position_channels`, in the transformer's dtype. The output keeps 3 channels, like Wan
+    image-to-video's transformer takes its conditioning channels next to the latents."""
+    extra = int(transformer.config.in_channels) - int(transformer.config.out_channels)
+    dtype = transformer.dtype
+    if extra == 0:
+        return noisy.to(dtype)
+    if extra != POSITION_CHANNELS:
+        raise ValueError(f"the embedded transformer takes its {transformer.config.out_channels} output channels "
+                         f"plus 0 or {POSITION_CHANNELS} position channels; got in_channels="
+                         f"{transformer.config.in_channels}")
+    batch, _, num_frames, height, width = noisy.shape
+    coords = position_channels(batch, num_frames, height, width, noisy.device, dtype)
+    return torch.cat([noisy.to(dtype), coords], dim=1)
 
 
 def check_prediction_type(prediction_type: str) -> str:
@@ -308,7 +357,7 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         latents = latents.to(device=device, dtype=torch.float32)
 
         def guided_prediction(noisy: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            model_input = noisy.to(dtype)
+            model_input = transformer_input(self.transformer, noisy)
             prediction = self.transformer(model_input, timestep, prompt_embeds, return_dict=False)[0]
             if guided:
                 # Guidance is affine in the prediction, so guiding x0 or the velocity is the same.

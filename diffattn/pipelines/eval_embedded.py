@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .embedded import DEFAULT_CALL, clean_estimate_from_output
+from .embedded import DEFAULT_CALL, clean_estimate_from_output, transformer_input
 from .generate import check_positive, to_uint8
 from .shape_detector import MAX_COLOUR_DISTANCE, score_video
 from .shapes import (
@@ -144,7 +144,8 @@ def clean_estimate(pipe: Any, noisy: torch.Tensor, sigma: float, text: torch.Ten
     in [-1, 1] for ``noisy`` at noise level ``sigma``, whatever the pipeline's prediction type."""
     dtype = pipe.transformer.dtype
     timestep = torch.full((noisy.shape[0],), sigma * pipe.scheduler.config.num_train_timesteps, device=noisy.device)
-    output = pipe.transformer(noisy.to(dtype), timestep, text.to(dtype), return_dict=False)[0].float()
+    model_input = transformer_input(pipe.transformer, noisy)
+    output = pipe.transformer(model_input, timestep, text.to(dtype), return_dict=False)[0].float()
     estimate = clean_estimate_from_output(output, noisy, sigma, pipe.config.prediction_type)
     return estimate.clamp(-1, 1)
 
