@@ -11,6 +11,8 @@ Components (all diffusers/transformers classes, saved with ``save_pretrained`` a
   autoencoder: nothing to train besides the denoiser, decoding is exact (the detector sees the
   model's own pixels, not a VAE's blur), and every frame is a latent frame (no 1 + 4k rule).
   Because it is a stock Wan transformer, the Wan adapter and every Wan preset apply unchanged.
+  (``position_channels``, off in the shipped model: ``in_channels=6`` with x, y and frame-index
+  channels after the pixels, :func:`transformer_input`.)
 * ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` (rectified flow, like Wan).
 
 The transformer predicts the clean clip (``prediction_type="sample"``, "x-prediction") rather

@@ -119,16 +119,18 @@ def sample_clip(rng: np.random.Generator, max_shapes: int = 3, run_up_frames: in
     for colour in colours:
         # Rejection sampling; a shape that finds no free path is left out (the clip has fewer).
         for _ in range(PLACEMENT_TRIES):
-            candidate = _sample_shape(rng, str(colour), int(run_up_frames))
+            candidate = sample_shape(rng, str(colour), int(run_up_frames))
             track = box_centres(candidate, BASE_FRAMES)
             if all(_apart(candidate, track, other, other_track) for other, other_track in zip(shapes, tracks)):
                 shapes.append(candidate)
                 tracks.append(track)
                 break
-    return ClipSpec(tuple(shapes), _sample_background(rng))
+    return ClipSpec(tuple(shapes), sample_background(rng))
 
 
-def _sample_shape(rng: np.random.Generator, colour: str, run_up_frames: int) -> ShapeSpec:
+def sample_shape(rng: np.random.Generator, colour: str, run_up_frames: int = FRAMES_BEFORE_BOUNCE) -> ShapeSpec:
+    """One random shape of ``colour`` as :func:`sample_clip` draws it (kind, direction, radius,
+    speed, then a start with ``run_up_frames`` frames of free travel)."""
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
     radius = float(rng.uniform(*RADIUS_RANGE))
@@ -147,7 +149,8 @@ def _apart(a: ShapeSpec, a_track: np.ndarray, b: ShapeSpec, b_track: np.ndarray)
     return bool((gap.max(axis=1) > 0).all())
 
 
-def _sample_background(rng: np.random.Generator) -> Background:
+def sample_background(rng: np.random.Generator) -> Background:
+    """A random background as :func:`sample_clip` draws it: plain or gradient, low-saturation grey."""
     def grey() -> tuple[int, int, int]:
         level = rng.uniform(30, 120)
         tint = rng.uniform(-8, 8, size=3)
