@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..patterns._checks import check_choice
 from .embedded import DEFAULT_CALL, clean_estimate_from_output, transformer_input
 from .generate import check_positive, to_uint8
 from .shape_detector import MAX_COLOUR_DISTANCE, score_video
@@ -327,10 +328,9 @@ def ideal_pure_noise_estimate(colour: str, shape: str, direction: str, num_clips
         >>> right = ideal_pure_noise_estimate("red", "circle", "right")
         >>> float(np.abs(left - right).mean())      # what reading the direction word is worth
     """
-    for name, value, allowed in (("colour", colour, tuple(COLOURS)), ("shape", shape, SHAPES),
-                                 ("direction", direction, tuple(DIRECTIONS))):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    check_choice("colour", colour, tuple(COLOURS))
+    check_choice("shape", shape, SHAPES)
+    check_choice("direction", direction, tuple(DIRECTIONS))
     check_positive({"num_clips": num_clips, "num_frames": num_frames})
     rng = np.random.default_rng(seed)
     total = np.zeros((num_frames, size, size, 3))

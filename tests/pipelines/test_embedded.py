@@ -18,15 +18,10 @@ from diffattn.pipelines.embedded import (
 from diffattn.pipelines.shapes import VOCABULARY
 
 from ..scripts import load_script
-from .tiny_embedded import TINY
+from .tiny_embedded import TINY, run
 from .tiny_embedded import tiny_embedded_pipeline as tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
-
-def run(pipe, prompt="a red circle moves left", frames=3, size=16, steps=2, seed=0, **kwargs):
-    return pipe(prompt, num_frames=frames, height=size, width=size, num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed), **kwargs).frames
-
 
 def test_tokenizer_knows_the_grammar_and_nothing_else():
     tokenizer = build_tokenizer()

@@ -17,7 +17,7 @@ from diffattn.pipelines.embedded import (
 from diffattn.pipelines.eval_embedded import clean_estimate
 
 from ..scripts import load_script
-from .tiny_embedded import TINY
+from .tiny_embedded import TINY, run
 
 POSITIONED = dataclasses.replace(TINY, position_channels=True)
 
@@ -26,11 +26,6 @@ def positioned_pipeline(seed: int = 0) -> EmbeddedVideoPipeline:
     pipe = EmbeddedVideoPipeline(**build_components(POSITIONED, seed=seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def run(pipe, frames=3, size=16, steps=2, seed=0):
-    return pipe("a red circle moves left", num_frames=frames, height=size, width=size, num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed)).frames
 
 
 def recorded_inputs(pipe) -> list[torch.Tensor]:
