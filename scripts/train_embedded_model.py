@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:
 from diffattn._io import atomic_path, atomic_write_text  # noqa: E402
 from diffattn.pipelines.embedded import (  # noqa: E402
     EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components,
-    check_prediction_type, clean_estimate_from_output, encode_text, latent_grid, model_timesteps, shifted_sigmas,
+    check_prediction_type, clean_estimate_from_output, encode_text, latent_grid, model_timesteps, pyramid_frame_sigmas, shifted_sigmas,
     transformer_input,
 )
 from diffattn.pipelines.shapes import FRAMES_BEFORE_BOUNCE, MAX_RUN_UP_FRAMES, sample_batch  # noqa: E402
@@ -89,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(earlier frames ahead of later ones; tune_embedded_sampler.py lag=) relies on it. "
                         "0 (the shipped recipe) gives every frame of a clip the same noise level; 0.5 scored "
                         "below it on the tuning captions (benchmarks/results/embedded-frame-noise-cpu-2026-12-03.json)")
+    p.add_argument("--pyramid-share", type=float, default=0.0,
+                   help="share of the training clips noised like a state of the pipeline's frame_lag sampler "
+                        "(rolling / pyramid schedule: a random overall progress and a lag in [0.25, 0.75], "
+                        "earlier frames cleaner than later ones), so the lagged sampler meets the states it was "
+                        "trained on and a noisy frame next to clean earlier ones has to take its motion from "
+                        "them or the caption. Drawn after --frame-noise-share; 0 (the shipped recipe) leaves it out")
     p.add_argument("--motion-loss-weight", type=float, default=0.0,
                    help="x-prediction: weight of an extra loss on the error of frame-to-frame differences "
                         "(emphasises motion over appearance; 0, the shipped recipe, leaves it out)")
@@ -117,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--run-up-frames must be in 0..{MAX_RUN_UP_FRAMES}; got {args.run_up_frames}")
     if not 0.0 <= args.frame_noise_share <= 1.0:
         p.error(f"--frame-noise-share must be in [0, 1]; got {args.frame_noise_share}")
+    if not 0.0 <= args.pyramid_share <= 1.0 or args.frame_noise_share + args.pyramid_share > 1.0:
+        p.error(f"--pyramid-share must be in [0, 1] and at most 1 - --frame-noise-share; got {args.pyramid_share}")
     if args.motion_loss_weight < 0:
         p.error(f"--motion-loss-weight must be >= 0; got {args.motion_loss_weight}")
     if not 0.0 < args.min_loss_sigma <= 1.0:
@@ -140,17 +148,33 @@ def clip_frames(step: int, args: argparse.Namespace) -> int:
     return args.short_frames if step < args.short_share * args.steps else args.num_frames
 
 
+#: Lags of the pyramid training states (--pyramid-share); the sampler's lag= is tuned inside this range.
+PYRAMID_LAGS = (0.25, 0.75)
+
+
 def frame_sigmas(batch: int, num_frames: int, shift: float, frame_noise_share: float,
-                 generator: torch.Generator) -> torch.Tensor:
-    """``[batch, num_frames]`` training noise levels: one shifted-uniform level per clip, and for a
-    ``frame_noise_share`` of the clips an independent level per frame instead. With a share of 0
-    this draws exactly what the shipped recipe drew (one ``rand(batch)``), so it still reproduces."""
+                 generator: torch.Generator, pyramid_share: float = 0.0) -> torch.Tensor:
+    """``[batch, num_frames]`` training noise levels: one shifted-uniform level per clip; for a
+    ``frame_noise_share`` of the clips an independent level per frame instead; for a
+    ``pyramid_share`` a pyramid state (:func:`pyramid_frame_sigmas` at uniform progress and a lag
+    uniform in :data:`PYRAMID_LAGS`). With both shares 0 this draws exactly what the shipped
+    recipe drew (one ``rand(batch)``), so it still reproduces; each share draws only when above 0."""
     sigma = shifted_sigmas(torch.rand(batch, generator=generator), shift)[:, None].expand(batch, num_frames)
-    if frame_noise_share <= 0:
+    if frame_noise_share <= 0 and pyramid_share <= 0:
         return sigma.contiguous()
-    per_frame = shifted_sigmas(torch.rand(batch, num_frames, generator=generator), shift)
-    chosen = torch.rand(batch, generator=generator) < frame_noise_share
-    return torch.where(chosen[:, None], per_frame, sigma)
+    per_frame_chosen = torch.zeros(batch, dtype=torch.bool)
+    if frame_noise_share > 0:  # the draws (and their order) of the recorded --frame-noise-share runs
+        per_frame = shifted_sigmas(torch.rand(batch, num_frames, generator=generator), shift)
+        per_frame_chosen = torch.rand(batch, generator=generator) < frame_noise_share
+        sigma = torch.where(per_frame_chosen[:, None], per_frame, sigma)
+    if pyramid_share > 0:
+        low, high = PYRAMID_LAGS
+        lag = low + (high - low) * torch.rand(batch, generator=generator)
+        pyramid = pyramid_frame_sigmas(torch.rand(batch, generator=generator), num_frames, lag, shift)
+        # among the clips not given per-frame levels, so that pyramid_share is a share of all clips
+        chosen = (torch.rand(batch, generator=generator) * (1 - frame_noise_share) < pyramid_share) & ~per_frame_chosen
+        sigma = torch.where(chosen[:, None], pyramid, sigma)
+    return sigma.contiguous()
 
 
 # ---- checkpoints: safetensors + JSON, written atomically ------------------------------------------------
@@ -329,10 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         clean = torch.from_numpy(videos).to(torch.float32).permute(0, 4, 1, 2, 3) / 127.5 - 1.0  # [B, 3, F, H, W]
         noise = torch.randn(clean.shape, generator=generator)
-        sigma = frame_sigmas(args.batch_size, clean.shape[2], shift, args.frame_noise_share, generator)  # [B, F]
+        sigma = frame_sigmas(args.batch_size, clean.shape[2], shift, args.frame_noise_share, generator,
+                             args.pyramid_share)  # [B, F]
         s = broadcast_sigma(sigma, clean)
         noisy = ((1 - s) * clean + s * noise).to(device)
-        if args.frame_noise_share > 0:
+        if args.frame_noise_share > 0 or args.pyramid_share > 0:
             timestep = model_timesteps(sigma, latent_grid(*clean.shape[2:]).tokens_per_frame)
         else:  # one level per clip: the scalar timestep path of the shipped recipe
             timestep = sigma[:, 0] * 1000

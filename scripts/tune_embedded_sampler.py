@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                  "seconds": round(time.perf_counter() - began, 1)}
         result["settings"].append(entry)
         print(f"{text}: adherence {entry['adherence']:.3f} {json.dumps(entry['adherence_by_check'])} "
-              f"deviation {entry['motion_deviation_px']:.2f} px ({entry['seconds']:.0f} s)", flush=True)
+              f"still {entry['still_share']:.2f} deviation {entry['motion_deviation_px']:.2f} px "
+              f"({entry['seconds']:.0f} s)", flush=True)
         atomic_write_text(Path(args.out), json.dumps(nan_to_null(result), indent=1, allow_nan=False) + "\n")
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(own)
     result["denoising_profile"] = denoising_profile(pipe, args.num_captions, DEFAULT_CALL["num_frames"],

@@ -257,9 +257,24 @@ def lagged_frame_sigmas(num_inference_steps: int, num_frames: int, frame_lag: fl
         tensor([1.0000, 0.5000, 0.0000, 0.0000, 0.0000])
     """
     check_frame_lag(frame_lag)
-    progress = torch.arange(num_inference_steps + 1, dtype=torch.float64)[:, None] / num_inference_steps
-    start = frame_lag * torch.arange(num_frames, dtype=torch.float64)[None, :] / max(1, num_frames - 1)
-    remaining = 1.0 - ((progress - start) / (1.0 - frame_lag)).clamp(0.0, 1.0)
+    progress = torch.arange(num_inference_steps + 1, dtype=torch.float64) / num_inference_steps
+    return pyramid_frame_sigmas(progress, num_frames, torch.tensor(frame_lag, dtype=torch.float64), shift)
+
+
+def pyramid_frame_sigmas(progress: torch.Tensor, num_frames: int, frame_lag: torch.Tensor, shift: float
+                         ) -> torch.Tensor:
+    """``[N, num_frames]`` per-frame noise levels of the pyramid schedule at overall ``progress``
+    ``[N]`` in [0, 1] with lag ``frame_lag`` (a scalar or ``[N]``, each in [0, 1)): the rows
+    :func:`lagged_frame_sigmas` steps through, and the states ``--pyramid-share`` trains on.
+
+    Example::
+
+        >>> pyramid_frame_sigmas(torch.tensor([0.5]), 3, torch.tensor(0.5), shift=1.0)
+        tensor([[0.0000, 0.5000, 1.0000]])
+    """
+    lag = frame_lag.to(torch.float64).reshape(-1, 1)
+    start = lag * torch.arange(num_frames, dtype=torch.float64)[None, :] / max(1, num_frames - 1)
+    remaining = 1.0 - ((progress.to(torch.float64)[:, None] - start) / (1.0 - lag)).clamp(0.0, 1.0)
     return shifted_sigmas(remaining, shift).float()
 
 

@@ -35,7 +35,7 @@ EVAL_SEED = 20261122
 TUNING_SEED = EVAL_SEED + 1
 #: The headline numbers of a report, for comparing runs.
 SUMMARY_KEYS = ("adherence", "motion_deviation_px", "adherence_by_check", "objects_fully_correct",
-                "spurious_per_video")
+                "still_share", "spurious_per_video")
 #: The issue's targets at the base length.
 TARGET_ADHERENCE = 0.8
 TARGET_DEVIATION_PX = 2.0
@@ -64,7 +64,9 @@ def evaluate_embedded(
     Returns ``(report, videos)``: the uint8 ``[F, H, W, 3]`` videos and a JSON-able report: ``adherence`` (share of caption checks passed: each named shape
     present, of the right shape, starting in the right direction), ``adherence_by_check``,
     ``objects_fully_correct``, ``motion_deviation_px`` (mean over found shapes of the distance of
-    their centroids from a constant-velocity-with-bounces fit), ``spurious_per_video``, the same
+    their centroids from a constant-velocity-with-bounces fit), ``still_share`` (of the named
+    shapes found, the share that do not move: slower than the detector's ``MIN_SPEED``, so their
+    direction check fails whatever the caption says), ``spurious_per_video``, the same
     scores of the detector on the ground-truth renders of the same captions (its own error
     floor), ``targets_met``, settings, timings and per-video details. ``caption_seed`` picks the
     held-out stream: :data:`EVAL_SEED` for reported numbers, :data:`TUNING_SEED` for tuning.
@@ -109,6 +111,8 @@ def evaluate_embedded(
                 for kind in ("present", "shape", "direction")}
     objects = [all(s.checks[f"{shape.colour} {kind}"] for kind in ("present", "shape", "direction"))
                for s, spec in zip(scores, specs) for shape in spec.shapes]
+    found_directions = [s.detected[shape.colour]["direction"] for s, spec in zip(scores, specs)
+                        for shape in spec.shapes if shape.colour in s.detected]
     deviations = all_deviations(scores)
     result = summary(scores)
     return {
@@ -118,6 +122,7 @@ def evaluate_embedded(
                             and result["motion_deviation_px"] <= TARGET_DEVIATION_PX),
         "adherence_by_check": by_check,
         "objects_fully_correct": float(np.mean(objects)),
+        "still_share": float(np.mean([d == "still" for d in found_directions])) if found_directions else float("nan"),
         "motion_deviation_px_median": float(np.median(deviations)) if deviations else float("nan"),
         "spurious_per_video": float(np.mean([len(s.spurious) for s in scores])),
         "ground_truth": summary(truth),

@@ -42,7 +42,24 @@ def test_perfect_model_scores_like_ground_truth_on_the_chosen_stream(stream):
     assert report["adherence"] == pytest.approx(report["ground_truth"]["adherence"])
     assert report["motion_deviation_px"] == pytest.approx(report["ground_truth"]["motion_deviation_px"])
     assert report["adherence"] > 0.9
+    assert report["still_share"] == 0.0  # every training shape moves at >= 1 px per frame
     assert len(videos) == 6 and videos[0].dtype == np.uint8
+
+
+class FrozenPipe(RenderingPipe):
+    """A model that gets every shape right but never moves it: frame 0 of the true clip, repeated."""
+
+    def __call__(self, prompt, generator, num_frames, height, width, output_type, **_):
+        frames = super().__call__(prompt, generator, num_frames, height, width, output_type).frames
+        return SimpleNamespace(frames=[np.repeat(clip[:1], num_frames, axis=0) for clip in frames])
+
+
+def test_a_model_whose_shapes_stand_still_fails_every_direction_check():
+    specs = held_out_specs(4)
+    report, _ = evaluate_embedded(FrozenPipe(specs), num_captions=4, batch_size=4)
+    assert report["adherence_by_check"]["present"] > 0.9
+    assert report["still_share"] == 1.0
+    assert report["adherence_by_check"]["direction"] == 0.0
 
 
 def test_tuning_and_reported_streams_differ():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffattn.pipelines.embedded import (
-    EmbeddedVideoPipeline, build_components, lagged_frame_sigmas, model_timesteps,
+    EmbeddedVideoPipeline, build_components, lagged_frame_sigmas, model_timesteps, pyramid_frame_sigmas,
 )
 
 from ..scripts import load_script
@@ -57,6 +57,34 @@ def test_training_noise_levels_per_clip_and_per_frame():
     mixed = train.frame_sigmas(400, 17, 3.0, 0.5, torch.Generator().manual_seed(0))
     varying = float((mixed.std(dim=1) > 0).float().mean())
     assert 0.4 < varying < 0.6
+
+
+def test_pyramid_states_are_the_lagged_samplers_rows():
+    # the training states at progress k / steps are exactly the rows the sampler steps through
+    steps, frames, lag = 8, 6, 0.4
+    progress = torch.arange(steps + 1) / steps
+    torch.testing.assert_close(pyramid_frame_sigmas(progress, frames, torch.tensor(lag), 2.0),
+                               lagged_frame_sigmas(steps, frames, lag, 2.0))
+    # per-row lags: with lag 0.5 at half progress the first frame is clean, the last pure noise
+    # and the middle one half way (shift 1: no warping), whatever the other row's lag
+    rows = pyramid_frame_sigmas(torch.tensor([0.5, 0.5]), 3, torch.tensor([0.5, 0.0]), 1.0)
+    torch.testing.assert_close(rows, torch.tensor([[0.0, 0.5, 1.0], [0.5, 0.5, 0.5]]))
+
+
+def test_pyramid_training_share_draws_ramps_and_keeps_the_frame_noise_draws():
+    train = load_script("train_embedded_model")
+    drawn = train.frame_sigmas(2000, 17, 3.0, 0.0, torch.Generator().manual_seed(0), pyramid_share=0.35)
+    ramps = drawn[:, 0] != drawn[:, -1]
+    assert 0.31 < float(ramps.float().mean()) < 0.39
+    assert bool((drawn[ramps][:, 1:] >= drawn[ramps][:, :-1]).all())  # earlier frames never noisier
+    assert bool((drawn[~ramps] == drawn[~ramps][:, :1]).all())  # the rest: one level per clip
+    # --frame-noise-share keeps its recorded draws when a pyramid share is added after it
+    alone = train.frame_sigmas(300, 17, 3.0, 0.4, torch.Generator().manual_seed(3))
+    both = train.frame_sigmas(300, 17, 3.0, 0.4, torch.Generator().manual_seed(3), pyramid_share=0.3)
+    varying_alone = alone.std(dim=1) > 0
+    torch.testing.assert_close(both[varying_alone], alone[varying_alone])
+    extra = (both.std(dim=1) > 0) & ~varying_alone
+    assert 0.2 < float(extra.float().mean()) < 0.4 and bool((both[extra][:, 1:] >= both[extra][:, :-1]).all())
 
 
 def test_loss_with_constant_frame_levels_equals_the_per_clip_loss():
@@ -147,3 +175,11 @@ def test_frame_noise_training_runs_and_refuses_bad_shares(tmp_path, capsys):
                            "--checkpoint-dir", str(folder / "ck")]) == 0
         losses[share] = (folder / "ck" / "loss.jsonl").read_text()
     assert losses["0"] != losses["1"]  # per-frame levels change what is trained on
+    for bad in (["--pyramid-share", "-0.1"], ["--frame-noise-share", "0.7", "--pyramid-share", "0.5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(bad)
+        assert exit_info.value.code == 2 and "--pyramid-share must be in [0, 1]" in capsys.readouterr().err
+    folder = tmp_path / "pyramid"
+    assert train.main([*common, "--pyramid-share", "1", "--output", str(folder / "pipe"),
+                       "--checkpoint-dir", str(folder / "ck")]) == 0
+    assert (folder / "ck" / "loss.jsonl").read_text() not in (losses["0"], losses["1"])
