@@ -37,9 +37,9 @@ if str(REPO) not in sys.path:
 
 from diffattn._io import atomic_path, atomic_write_text  # noqa: E402
 from diffattn.pipelines.embedded import (  # noqa: E402
-    EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components,
-    check_prediction_type, clean_estimate_from_output, encode_text, latent_grid, model_timesteps, pyramid_frame_sigmas, shifted_sigmas,
-    transformer_input,
+    EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components, check_prediction_type,
+    clean_estimate_from_output, encode_text, is_embedded_folder, latent_grid, model_timesteps, pyramid_frame_sigmas,
+    shifted_sigmas, transformer_input,
 )
 from diffattn.pipelines.shapes import FRAMES_BEFORE_BOUNCE, MAX_RUN_UP_FRAMES, sample_batch  # noqa: E402
 
@@ -95,6 +95,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "earlier frames cleaner than later ones), so the lagged sampler meets the states it was "
                         "trained on and a noisy frame next to clean earlier ones has to take its motion from "
                         "them or the caption. Drawn after --frame-noise-share; 0 (the shipped recipe) leaves it out")
+    p.add_argument("--first-frame-share", type=float, default=0.0,
+                   help="share of the training clips whose first frame is given clean (per-token timestep 0, "
+                        "as Wan 2.2 TI2V conditions on its first frame) while the other frames share one noise "
+                        "level; the given frame is left out of the loss. Where a shape starts is then known and "
+                        "only the caption tells where it goes, so the direction word carries real weight. The "
+                        "pipeline's first-frame sampler (frame 0 drawn alone, then the rest next to it) needs "
+                        "it and --image-batch. Drawn after the other shares; 0 (the shipped recipe) leaves it out. "
+                        "A 3000-step fine-tune of the shipped model at 0.7 did not teach the direction word "
+                        "(benchmarks/results/embedded-first-frame-cpu-2026-12-04.json)")
+    p.add_argument("--image-batch", type=int, default=0,
+                   help="single first frames (1-frame clips of their own captions) trained per step next to the "
+                        "clips, in a second forward; their loss is added to the clips' loss. The first-frame "
+                        "sampler draws frame 0 this way. 0 leaves them out")
+    p.add_argument("--init-from", default=None,
+                   help="start from the transformer and text encoder of a saved embedded pipeline folder "
+                        "(same sizes) instead of a fresh initialisation; ignored when --resume finds a checkpoint")
     p.add_argument("--motion-loss-weight", type=float, default=0.0,
                    help="x-prediction: weight of an extra loss on the error of frame-to-frame differences "
                         "(emphasises motion over appearance; 0, the shipped recipe, leaves it out)")
@@ -125,6 +141,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--frame-noise-share must be in [0, 1]; got {args.frame_noise_share}")
     if not 0.0 <= args.pyramid_share <= 1.0 or args.frame_noise_share + args.pyramid_share > 1.0:
         p.error(f"--pyramid-share must be in [0, 1] and at most 1 - --frame-noise-share; got {args.pyramid_share}")
+    if not 0.0 <= args.first_frame_share <= 1.0 - args.frame_noise_share - args.pyramid_share + 1e-9:
+        p.error(f"--first-frame-share must be in [0, 1 - --frame-noise-share - --pyramid-share]; "
+                f"got {args.first_frame_share}")
+    if args.image_batch < 0:
+        p.error(f"--image-batch must be >= 0; got {args.image_batch}")
+    if args.init_from is not None and not is_embedded_folder(args.init_from):
+        p.error(f"--init-from must be a saved embedded pipeline folder (model_index.json with _class_name "
+                f"EmbeddedVideoPipeline); got {args.init_from!r}")
     if args.motion_loss_weight < 0:
         p.error(f"--motion-loss-weight must be >= 0; got {args.motion_loss_weight}")
     if not 0.0 < args.min_loss_sigma <= 1.0:
@@ -153,28 +177,35 @@ PYRAMID_LAGS = (0.25, 0.75)
 
 
 def frame_sigmas(batch: int, num_frames: int, shift: float, frame_noise_share: float,
-                 generator: torch.Generator, pyramid_share: float = 0.0) -> torch.Tensor:
+                 generator: torch.Generator, pyramid_share: float = 0.0, first_frame_share: float = 0.0
+                 ) -> torch.Tensor:
     """``[batch, num_frames]`` training noise levels: one shifted-uniform level per clip; for a
     ``frame_noise_share`` of the clips an independent level per frame instead; for a
     ``pyramid_share`` a pyramid state (:func:`pyramid_frame_sigmas` at uniform progress and a lag
-    uniform in :data:`PYRAMID_LAGS`). With both shares 0 this draws exactly what the shipped
-    recipe drew (one ``rand(batch)``), so it still reproduces; each share draws only when above 0."""
+    uniform in :data:`PYRAMID_LAGS`); for a ``first_frame_share`` one level per clip but frame 0
+    clean (0). The shares are of all clips and exclusive. With all shares 0 this draws exactly what
+    the shipped recipe drew (one ``rand(batch)``), so it still reproduces; each share draws only
+    when above 0, in the order above, so adding a later share keeps the earlier shares' draws."""
     sigma = shifted_sigmas(torch.rand(batch, generator=generator), shift)[:, None].expand(batch, num_frames)
-    if frame_noise_share <= 0 and pyramid_share <= 0:
-        return sigma.contiguous()
-    per_frame_chosen = torch.zeros(batch, dtype=torch.bool)
+    sigma = sigma.contiguous()
+    taken = torch.zeros(batch, dtype=torch.bool)  # clips already given a state other than one level
     if frame_noise_share > 0:  # the draws (and their order) of the recorded --frame-noise-share runs
         per_frame = shifted_sigmas(torch.rand(batch, num_frames, generator=generator), shift)
-        per_frame_chosen = torch.rand(batch, generator=generator) < frame_noise_share
-        sigma = torch.where(per_frame_chosen[:, None], per_frame, sigma)
+        taken = torch.rand(batch, generator=generator) < frame_noise_share
+        sigma = torch.where(taken[:, None], per_frame, sigma)
     if pyramid_share > 0:
         low, high = PYRAMID_LAGS
         lag = low + (high - low) * torch.rand(batch, generator=generator)
         pyramid = pyramid_frame_sigmas(torch.rand(batch, generator=generator), num_frames, lag, shift)
         # among the clips not given per-frame levels, so that pyramid_share is a share of all clips
-        chosen = (torch.rand(batch, generator=generator) * (1 - frame_noise_share) < pyramid_share) & ~per_frame_chosen
+        chosen = (torch.rand(batch, generator=generator) * (1 - frame_noise_share) < pyramid_share) & ~taken
         sigma = torch.where(chosen[:, None], pyramid, sigma)
-    return sigma.contiguous()
+        taken |= chosen
+    if first_frame_share > 0:
+        left = 1 - frame_noise_share - pyramid_share
+        chosen = (torch.rand(batch, generator=generator) * left < first_frame_share) & ~taken
+        sigma[chosen, 0] = 0.0
+    return sigma
 
 
 # ---- checkpoints: safetensors + JSON, written atomically ------------------------------------------------
@@ -263,7 +294,8 @@ def denoising_loss(prediction: torch.Tensor, clean: torch.Tensor, noise: torch.T
     loss (0.25) near-clean steps, which this model already denoises well, got up to 16x the weight
     of the high noise levels where it fails (layout, colour and motion are decided there).
     ``motion_weight`` adds the same error on frame-to-frame differences, so an error that changes
-    between frames (wrong motion) costs more than one that stays."""
+    between frames (wrong motion) costs more than one that stays. Frames with sigma 0 (given clean)
+    are left out of the loss."""
     if prediction_type == "flow":
         return torch.nn.functional.mse_loss(prediction, noise - clean)
     s = broadcast_sigma(sigma, clean)
@@ -271,20 +303,27 @@ def denoising_loss(prediction: torch.Tensor, clean: torch.Tensor, noise: torch.T
     noisy = (1 - s) * clean + s * noise
     estimate = clean_estimate_from_output(prediction, noisy, s, prediction_type)
     error = (estimate - clean) / weight  # [B, C, F, H, W]
-    loss = torch.mean(error ** 2)
+    if bool((s == 0).any()):
+        # frames given clean (--first-frame-share) are conditioning, not something to denoise
+        denoised = (s > 0).expand_as(error)
+        loss = (error ** 2)[denoised].mean()
+    else:  # (the shipped recipe's exact arithmetic)
+        loss = torch.mean(error ** 2)
     if motion_weight > 0:
         loss = loss + motion_weight * torch.mean((error[:, :, 1:] - error[:, :, :-1]) ** 2)
     return loss
 
 
 def write_pipeline(components: dict, ema: dict[str, torch.Tensor], output: Path, provenance: dict,
-                   prediction_type: str) -> None:
+                   prediction_type: str, first_frame_sampling: bool = False) -> None:
     """save_pretrained the pipeline with the EMA weights into a temporary folder (plus
-    ``training.json``: how it was made), then swap it in."""
+    ``training.json``: how it was made), then swap it in. ``first_frame_sampling`` makes the
+    first-frame sampler the saved pipeline's default."""
     for name in ("transformer", "text_encoder"):
         model = components[name]
         model.load_state_dict({k[len(name) + 1:]: v for k, v in ema.items() if k.startswith(name + ".")})
-    pipe = EmbeddedVideoPipeline(**components, prediction_type=prediction_type)
+    pipe = EmbeddedVideoPipeline(**components, prediction_type=prediction_type,
+                                 first_frame_sampling=first_frame_sampling)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     umask = os.umask(0)
@@ -306,6 +345,41 @@ def write_pipeline(components: dict, ema: dict[str, torch.Tensor], output: Path,
         raise
 
 
+def init_from_pipeline(models: dict[str, torch.nn.Module], folder: Path) -> None:
+    """Load the transformer and text encoder weights of a saved pipeline (``--init-from``);
+    ValueError naming the folder when its sizes differ from the ones asked for."""
+    from safetensors.torch import load_file
+
+    for name, model in models.items():
+        files = sorted((folder / name).glob("*.safetensors"))
+        state = {k: v for f in files for k, v in load_file(str(f)).items()}
+        try:
+            model.load_state_dict(state, strict=name != "text_encoder")
+        except RuntimeError as error:
+            raise ValueError(f"--init-from {str(folder)!r}: its {name} does not match the model sizes asked "
+                             f"for: {str(error).splitlines()[0]}") from None
+
+
+def noisy_batch(videos: np.ndarray, shift: float, generator: torch.Generator, args: argparse.Namespace,
+                shares: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 clips ``[B, F, H, W, 3]`` -> ``(clean, noise, sigma [B, F], noisy, timestep)``, pixels in [-1, 1]
+    as ``[B, 3, F, H, W]``. ``shares=False`` (the single-frame images) gives one level per clip."""
+    clean = torch.from_numpy(videos).to(torch.float32).permute(0, 4, 1, 2, 3) / 127.5 - 1.0
+    noise = torch.randn(clean.shape, generator=generator)
+    if shares:
+        sigma = frame_sigmas(clean.shape[0], clean.shape[2], shift, args.frame_noise_share, generator,
+                             args.pyramid_share, args.first_frame_share)
+    else:
+        sigma = frame_sigmas(clean.shape[0], clean.shape[2], shift, 0.0, generator)
+    s = broadcast_sigma(sigma, clean)
+    noisy = (1 - s) * clean + s * noise
+    if shares and (args.frame_noise_share > 0 or args.pyramid_share > 0 or args.first_frame_share > 0):
+        timestep = model_timesteps(sigma, latent_grid(*clean.shape[2:]).tokens_per_frame)
+    else:  # one level per clip: the scalar timestep path of the shipped recipe
+        timestep = sigma[:, 0] * 1000
+    return clean, noise, sigma, noisy, timestep
+
+
 def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -318,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     components = build_components(config, seed=args.seed)
     tokenizer, text_encoder, transformer = components["tokenizer"], components["text_encoder"], components["transformer"]
     models = {"transformer": transformer, "text_encoder": text_encoder}
+    if args.init_from is not None:
+        init_from_pipeline(models, Path(args.init_from))
     parameters = [p for model in models.values() for p in model.parameters()]
     decay = [p for p in parameters if p.ndim >= 2]
     no_decay = [p for p in parameters if p.ndim < 2]
@@ -351,24 +427,23 @@ def main(argv: list[str] | None = None) -> int:
                                            run_up_frames=args.run_up_frames)
         captions = ["" if rng.random() < args.caption_dropout else c for c in captions]
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        clean = torch.from_numpy(videos).to(torch.float32).permute(0, 4, 1, 2, 3) / 127.5 - 1.0  # [B, 3, F, H, W]
-        noise = torch.randn(clean.shape, generator=generator)
-        sigma = frame_sigmas(args.batch_size, clean.shape[2], shift, args.frame_noise_share, generator,
-                             args.pyramid_share)  # [B, F]
-        s = broadcast_sigma(sigma, clean)
-        noisy = ((1 - s) * clean + s * noise).to(device)
-        if args.frame_noise_share > 0 or args.pyramid_share > 0:
-            timestep = model_timesteps(sigma, latent_grid(*clean.shape[2:]).tokens_per_frame)
-        else:  # one level per clip: the scalar timestep path of the shipped recipe
-            timestep = sigma[:, 0] * 1000
-
+        clean, noise, sigma, noisy, timestep = noisy_batch(videos, shift, generator, args)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         text = encode_text(tokenizer, text_encoder, captions, device)
-        model_input = transformer_input(components["transformer"], noisy)  # the unwrapped model's config
+        model_input = transformer_input(components["transformer"], noisy.to(device))  # the unwrapped model's config
         prediction = transformer(model_input, timestep.to(device), text, return_dict=False)[0]
         loss = denoising_loss(prediction.float(), clean.to(device), noise.to(device), sigma.to(device),
                               args.prediction_type, args.min_loss_sigma, args.motion_loss_weight)
+        if args.image_batch > 0:  # drawn after everything above, so the clips are those of a run without
+            images, image_captions, _ = sample_batch(rng, args.image_batch, 1, args.size, run_up_frames=args.run_up_frames)
+            image_captions = ["" if rng.random() < args.caption_dropout else c for c in image_captions]
+            clean1, noise1, sigma1, noisy1, timestep1 = noisy_batch(images, shift, generator, args, shares=False)
+            prediction1 = transformer(transformer_input(components["transformer"], noisy1.to(device)),
+                                      timestep1.to(device), encode_text(tokenizer, text_encoder, image_captions, device),
+                                      return_dict=False)[0]
+            loss = loss + denoising_loss(prediction1.float(), clean1.to(device), noise1.to(device), sigma1.to(device),
+                                         args.prediction_type, args.min_loss_sigma)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -400,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": vars(args), "steps": stop, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "mean_loss_last_100": float(np.mean([e["loss"] for e in log[-100:]])) if log else None,
             "wall_seconds_last_run": time.perf_counter() - began,
-        }, args.prediction_type)
+        }, args.prediction_type, first_frame_sampling=args.first_frame_share > 0 and args.image_batch > 0)
         accelerator.print(f"wrote {args.output} after {stop} steps "
                           f"({(time.perf_counter() - began) / 60:.1f} min this run)")
     return 0

@@ -278,6 +278,26 @@ def pyramid_frame_sigmas(progress: torch.Tensor, num_frames: int, frame_lag: tor
     return shifted_sigmas(remaining, shift).float()
 
 
+def first_frame_schedule(sigmas: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """``[len(sigmas), num_frames]`` per-frame noise levels of the first-frame sampler's second
+    stage: frame 0 is already drawn (0 throughout), the others follow the scheduler's ``sigmas``
+    (``[steps + 1]``, from 1 down to 0) together.
+
+    Example::
+
+        >>> first_frame_schedule(torch.tensor([1.0, 0.5, 0.0]), 3)
+        tensor([[0.0000, 1.0000, 1.0000],
+                [0.0000, 0.5000, 0.5000],
+                [0.0000, 0.0000, 0.0000]])
+    """
+    if sigmas.ndim != 1 or num_frames < 2:
+        raise ValueError(f"first_frame_schedule needs sigmas [steps + 1] and num_frames >= 2; got shape "
+                         f"{tuple(sigmas.shape)} and num_frames={num_frames}")
+    schedule = sigmas[:, None].expand(-1, num_frames).clone()
+    schedule[:, 0] = 0.0
+    return schedule
+
+
 @dataclass
 class EmbeddedPipelineOutput(BaseOutput):
     """``frames``: float ``[B, F, H, W, 3]`` in [0, 1] (``output_type="np"``), a tensor of the
@@ -291,12 +311,15 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer"
 
-    def __init__(self, tokenizer, text_encoder, transformer, scheduler, prediction_type: str = "sample") -> None:
+    def __init__(self, tokenizer, text_encoder, transformer, scheduler, prediction_type: str = "sample",
+                 first_frame_sampling: bool = False) -> None:
         super().__init__()
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
                               scheduler=scheduler)
-        # Saved in model_index.json, so a loaded pipeline knows what its transformer predicts.
-        self.register_to_config(prediction_type=check_prediction_type(prediction_type))
+        # Saved in model_index.json, so a loaded pipeline knows what its transformer predicts and
+        # which sampler it was trained for.
+        self.register_to_config(prediction_type=check_prediction_type(prediction_type),
+                                first_frame_sampling=bool(first_frame_sampling))
 
     @property
     def patch_pixels(self) -> int:
@@ -334,10 +357,21 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
         max_sequence_length: int = MAX_TEXT_TOKENS,
         frame_lag: float = 0.0,
+        first_frame: bool | None = None,
+        image: torch.Tensor | np.ndarray | None = None,
     ):
-        """Generate ``[B, F, H, W, 3]`` videos. ``frame_lag`` in [0, 1): 0 (the default) denoises
-        all frames together with the scheduler; above 0 later frames trail earlier ones
-        (:func:`lagged_frame_sigmas`), for models trained with per-frame noise levels."""
+        """Generate ``[B, F, H, W, 3]`` videos.
+
+        Samplers: ``first_frame`` (default: the model's ``first_frame_sampling`` config) draws frame 0
+        alone as a one-frame clip, then the other frames next to it, frame 0 held clean with
+        per-token timestep 0 (:func:`first_frame_schedule`; for models trained with
+        ``--first-frame-share`` and ``--image-batch``): where the shapes are is settled first, and
+        where they go is then up to the caption. Otherwise ``frame_lag`` in [0, 1): 0 denoises all
+        frames together with the scheduler; above 0 later frames trail earlier ones
+        (:func:`lagged_frame_sigmas`), for models trained with per-frame noise levels.
+        ``image`` (float ``[B, H, W, 3]`` or ``[H, W, 3]`` in [0, 1], the layout of ``frames``) gives
+        frame 0 instead of drawing it (image-to-video; implies ``first_frame``).
+        ``callback_on_step_end`` is called at every step of every stage."""
         from diffusers.utils.torch_utils import randn_tensor
 
         self.check_inputs(num_frames, height, width)
@@ -382,9 +416,38 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
                 prediction = unconditional + guidance_scale * (prediction - unconditional)
             return prediction.float()
 
-        if frame_lag > 0:
-            latents = self._sample_lagged(latents, guided_prediction, num_inference_steps, frame_lag, generator,
-                                          callback_on_step_end)
+        if image is not None:
+            if first_frame is False:
+                raise ValueError("image gives frame 0 for the first-frame sampler; it cannot be used with first_frame=False")
+            first_frame = True
+            given = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image, dtype=torch.float32)
+            given = given.to(device)
+            if given.ndim == 3:
+                given = given.unsqueeze(0).expand(batch, -1, -1, -1)
+            if tuple(given.shape) != (batch, height, width, 3):
+                raise ValueError(f"image must be [H, W, 3] or [{batch}, H, W, 3] with H={height}, W={width}, "
+                                 f"values in [0, 1]; got shape {tuple(given.shape)}")
+            given = (given * 2 - 1).permute(0, 3, 1, 2).unsqueeze(2)  # [B, 3, 1, H, W]
+        if first_frame is None:
+            first_frame = bool(self.config.get("first_frame_sampling", False))
+        if first_frame and frame_lag > 0:
+            raise ValueError(f"first_frame=True and frame_lag={frame_lag} are two different samplers; choose one")
+        if first_frame:
+            if image is not None:
+                first = given
+            else:
+                first = self._sample(latents[:, :, :1], guided_prediction, num_inference_steps, generator,
+                                     callback_on_step_end)
+            if num_frames > 1:
+                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                schedule = first_frame_schedule(self.scheduler.sigmas.to(torch.float32), num_frames)
+                latents = self._sample_per_frame(torch.cat([first, latents[:, :, 1:]], dim=2), guided_prediction,
+                                                 schedule, generator, callback_on_step_end)
+            else:
+                latents = first
+        elif frame_lag > 0:
+            schedule = lagged_frame_sigmas(num_inference_steps, num_frames, frame_lag, float(self.scheduler.config.shift))
+            latents = self._sample_per_frame(latents, guided_prediction, schedule, generator, callback_on_step_end)
         else:
             latents = self._sample(latents, guided_prediction, num_inference_steps, generator, callback_on_step_end)
 
@@ -424,16 +487,16 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
                 progress.update()
         return latents
 
-    def _sample_lagged(self, latents, guided_prediction, num_inference_steps, frame_lag, generator,
-                       callback_on_step_end):
-        """Per-frame noise levels (:func:`lagged_frame_sigmas`), stepped like the scheduler would:
-        re-noising the clean estimate (stochastic sampling) or an Euler step; a frame whose level
-        does not change in a step (not started yet, or already clean) is left as it is."""
+    def _sample_per_frame(self, latents, guided_prediction, schedule, generator, callback_on_step_end):
+        """Per-frame noise levels ``schedule`` ``[steps + 1, F]`` (:func:`lagged_frame_sigmas`,
+        :func:`first_frame_schedule`), stepped like the scheduler would: re-noising the clean
+        estimate (stochastic sampling) or an Euler step; a frame whose level does not change in a
+        step (not started yet, or already clean) is left as it is."""
         from diffusers.utils.torch_utils import randn_tensor
 
         batch, _, num_frames, height, width = latents.shape
-        schedule = lagged_frame_sigmas(num_inference_steps, num_frames, frame_lag,
-                                       float(self.scheduler.config.shift)).to(latents.device)
+        schedule = schedule.to(latents.device)
+        num_inference_steps = schedule.shape[0] - 1
         tokens_per_frame = latent_grid(num_frames, height, width, self.patch_pixels).tokens_per_frame
         stochastic = bool(self.scheduler.config.get("stochastic_sampling", False))
         with self.progress_bar(total=num_inference_steps) as progress:
