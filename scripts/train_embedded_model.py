@@ -38,8 +38,8 @@ if str(REPO) not in sys.path:
 from diffattn._io import atomic_path, atomic_write_text  # noqa: E402
 from diffattn.pipelines.embedded import (  # noqa: E402
     EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components, check_prediction_type,
-    clean_estimate_from_output, encode_text, is_embedded_folder, latent_grid, model_timesteps, pyramid_frame_sigmas,
-    shifted_sigmas, transformer_input,
+    clean_estimate_from_output, encode_text, is_embedded_folder, latent_grid, load_embedded_pipeline, model_timesteps,
+    pyramid_frame_sigmas, shifted_sigmas, transformer_input,
 )
 from diffattn.pipelines.shapes import FRAMES_BEFORE_BOUNCE, MAX_RUN_UP_FRAMES, sample_batch  # noqa: E402
 
@@ -348,16 +348,18 @@ def write_pipeline(components: dict, ema: dict[str, torch.Tensor], output: Path,
 def init_from_pipeline(models: dict[str, torch.nn.Module], folder: Path) -> None:
     """Load the transformer and text encoder weights of a saved pipeline (``--init-from``);
     ValueError naming the folder when its sizes differ from the ones asked for."""
-    from safetensors.torch import load_file
-
+    saved = load_embedded_pipeline(folder)
     for name, model in models.items():
-        files = sorted((folder / name).glob("*.safetensors"))
-        state = {k: v for f in files for k, v in load_file(str(f)).items()}
         try:
-            model.load_state_dict(state, strict=name != "text_encoder")
+            model.load_state_dict(getattr(saved, name).state_dict())
         except RuntimeError as error:
             raise ValueError(f"--init-from {str(folder)!r}: its {name} does not match the model sizes asked "
                              f"for: {str(error).splitlines()[0]}") from None
+
+
+def drop_captions(rng: np.random.Generator, captions: list[str], share: float) -> list[str]:
+    """Each caption replaced by the empty one with probability ``share`` (for classifier-free guidance)."""
+    return ["" if rng.random() < share else c for c in captions]
 
 
 def noisy_batch(videos: np.ndarray, shift: float, generator: torch.Generator, args: argparse.Namespace,
@@ -425,25 +427,24 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng([args.seed, step, accelerator.process_index])
         videos, captions, _ = sample_batch(rng, args.batch_size, clip_frames(step, args), args.size,
                                            run_up_frames=args.run_up_frames)
-        captions = ["" if rng.random() < args.caption_dropout else c for c in captions]
+        captions = drop_captions(rng, captions, args.caption_dropout)
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        clean, noise, sigma, noisy, timestep = noisy_batch(videos, shift, generator, args)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
-        text = encode_text(tokenizer, text_encoder, captions, device)
-        model_input = transformer_input(components["transformer"], noisy.to(device))  # the unwrapped model's config
-        prediction = transformer(model_input, timestep.to(device), text, return_dict=False)[0]
-        loss = denoising_loss(prediction.float(), clean.to(device), noise.to(device), sigma.to(device),
-                              args.prediction_type, args.min_loss_sigma, args.motion_loss_weight)
+
+        def batch_loss(clips: np.ndarray, texts: list[str], shares: bool) -> torch.Tensor:
+            clean, noise, sigma, noisy, timestep = noisy_batch(clips, shift, generator, args, shares)
+            model_input = transformer_input(components["transformer"], noisy.to(device))  # the unwrapped model's config
+            prediction = transformer(model_input, timestep.to(device), encode_text(tokenizer, text_encoder, texts, device),
+                                     return_dict=False)[0]
+            # no motion term for single frames (it has no frame pairs)
+            return denoising_loss(prediction.float(), clean.to(device), noise.to(device), sigma.to(device),
+                                  args.prediction_type, args.min_loss_sigma, args.motion_loss_weight if shares else 0.0)
+
+        loss = batch_loss(videos, captions, shares=True)
         if args.image_batch > 0:  # drawn after everything above, so the clips are those of a run without
             images, image_captions, _ = sample_batch(rng, args.image_batch, 1, args.size, run_up_frames=args.run_up_frames)
-            image_captions = ["" if rng.random() < args.caption_dropout else c for c in image_captions]
-            clean1, noise1, sigma1, noisy1, timestep1 = noisy_batch(images, shift, generator, args, shares=False)
-            prediction1 = transformer(transformer_input(components["transformer"], noisy1.to(device)),
-                                      timestep1.to(device), encode_text(tokenizer, text_encoder, image_captions, device),
-                                      return_dict=False)[0]
-            loss = loss + denoising_loss(prediction1.float(), clean1.to(device), noise1.to(device), sigma1.to(device),
-                                         args.prediction_type, args.min_loss_sigma)
+            loss = loss + batch_loss(images, drop_captions(rng, image_captions, args.caption_dropout), shares=False)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(parameters, 1.0)
         optimizer.step()

@@ -420,8 +420,7 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
             if first_frame is False:
                 raise ValueError("image gives frame 0 for the first-frame sampler; it cannot be used with first_frame=False")
             first_frame = True
-            given = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image, dtype=torch.float32)
-            given = given.to(device)
+            given = torch.as_tensor(image, dtype=torch.float32).to(device)
             if given.ndim == 3:
                 given = given.unsqueeze(0).expand(batch, -1, -1, -1)
             if tuple(given.shape) != (batch, height, width, 3):
@@ -433,11 +432,8 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         if first_frame and frame_lag > 0:
             raise ValueError(f"first_frame=True and frame_lag={frame_lag} are two different samplers; choose one")
         if first_frame:
-            if image is not None:
-                first = given
-            else:
-                first = self._sample(latents[:, :, :1], guided_prediction, num_inference_steps, generator,
-                                     callback_on_step_end)
+            first = given if image is not None else self._sample(
+                latents[:, :, :1], guided_prediction, num_inference_steps, generator, callback_on_step_end)
             if num_frames > 1:
                 self.scheduler.set_timesteps(num_inference_steps, device=device)
                 schedule = first_frame_schedule(self.scheduler.sigmas.to(torch.float32), num_frames)
