@@ -8,6 +8,7 @@ Example:
 """
 
 from .adapters import apply, remove
+from .errors import DenseFallbackWarning, UserError
 from .kernels import block_sparse_attention
 from .patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
 from .processors import SparsityConfig
@@ -18,11 +19,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockLayout",
     "Dense",
+    "DenseFallbackWarning",
     "Neighborhood",
     "Pattern",
     "ProfileReport",
     "Radial",
     "SparsityConfig",
+    "UserError",
     "VideoGrid",
     "__version__",
     "apply",

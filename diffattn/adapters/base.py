@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..errors import DenseFallbackWarning
 from ..patterns import VideoGrid
 from ..processors.config import SparsityConfig
 from ..processors.state import SparsityState
@@ -66,11 +67,6 @@ def call_argument(args: tuple, kwargs: dict, name: str, position: int, required:
     if required:
         raise ValueError(f"the transformer was called without {name!r} (keyword, or positional #{position})")
     return None
-
-
-class DenseFallbackWarning(UserWarning):
-    """A sparsified transformer was called with inputs that form no token grid, so the call ran
-    the stock dense attention (issued once per installed transformer)."""
 
 
 @dataclass
