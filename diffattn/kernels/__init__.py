@@ -4,7 +4,7 @@ Torch only at import time: the Triton kernels (``triton_*.py``) are imported laz
 dispatcher the first time ``backend="triton"`` is used.
 """
 
-from .api import BACKENDS, SUPPORTED_DTYPES, block_sparse_attention
+from .api import BACKENDS, SUPPORTED_DTYPES, block_sparse_attention, support_problems
 from .cpu import cpu_block_sparse_attention
 from .reference import masked_attention_reference
 
@@ -14,4 +14,5 @@ __all__ = [
     "block_sparse_attention",
     "cpu_block_sparse_attention",
     "masked_attention_reference",
+    "support_problems",
 ]

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..patterns.layout import BlockLayout
 from .cpu import cpu_block_sparse_attention
 from .reference import masked_attention_reference
@@ -147,7 +148,7 @@ def _raise(problems: list[str], backend: Any, q: Any, k: Any, v: Any, layout: An
         f"`{backend}` is not supported because:",
     ]
     lines += [f"    {p}" for p in problems]
-    raise ValueError("\n".join(lines))
+    raise UserError("\n".join(lines))
 
 
 def _layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
@@ -158,6 +159,38 @@ def _layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
     if key not in per_device:
         per_device[key] = layout.to(device)
     return per_device[key]
+
+
+def _check(q: Any, k: Any, v: Any, layout: Any, scale: Any, return_lse: Any, backend: Any) -> tuple[str | None, list[str]]:
+    """(resolved backend, every reason the call would be refused); no reasons means it runs."""
+    problems = _input_problems(q, k, v, layout, scale, return_lse)
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    resolved, backend_problems = _resolve_backend(backend, device)
+    problems += backend_problems
+    if not problems and resolved is not None:
+        problems = _backend_problems(resolved, q, k, v, layout, device)
+        if not problems and resolved == "triton":
+            problems = _triton_problems(q, k, v, _layout_on(layout, device))
+    return resolved, problems
+
+
+def support_problems(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, backend: str = "auto"
+) -> list[str]:
+    """Every reason :func:`block_sparse_attention` would refuse these inputs (``[]`` when it runs them).
+
+    Processors ask this before a sparse call, so that an input the backend does not support (a
+    head dim, a dtype, a device) runs the stock attention with a warning instead of failing
+    mid-generation.
+
+    Example:
+        >>> from diffattn import Dense, VideoGrid
+        >>> layout = Dense().layout(VideoGrid(1, 4, 4), block_size=32)
+        >>> q = torch.randn(1, 1, 16, 8, dtype=torch.float64)
+        >>> support_problems(q, q, q, layout)
+        ['q.dtype=float64 is not supported; allowed: float16, bfloat16, float32', 'k.dtype=float64 is not supported; allowed: float16, bfloat16, float32', 'v.dtype=float64 is not supported; allowed: float16, bfloat16, float32']
+    """
+    return _check(q, k, v, layout, None, False, backend)[1]
 
 
 def block_sparse_attention(
@@ -198,20 +231,11 @@ def block_sparse_attention(
         >>> block_sparse_attention(q, k, v, layout).shape
         torch.Size([1, 2, 256, 64])
     """
-    problems = _input_problems(q, k, v, layout, scale, return_lse)
-    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    resolved, backend_problems = _resolve_backend(backend, device)
-    problems += backend_problems
-    given_layout = layout
-    if not problems and resolved is not None:
-        problems = _backend_problems(resolved, q, k, v, layout, device)
-        if not problems:
-            layout = _layout_on(layout, device)
-            if resolved == "triton":
-                problems = _triton_problems(q, k, v, layout)
+    resolved, problems = _check(q, k, v, layout, scale, return_lse, backend)
     if problems:
         shown = backend if resolved in (None, backend) else f"{backend} -> {resolved}"
-        _raise(problems, shown, q, k, v, given_layout)
+        _raise(problems, shown, q, k, v, layout)
+    layout = _layout_on(layout, q.device)
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.numel() == 0:  # B == 0 or H == 0: nothing to attend
