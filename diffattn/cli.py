@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's; 7.0 for the embedded model (the best of 3, 5 and 7 on the tuning captions)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the first video (video i uses seed + i)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--probes", action="store_true",
+                   help="also run the diagnostics on the tuning captions: one-step denoising profile and "
+                        "caption-word sensitivity (about 3x the evaluation's model calls)")
     return parser
 
 
@@ -222,21 +225,23 @@ def cmd_eval_embedded(args) -> int:
         report_path=args.report, model=args.model, preset=args.preset, num_captions=args.num_captions,
         num_frames=args.num_frames, size=args.size, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
-        log=lambda line: print(line, file=sys.stderr),
+        log=lambda line: print(line, file=sys.stderr), probes=args.probes,
     )
     by = report["adherence_by_check"]
     print(f"adherence {report['adherence']:.3f} (present {by['present']:.3f}, shape {by['shape']:.3f}, "
           f"direction {by['direction']:.3f}; objects fully right {report['objects_fully_correct']:.3f})")
     print(f"motion deviation {report['motion_deviation_px']:.2f} px (median {report['motion_deviation_px_median']:.2f}; "
           f"detector on ground truth: {report['ground_truth']['motion_deviation_px']:.2f} px)")
-    profile = report["denoising_profile"]
-    print("one-step denoising of true clips, adherence by noise level: " + ", ".join(
-        f"{sigma:g}: {value:.2f}" for sigma, value in zip(profile["sigmas"], profile["adherence"])))
-    probe = report["caption_sensitivity"]
-    print("caption words read at sigma " + ", ".join(f"{sigma:g}" for sigma in probe["sigmas"]) + ": estimate change "
-          + "; ".join(f"{kind} " + "/".join(f"{v:.4f}" for v in values) for kind, values in probe["mean_abs_change"].items())
-          + "; direction following " + "/".join(f"{v:.2f}" for v in probe["direction_following_px_per_frame"])
-          + " px/frame")
+    if args.probes:
+        profile = report["denoising_profile"]
+        print("one-step denoising of true clips, adherence by noise level: " + ", ".join(
+            f"{sigma:g}: {value:.2f}" for sigma, value in zip(profile["sigmas"], profile["adherence"])))
+        probe = report["caption_sensitivity"]
+        print("caption words read at sigma " + ", ".join(f"{sigma:g}" for sigma in probe["sigmas"])
+              + ": estimate change " + "; ".join(f"{kind} " + "/".join(f"{v:.4f}" for v in values)
+                                                 for kind, values in probe["mean_abs_change"].items())
+              + "; direction following " + "/".join(f"{v:.2f}" for v in probe["direction_following_px_per_frame"])
+              + " px/frame")
     print(f"targets (adherence >= {report['targets']['adherence']}, deviation <= "
           f"{report['targets']['motion_deviation_px']} px): {'met' if report['targets_met'] else 'NOT met'}")
     print("wrote " + ", ".join(paths))

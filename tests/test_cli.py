@@ -188,7 +188,7 @@ def test_profile_bad_input_through_the_console_script(tmp_path):
 def test_eval_embedded_writes_report_and_contact_sheet(tmp_path):
     report = tmp_path / "eval.json"
     result = run("eval-embedded", "--num-captions", "2", "--num-frames", "5", "--steps", "2", "--batch-size", "2",
-                 "--report", str(report), script=True, env=ONE_THREAD)
+                 "--probes", "--report", str(report), script=True, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
     for key in ("adherence", "motion_deviation_px", "adherence_by_check", "ground_truth", "targets_met", "videos"):

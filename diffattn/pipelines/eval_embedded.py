@@ -4,11 +4,17 @@ Held-out clips come from a seed stream the training script never draws from (tra
 ``default_rng([seed, step, process])``; evaluation ``default_rng([EVAL_SEED, index])``). Note that
 the 72 one-shape captions are all seen in training; two- and three-shape combinations mostly not.
 
-Example::
+The evaluation is :func:`evaluate_embedded` (what ``diffattn eval-embedded`` reports); two probes,
+:func:`denoising_profile` and :func:`caption_sensitivity`, diagnose a model on the tuning stream
+(``diffattn eval-embedded --probes``).
 
-    >>> report, videos = evaluate_embedded(load_embedded_pipeline(), num_captions=32)
-    >>> report["adherence"], report["motion_deviation_px"]           # doctest: +SKIP
-    (0.9, 0.8)
+Example:
+    >>> from diffattn.pipelines.embedded import load_embedded_pipeline
+    >>> pipe = load_embedded_pipeline()
+    >>> pipe.set_progress_bar_config(disable=True)
+    >>> report, videos = evaluate_embedded(pipe, num_captions=1, num_frames=3, num_inference_steps=2)
+    >>> 0.0 <= report["adherence"] <= 1.0, videos[0].shape
+    (True, (3, 64, 64, 3))
 """
 
 from __future__ import annotations
@@ -20,13 +26,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..patterns._checks import check_choice
-from .embedded import DEFAULT_CALL, clean_estimate_from_output, transformer_input
+from ..errors import UserError
+from .embedded import DEFAULT_CALL
 from .generate import check_positive, to_uint8
 from .shape_detector import MAX_COLOUR_DISTANCE, score_video
 from .shapes import (
-    COLOURS, DIRECTIONS, FRAMES_BEFORE_BOUNCE, SHAPES, ClipSpec, caption, render_clip, sample_background,
-    sample_clip, sample_shape,
+    COLOURS, DIRECTIONS, FRAMES_BEFORE_BOUNCE, SHAPES, ClipSpec, caption, render_clip, sample_clip,
 )
 
 EVAL_SEED = 20261122
@@ -42,7 +47,13 @@ TARGET_DEVIATION_PX = 2.0
 
 
 def held_out_specs(count: int, seed: int = EVAL_SEED):
-    """``count`` clip specs from the evaluation seed stream (disjoint from training's)."""
+    """``count`` clip specs from a held-out seed stream (disjoint from training's): ``EVAL_SEED``
+    for reported numbers, ``TUNING_SEED`` for choosing settings.
+
+    Example:
+        >>> [len(spec.shapes) for spec in held_out_specs(3)]
+        [1, 3, 1]
+    """
     return [sample_clip(np.random.default_rng([seed, index])) for index in range(count)]
 
 
@@ -57,7 +68,6 @@ def evaluate_embedded(
     batch_size: int = 8,
     log: Callable[[str], None] | None = None,
     caption_seed: int = EVAL_SEED,
-    frame_lag: float = 0.0,
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Generate one video per held-out caption and score adherence and motion.
 
@@ -70,12 +80,8 @@ def evaluate_embedded(
     scores of the detector on the ground-truth renders of the same captions (its own error
     floor), ``targets_met``, settings, timings and per-video details. ``caption_seed`` picks the
     held-out stream: :data:`EVAL_SEED` for reported numbers, :data:`TUNING_SEED` for tuning.
-    ``frame_lag`` > 0 is passed to the pipeline (later frames trail earlier ones).
     """
-    if num_captions < 1:
-        raise ValueError(f"num_captions must be >= 1; got {num_captions}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    check_positive({"num_captions": num_captions, "batch_size": batch_size})
     specs = held_out_specs(num_captions, caption_seed)
     captions = [caption(spec) for spec in specs]
     call: dict[str, Any] = dict(num_frames=num_frames, height=size, width=size, output_type="np")
@@ -83,8 +89,6 @@ def evaluate_embedded(
         call["num_inference_steps"] = num_inference_steps
     if guidance_scale is not None:
         call["guidance_scale"] = guidance_scale
-    if frame_lag:
-        call["frame_lag"] = frame_lag
     videos = []
     start = time.perf_counter()
     for first in range(0, num_captions, batch_size):
@@ -132,7 +136,6 @@ def evaluate_embedded(
         "width": size,
         "num_inference_steps": call.get("num_inference_steps", DEFAULT_CALL["num_inference_steps"]),
         "guidance_scale": call.get("guidance_scale", DEFAULT_CALL["guidance_scale"]),
-        "frame_lag": float(frame_lag),
         "seed": seed,
         "caption_seed": caption_seed,
         "generation_seconds": seconds,
@@ -142,19 +145,30 @@ def evaluate_embedded(
 
 
 def check_sigmas(sigmas: tuple[float, ...]) -> None:
+    """UserError unless ``sigmas`` is a non-empty sequence of noise levels in (0, 1].
+
+    Example:
+        >>> check_sigmas((0.5, 1.0))
+    """
     if not sigmas or not all(0.0 < sigma <= 1.0 for sigma in sigmas):
-        raise ValueError(f"sigmas must be non-empty and in (0, 1]; got {sigmas!r}")
+        raise UserError(f"sigmas must be non-empty and in (0, 1]; got {sigmas!r}")
 
 
 def clean_estimate(pipe: Any, noisy: torch.Tensor, sigma: float, text: torch.Tensor) -> torch.Tensor:
     """One conditional transformer call (no guidance): the clean-clip estimate ``[B, 3, F, H, W]``
-    in [-1, 1] for ``noisy`` at noise level ``sigma``, whatever the pipeline's prediction type."""
+    in [-1, 1] for ``noisy`` (``[B, 3, F, H, W]``) at noise level ``sigma``, with text embeddings
+    ``text`` ``[B, L, TEXT_DIM]``; the transformer predicts the clean clip.
+
+    Example:
+        >>> from diffattn.pipelines.embedded import load_embedded_pipeline
+        >>> pipe = load_embedded_pipeline()
+        >>> clean_estimate(pipe, torch.zeros(1, 3, 2, 16, 16), 0.5, pipe.encode_prompt("a red circle moves up")).shape
+        torch.Size([1, 3, 2, 16, 16])
+    """
     dtype = pipe.transformer.dtype
     timestep = torch.full((noisy.shape[0],), sigma * pipe.scheduler.config.num_train_timesteps, device=noisy.device)
-    model_input = transformer_input(pipe.transformer, noisy)
-    output = pipe.transformer(model_input, timestep, text.to(dtype), return_dict=False)[0].float()
-    estimate = clean_estimate_from_output(output, noisy, sigma, pipe.config.prediction_type)
-    return estimate.clamp(-1, 1)
+    output = pipe.transformer(noisy.to(dtype), timestep, text.to(dtype), return_dict=False)[0].float()
+    return output.clamp(-1, 1)
 
 
 #: Noise levels of the one-step denoising profile (rectified flow: x_t = (1 - sigma) x0 + sigma noise).
@@ -181,6 +195,12 @@ def denoising_profile(
 
     Returns ``{"sigmas", "adherence", "adherence_by_check": {"present"|"shape"|"direction": [...]},
     "x0_mse"}``, one entry per sigma (``x0_mse`` on the [-1, 1] pixel scale).
+
+    Example:
+        >>> from diffattn.pipelines.embedded import load_embedded_pipeline
+        >>> profile = denoising_profile(load_embedded_pipeline(), num_captions=1, num_frames=3, sigmas=(0.2, 0.9))
+        >>> profile["sigmas"], len(profile["adherence"])
+        ([0.2, 0.9], 2)
     """
     check_sigmas(sigmas)
     specs = held_out_specs(num_captions, caption_seed)
@@ -227,7 +247,13 @@ OPPOSITE = {name: next(other for other, (ox, oy) in DIRECTIONS.items() if (ox, o
 def swapped_specs(spec: ClipSpec) -> dict[str, ClipSpec]:
     """``spec`` with one word of its first shape's phrase changed, per kind of word: the colour to
     the first palette colour the clip does not use, the shape to the next one, the direction to
-    its opposite. Geometry (start, size, speed) stays, so only the caption differs."""
+    its opposite. Geometry (start, size, speed) stays, so only the caption differs.
+
+    Example:
+        >>> spec = held_out_specs(1)[0]
+        >>> caption(spec), caption(swapped_specs(spec)["direction"])
+        ('a red square moves up', 'a red square moves down')
+    """
     first = spec.shapes[0]
     used = {shape.colour for shape in spec.shapes}
     changes = {"colour": dict(colour=next(c for c in COLOURS if c not in used)),
@@ -240,7 +266,15 @@ def swapped_specs(spec: ClipSpec) -> dict[str, ClipSpec]:
 def colour_centroids(video: torch.Tensor, colour: str) -> torch.Tensor:
     """``[F, 2]`` (x, y) pixel centroids of how much each pixel of ``video`` ``[3, F, H, W]`` (in
     [-1, 1]) looks like palette ``colour``: weight 1 at the colour, falling linearly to 0 at the
-    detector's colour tolerance, so blurry estimates count too and grey backgrounds do not."""
+    detector's colour tolerance, so blurry estimates count too and grey backgrounds do not.
+
+    Example:
+        >>> video = torch.full((3, 2, 16, 16), -1.0)                    # black, 2 frames
+        >>> video[:, :, 4:8, 4:8] = (torch.tensor([220.0, 50.0, 50.0]) / 127.5 - 1).view(3, 1, 1, 1)
+        >>> colour_centroids(video, "red")                              # a red 4x4 square at pixels 4..7
+        tensor([[6., 6.],
+                [6., 6.]])
+    """
     rgb = (video.float() + 1) * 127.5
     target = torch.tensor(COLOURS[colour], dtype=torch.float32, device=video.device).view(3, 1, 1, 1)
     weight = (1 - torch.linalg.vector_norm(rgb - target, dim=0) / MAX_COLOUR_DISTANCE).clamp(min=0)  # [F, H, W]
@@ -276,6 +310,12 @@ def caption_sensitivity(
     0 for one that ignores it; NaN where no estimate holds the shape's colour within the
     detector's tolerance (a blurry mean prediction at sigma 1 often does not). At sigma 1 the
     input is pure noise, so a model can only get layout and motion from the caption.
+
+    Example:
+        >>> from diffattn.pipelines.embedded import load_embedded_pipeline
+        >>> probe = caption_sensitivity(load_embedded_pipeline(), num_captions=1, num_frames=3)
+        >>> sorted(probe["mean_abs_change"])
+        ['colour', 'direction', 'shape']
     """
     check_sigmas(sigmas)
     specs = held_out_specs(num_captions, caption_seed)
@@ -317,63 +357,14 @@ def caption_sensitivity(
     }
 
 
-def ideal_pure_noise_estimate(colour: str, shape: str, direction: str, num_clips: int = 600, num_frames: int = 17,
-                              size: int = 64, seed: int = 0) -> np.ndarray:
-    """``float [num_frames, size, size, 3]`` in [-1, 1]: the best possible (least-squares) clean
-    estimate at sigma 1 for the one-shape caption "a {colour} {shape} moves {direction}", i.e. the
-    mean of the training distribution's clips with that caption, by Monte Carlo over
-    ``num_clips`` of them (shapes drawn as :func:`~diffattn.pipelines.shapes.sample_clip` draws
-    them, kept when kind and direction match). The reference scale for :func:`caption_sensitivity`:
-    what a model that has learned everything a caption says about layout would predict from
-    pure noise.
-
-    Example::
-
-        >>> left = ideal_pure_noise_estimate("red", "circle", "left")
-        >>> right = ideal_pure_noise_estimate("red", "circle", "right")
-        >>> float(np.abs(left - right).mean())      # what reading the direction word is worth
-    """
-    check_choice("colour", colour, tuple(COLOURS))
-    check_choice("shape", shape, SHAPES)
-    check_choice("direction", direction, tuple(DIRECTIONS))
-    check_positive({"num_clips": num_clips, "num_frames": num_frames})
-    rng = np.random.default_rng(seed)
-    total = np.zeros((num_frames, size, size, 3))
-    kept = 0
-    while kept < num_clips:
-        drawn = sample_shape(rng, colour)
-        if drawn.shape != shape or drawn.direction != direction:
-            continue
-        total += render_clip(ClipSpec((drawn,), sample_background(rng)), num_frames, size)
-        kept += 1
-    return total / num_clips / 127.5 - 1.0
-
-
-def ideal_caption_sensitivity(num_clips: int = 600, num_frames: int = 17, size: int = 64, seed: int = 0
-                              ) -> dict[str, float]:
-    """:func:`caption_sensitivity`'s ``mean_abs_change`` at sigma 1 for the least-squares
-    estimate (:func:`ideal_pure_noise_estimate`), on "a red circle moves left" with the colour
-    swapped to green or the direction to right (one-shape captions: the probe's swaps, without the
-    other shapes), and ``mse_gain``: how much lower the sigma-1 x0 loss is for knowing the word --
-    the variance of the four directions' estimates around their mean (red circle), or of red's and
-    green's (circle, left)."""
-    estimate = {(c, d): ideal_pure_noise_estimate(c, "circle", d, num_clips, num_frames, size, seed + index)
-                for index, (c, d) in enumerate([("red", d) for d in DIRECTIONS] + [("green", "left")])}
-    base = estimate["red", "left"]
-    by_direction = np.stack([estimate["red", d] for d in DIRECTIONS])
-    by_colour = np.stack([base, estimate["green", "left"]])
-    return {
-        "mean_abs_change": {"colour": float(np.abs(estimate["green", "left"] - base).mean()),
-                            "direction": float(np.abs(estimate["red", "right"] - base).mean())},
-        "mse_gain": {"colour": float(((by_colour - by_colour.mean(0)) ** 2).mean()),
-                     "direction": float(((by_direction - by_direction.mean(0)) ** 2).mean())},
-        "num_clips": num_clips,
-    }
-
-
 def contact_sheet(videos: list[np.ndarray], frames: tuple[int, ...] = (0, 8, 16), rows: int = 8) -> np.ndarray:
     """``uint8 [rows*H, len(frames)*W, 3]``: the given frames (clamped to each video's length) of
-    the first ``rows`` videos, one video per row."""
+    the first ``rows`` videos, one video per row.
+
+    Example:
+        >>> contact_sheet([np.zeros((17, 64, 64, 3), np.uint8)] * 2).shape
+        (128, 192, 3)
+    """
     lines = []
     for video in videos[:rows]:
         lines.append(np.concatenate([video[min(f, len(video) - 1)] for f in frames], axis=1))
@@ -381,7 +372,16 @@ def contact_sheet(videos: list[np.ndarray], frames: tuple[int, ...] = (0, 8, 16)
 
 
 def write_report(report: dict[str, Any], videos: list[np.ndarray], path: str) -> list[str]:
-    """Write the JSON report atomically, and a PNG contact sheet beside it; returns the paths."""
+    """Write the JSON report atomically, and a PNG contact sheet of ``videos`` (uint8
+    ``[F, H, W, 3]`` each) beside it; returns the paths.
+
+    Example:
+        >>> import tempfile
+        >>> video = np.zeros((3, 64, 64, 3), np.uint8)
+        >>> paths = write_report({"adherence": 0.5}, [video], f"{tempfile.mkdtemp()}/r.json")
+        >>> [path.rsplit(".", 1)[1] for path in paths]
+        ['json', 'png']
+    """
     import json
     from pathlib import Path
 
@@ -398,7 +398,12 @@ def write_report(report: dict[str, Any], videos: list[np.ndarray], path: str) ->
 
 
 def nan_to_null(value: Any) -> Any:
-    """``value`` with every NaN (no shape found to measure) replaced by None: JSON has no NaN."""
+    """``value`` with every NaN (no shape found to measure) replaced by None: JSON has no NaN.
+
+    Example:
+        >>> nan_to_null({"deviation": [1.0, float("nan")]})
+        {'deviation': [1.0, None]}
+    """
     if isinstance(value, float) and value != value:
         return None
     if isinstance(value, dict):
@@ -411,31 +416,42 @@ def nan_to_null(value: Any) -> Any:
 def run_evaluation(report_path: str, model: str | None = None, preset: str = "dense", num_captions: int = 32,
                    num_frames: int = 17, size: int = 64, num_inference_steps: int | None = None,
                    guidance_scale: float | None = None, seed: int = 0, batch_size: int = 8,
-                   log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[str]]:
+                   log: Callable[[str], None] | None = None, probes: bool = False
+                   ) -> tuple[dict[str, Any], list[str]]:
     """``diffattn eval-embedded``: check the arguments, load the model, apply ``preset``, evaluate
-    and write the report (JSON + PNG contact sheet). Bad arguments raise ValueError before any work."""
+    and write the report (JSON + PNG contact sheet); returns ``(report, written paths)``. Bad
+    arguments raise UserError before any work. ``probes`` adds the :func:`denoising_profile` and
+    :func:`caption_sensitivity` diagnostics (on the tuning stream) to the report.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> report, paths = run_evaluation(f"{folder}/eval.json", num_captions=1, num_frames=3, num_inference_steps=2)
+        >>> [path.rsplit(".", 1)[1] for path in paths], "denoising_profile" in report
+        (['json', 'png'], False)
+    """
     from pathlib import Path
 
     from ..adapters import apply
     from .embedded import check_size, fitting_preset, load_embedded_pipeline
 
     if Path(report_path).suffix.lower() != ".json":
-        raise ValueError(f"--report must be a .json path; got {report_path!r}")
+        raise UserError(f"--report must be a .json path; got {report_path!r}")
     check_positive({"--num-captions": num_captions, "--batch-size": batch_size, "--steps": num_inference_steps})
     check_size(num_frames, size, size, cli_flags=True)
     loaded = fitting_preset(preset, num_frames, size, size)
     try:
         pipe = load_embedded_pipeline(model)
     except FileNotFoundError as error:
-        raise ValueError(str(error)) from None
+        raise UserError(str(error)) from None
     apply(pipe, loaded.config)
     report, videos = evaluate_embedded(pipe, num_captions, num_frames, size, num_inference_steps, guidance_scale,
                                        seed, batch_size, log)
-    # On the tuning stream: a diagnostic, not a reported score.
-    report["denoising_profile"] = denoising_profile(pipe, num_captions, num_frames, size, seed=seed,
-                                                    batch_size=batch_size)
-    report["caption_sensitivity"] = caption_sensitivity(pipe, num_captions, num_frames, size, seed=seed,
+    if probes:  # on the tuning stream: diagnostics, not reported scores
+        report["denoising_profile"] = denoising_profile(pipe, num_captions, num_frames, size, seed=seed,
                                                         batch_size=batch_size)
+        report["caption_sensitivity"] = caption_sensitivity(pipe, num_captions, num_frames, size, seed=seed,
+                                                            batch_size=batch_size)
     report["model"] = model or "embedded (shipped)"
     report["preset"] = loaded.name
     report["device"] = "cpu"

@@ -12,13 +12,13 @@ A :class:`ClipSpec` is the whole truth about a clip: it renders any number of fr
 the ground-truth trajectories (:func:`true_centroids`) that the detector is tested against.
 Everything is a pure function of a ``numpy`` generator: same seed, same clips.
 
-Example::
-
+Example:
     >>> rng = np.random.default_rng(0)
     >>> spec = sample_clip(rng)
-    >>> video = render_clip(spec, num_frames=17)        # uint8 [17, 64, 64, 3]
-    >>> caption(spec)                                   # doctest: +SKIP
-    'a yellow triangle moves up and a cyan circle moves left'
+    >>> render_clip(spec, num_frames=17).shape
+    (17, 64, 64, 3)
+    >>> caption(spec)
+    'a purple circle moves left and a green triangle moves left and a blue circle moves up'
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..errors import UserError
 
 #: Shape colours (name -> RGB). Saturated and far apart, so colour masks separate them; the
 #: backgrounds are low-saturation greys, far from all of them.
@@ -50,9 +52,6 @@ SPEED_RANGE = (1.0, 2.5)
 #: A shape travels at least this many frames before its first bounce, so its captioned
 #: direction is visible at the start of every clip.
 FRAMES_BEFORE_BOUNCE = 5
-#: The most run-up frames a clip can ask for: the fastest, largest shape must still fit its run-up
-#: inside the frame.
-MAX_RUN_UP_FRAMES = int((BASE_SIZE - 2 * RADIUS_RANGE[1]) // SPEED_RANGE[1])
 #: Shapes keep their bounding boxes this many pixels apart during the first BASE_FRAMES frames,
 #: so that no shape hides another at the base length (the detector needs to see them whole).
 BASE_FRAMES = 17
@@ -100,18 +99,19 @@ def caption(spec: ClipSpec) -> str:
     return " and ".join(shape.phrase() for shape in spec.shapes)
 
 
-def sample_clip(rng: np.random.Generator, max_shapes: int = 3, run_up_frames: int = FRAMES_BEFORE_BOUNCE) -> ClipSpec:
+def sample_clip(rng: np.random.Generator, max_shapes: int = 3) -> ClipSpec:
     """A random clip: 1..``max_shapes`` shapes of distinct colours, on a plain or gradient background.
 
-    Every shape travels ``run_up_frames`` frames before its first bounce: it starts in the part of
-    the frame it moves away from. More run-up makes where a shape is depend more on its direction
-    (a shape that "moves left" starts further right), at the price of fewer bounces per clip.
+    Every shape travels :data:`FRAMES_BEFORE_BOUNCE` frames before its first bounce: it starts in
+    the part of the frame it moves away from.
+
+    Example:
+        >>> spec = sample_clip(np.random.default_rng(0), max_shapes=1)
+        >>> len(spec.shapes)
+        1
     """
     if not 1 <= max_shapes <= len(COLOURS):
-        raise ValueError(f"max_shapes must be in 1..{len(COLOURS)}; got {max_shapes}")
-    if not isinstance(run_up_frames, (int, np.integer)) or not 0 <= run_up_frames <= MAX_RUN_UP_FRAMES:
-        raise ValueError(f"run_up_frames must be an integer in 0..{MAX_RUN_UP_FRAMES} (the fastest, largest shape "
-                         f"must fit its run-up in the frame); got {run_up_frames!r}")
+        raise UserError(f"max_shapes must be in 1..{len(COLOURS)}; got {max_shapes}")
     count = int(rng.integers(1, max_shapes + 1))
     colours = rng.choice(list(COLOURS), size=count, replace=False)
     shapes: list[ShapeSpec] = []
@@ -119,7 +119,7 @@ def sample_clip(rng: np.random.Generator, max_shapes: int = 3, run_up_frames: in
     for colour in colours:
         # Rejection sampling; a shape that finds no free path is left out (the clip has fewer).
         for _ in range(PLACEMENT_TRIES):
-            candidate = sample_shape(rng, str(colour), int(run_up_frames))
+            candidate = sample_shape(rng, str(colour))
             track = box_centres(candidate, BASE_FRAMES)
             if all(_apart(candidate, track, other, other_track) for other, other_track in zip(shapes, tracks)):
                 shapes.append(candidate)
@@ -128,16 +128,21 @@ def sample_clip(rng: np.random.Generator, max_shapes: int = 3, run_up_frames: in
     return ClipSpec(tuple(shapes), sample_background(rng))
 
 
-def sample_shape(rng: np.random.Generator, colour: str, run_up_frames: int = FRAMES_BEFORE_BOUNCE) -> ShapeSpec:
+def sample_shape(rng: np.random.Generator, colour: str) -> ShapeSpec:
     """One random shape of ``colour`` as :func:`sample_clip` draws it (kind, direction, radius,
-    speed, then a start with ``run_up_frames`` frames of free travel)."""
+    speed, then a start with :data:`FRAMES_BEFORE_BOUNCE` frames of free travel).
+
+    Example:
+        >>> sample_shape(np.random.default_rng(0), "red").colour
+        'red'
+    """
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
     radius = float(rng.uniform(*RADIUS_RANGE))
     speed = float(rng.uniform(*SPEED_RANGE))
     dx, dy = DIRECTIONS[direction]
     lo, hi = radius, BASE_SIZE - radius
-    run_up = run_up_frames * speed  # free travel needed before the first wall
+    run_up = FRAMES_BEFORE_BOUNCE * speed  # free travel needed before the first wall
     x = float(rng.uniform(lo + (run_up if dx < 0 else 0), hi - (run_up if dx > 0 else 0)))
     y = float(rng.uniform(lo + (run_up if dy < 0 else 0), hi - (run_up if dy > 0 else 0)))
     return ShapeSpec(shape, colour, direction, x, y, radius, speed)
@@ -162,7 +167,12 @@ def sample_background(rng: np.random.Generator) -> Background:
 
 
 def reflect(position: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Fold unbounded positions into ``[lo, hi]`` as a ball bouncing between two walls would be."""
+    """Fold unbounded positions into ``[lo, hi]`` as a ball bouncing between two walls would be.
+
+    Example:
+        >>> reflect(np.array([0.0, 5.0, 12.0, 25.0]), 0.0, 10.0)
+        array([0., 5., 8., 5.])
+    """
     span = hi - lo
     if span <= 0:
         return np.full_like(position, lo)
@@ -171,7 +181,14 @@ def reflect(position: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def box_centres(shape: ShapeSpec, num_frames: int, size: int = BASE_SIZE) -> np.ndarray:
-    """``[num_frames, 2]`` bounding-box centres (x, y) in pixels of a ``size`` x ``size`` frame."""
+    """``[num_frames, 2]`` bounding-box centres (x, y) in pixels of a ``size`` x ``size`` frame.
+
+    Example:
+        >>> box_centres(ShapeSpec("circle", "red", "right", 10.0, 20.0, 6.0, 2.0), 3)
+        array([[10., 20.],
+               [12., 20.],
+               [14., 20.]])
+    """
     scale = size / BASE_SIZE
     t = np.arange(num_frames, dtype=np.float64)
     dx, dy = DIRECTIONS[shape.direction]
@@ -187,7 +204,14 @@ def centroid_offset(shape: str, radius: float) -> tuple[float, float]:
 
 
 def true_centroids(spec: ClipSpec, num_frames: int, size: int = BASE_SIZE) -> np.ndarray:
-    """``[shapes, num_frames, 2]`` ideal area centroids (x, y) of every shape (ignoring occlusion)."""
+    """``[shapes, num_frames, 2]`` ideal area centroids (x, y) of every shape (ignoring occlusion).
+
+    Example:
+        >>> up = ShapeSpec("triangle", "red", "up", 32.0, 32.0, 6.0, 2.0)
+        >>> true_centroids(ClipSpec((up,), Background((50, 50, 50), (50, 50, 50), 0.0)), 2)
+        array([[[32., 34.],
+                [32., 32.]]])
+    """
     scale = size / BASE_SIZE
     out = []
     for shape in spec.shapes:
@@ -197,7 +221,12 @@ def true_centroids(spec: ClipSpec, num_frames: int, size: int = BASE_SIZE) -> np
 
 
 def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int) -> np.ndarray:
-    """Boolean ``[size, size]`` mask of pixels whose centres lie inside the shape."""
+    """Boolean ``[size, size]`` mask of pixels whose centres lie inside the shape.
+
+    Example:
+        >>> int(shape_mask("square", 4.0, 4.0, 1.0, 8).sum())     # pixel centres 3.5 and 4.5 on each axis
+        4
+    """
     coords = np.arange(size, dtype=np.float64) + 0.5
     x = coords[None, :] - cx
     y = coords[:, None] - cy
@@ -207,7 +236,7 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int) -> np
         return (np.abs(x) <= radius) & (np.abs(y) <= radius)
     if shape == "triangle":  # apex up, base at the bottom of the box, as wide as the box
         return (y <= radius) & (np.abs(x) <= (y + radius) / 2.0)
-    raise ValueError(f"shape must be one of {', '.join(SHAPES)}; got {shape!r}")
+    raise UserError(f"shape must be one of {', '.join(SHAPES)}; got {shape!r}")
 
 
 def render_background(background: Background, size: int) -> np.ndarray:
@@ -222,9 +251,9 @@ def render_background(background: Background, size: int) -> np.ndarray:
 def render_clip(spec: ClipSpec, num_frames: int, size: int = BASE_SIZE) -> np.ndarray:
     """``uint8 [num_frames, size, size, 3]`` frames; later shapes are drawn over earlier ones."""
     if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1; got {num_frames}")
+        raise UserError(f"num_frames must be >= 1; got {num_frames}")
     if size < 16:
-        raise ValueError(f"size must be >= 16 pixels; got {size}")
+        raise UserError(f"size must be >= 16 pixels; got {size}")
     base = render_background(spec.background, size)
     video = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     centres = [box_centres(shape, num_frames, size) for shape in spec.shapes]
@@ -239,9 +268,14 @@ def render_clip(spec: ClipSpec, num_frames: int, size: int = BASE_SIZE) -> np.nd
 
 
 def sample_batch(rng: np.random.Generator, batch: int, num_frames: int, size: int = BASE_SIZE,
-                 max_shapes: int = 3, run_up_frames: int = FRAMES_BEFORE_BOUNCE,
-                 ) -> tuple[np.ndarray, list[str], list[ClipSpec]]:
-    """``(videos uint8 [B, F, S, S, 3], captions, specs)`` for training and evaluation."""
-    specs = [sample_clip(rng, max_shapes, run_up_frames) for _ in range(batch)]
+                 max_shapes: int = 3) -> tuple[np.ndarray, list[str], list[ClipSpec]]:
+    """``(videos uint8 [B, F, S, S, 3], captions, specs)`` for training and evaluation.
+
+    Example:
+        >>> videos, captions, specs = sample_batch(np.random.default_rng(0), 2, num_frames=3, size=32)
+        >>> videos.shape, len(captions)
+        ((2, 3, 32, 32, 3), 2)
+    """
+    specs = [sample_clip(rng, max_shapes) for _ in range(batch)]
     videos = np.stack([render_clip(spec, num_frames, size) for spec in specs])
     return videos, [caption(spec) for spec in specs], specs

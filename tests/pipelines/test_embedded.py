@@ -11,9 +11,9 @@ import torch
 import diffattn
 from diffattn.adapters import sparsity_state
 from diffattn.patterns import Neighborhood
+from diffattn.errors import UserError
 from diffattn.pipelines.embedded import (
-    EMBEDDED_DIR, PIXEL_MEAN, PIXEL_STD, EmbeddedVideoPipeline, build_components, build_tokenizer,
-    clean_estimate_from_output, is_embedded_folder, load_embedded_pipeline,
+    EMBEDDED_DIR, EmbeddedVideoPipeline, build_components, build_tokenizer, is_embedded_folder, load_embedded_pipeline,
 )
 from diffattn.pipelines.shapes import VOCABULARY
 
@@ -22,6 +22,7 @@ from .tiny_embedded import TINY, run
 from .tiny_embedded import tiny_embedded_pipeline as tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
+
 
 def test_tokenizer_knows_the_grammar_and_nothing_else():
     tokenizer = build_tokenizer()
@@ -42,31 +43,6 @@ def test_generation_is_finite_shaped_and_seeded():
     batch = pipe(["a red circle moves left", "a blue square moves up"], num_frames=2, height=16, width=16,
                  num_inference_steps=1, output_type="pt").frames
     assert batch.shape == (2, 2, 16, 16, 3)
-
-
-def test_skip_sampler_matches_the_sample_sampler_on_a_reexpressed_transformer():
-    """A transformer whose output means x0 ("sample") and the same transformer re-expressed as a
-    skip residual ("sample_skip") must give the same video: the sampler decodes the residual."""
-    prediction_type = "sample_skip"
-    components = build_components(TINY)
-    reference = EmbeddedVideoPipeline(**components)
-    reference.set_progress_bar_config(disable=True)
-    expected = run(reference, frames=2, steps=3)
-    forward = components["transformer"].forward
-
-    def reexpressed(hidden_states, timestep, *args, **kwargs):
-        x0 = forward(hidden_states, timestep, *args, **kwargs)[0]
-        sigma = (timestep / 1000).view(-1, 1, 1, 1, 1)
-        zero = clean_estimate_from_output(torch.zeros_like(x0), hidden_states, sigma, prediction_type)
-        unit = clean_estimate_from_output(torch.ones_like(x0), hidden_states, sigma, prediction_type) - zero
-        return ((x0 - zero) / unit,)
-
-    other = EmbeddedVideoPipeline(**components, prediction_type=prediction_type)
-    other.set_progress_bar_config(disable=True)
-    other.transformer.forward = reexpressed
-    video = run(other, frames=2, steps=3)
-    assert np.isfinite(video).all() and video.shape == expected.shape
-    assert np.allclose(video, expected, atol=1e-4)
 
 
 def test_prompt_changes_the_output():
@@ -98,31 +74,29 @@ def test_save_load_round_trip_is_identical(tmp_path):
     np.testing.assert_allclose(run(pipe), run(loaded), atol=1e-5)
 
 
-def oracle(pipe, prediction_type: str, clean: torch.Tensor, noise: torch.Tensor, monkeypatch) -> list[float]:
-    """Make the transformer an oracle that knows the clean clip and the noise it was drawn from;
-    return the timesteps it was called with."""
+def oracle(pipe, clean: torch.Tensor, monkeypatch) -> list[float]:
+    """Make the transformer an oracle that knows the clean clip; return the timesteps it was called with."""
     seen: list[float] = []
 
     def forward(hidden_states, timestep, encoder_hidden_states, return_dict=True):
         seen.append(float(timestep[0]))
-        return (clean.expand_as(hidden_states) if prediction_type == "sample" else (noise - clean).expand_as(hidden_states),)
+        return (clean.expand_as(hidden_states),)
 
     monkeypatch.setattr(pipe.transformer, "forward", forward)
     return seen
 
 
-# A velocity oracle knows only the initial noise, so it is exact on the deterministic path alone.
-@pytest.mark.parametrize("prediction_type, stochastic", [("sample", False), ("sample", True), ("flow", False)])
-def test_sampler_reaches_the_clean_clip_the_model_predicts(prediction_type, stochastic, monkeypatch):
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_sampler_reaches_the_clean_clip_the_model_predicts(stochastic, monkeypatch):
     """Independent of training: on the straight path x_t = (1 - s) x0 + s noise, a model that
-    predicts x0 exactly (or the velocity noise - x0 exactly) must land on x0 whatever the steps;
-    re-noising between steps (stochastic sampling) must not move the end point of an exact x0 model."""
+    predicts x0 exactly must land on x0 whatever the steps; re-noising between steps (stochastic
+    sampling) must not move the end point of an exact x0 model."""
     config = dataclasses.replace(TINY, stochastic_sampling=stochastic)
-    pipe = EmbeddedVideoPipeline(**build_components(config), prediction_type=prediction_type)
+    pipe = EmbeddedVideoPipeline(**build_components(config))
     pipe.set_progress_bar_config(disable=True)
     clean = torch.rand(1, 3, 2, 16, 16) * 1.6 - 0.8
     noise = torch.randn(1, 3, 2, 16, 16, generator=torch.Generator().manual_seed(0))
-    timesteps = oracle(pipe, prediction_type, clean, noise, monkeypatch)
+    timesteps = oracle(pipe, clean, monkeypatch)
     video = pipe("a red circle moves left", num_frames=2, height=16, width=16, num_inference_steps=5,
                  latents=noise, output_type="pt").frames
     np.testing.assert_allclose(video.numpy(), ((clean + 1) / 2).permute(0, 2, 3, 4, 1).numpy(), atol=1e-5)
@@ -144,86 +118,37 @@ def test_stochastic_sampling_draws_its_noise_from_the_callers_generator():
 
 
 def test_prediction_type_is_checked_and_saved(tmp_path):
-    with pytest.raises(ValueError, match="prediction_type must be one of \\('sample', 'flow', 'sample_skip'\\); "
-                                         "got 'epsilon'"):
-        EmbeddedVideoPipeline(**build_components(TINY), prediction_type="epsilon")
-    with pytest.raises(ValueError, match="got 'epsilon'"):
-        clean_estimate_from_output(torch.zeros(1), torch.zeros(1), 0.5, "epsilon")
-    for kind in ("flow", "sample_skip"):
-        EmbeddedVideoPipeline(**build_components(TINY), prediction_type=kind).save_pretrained(tmp_path / kind)
-        assert json.loads((tmp_path / kind / "model_index.json").read_text())["prediction_type"] == kind
-        assert load_embedded_pipeline(tmp_path / kind).config.prediction_type == kind
+    with pytest.raises(UserError, match="prediction_type must be 'sample' \\(the transformer predicts the clean "
+                                        "clip\\); got 'flow'"):
+        EmbeddedVideoPipeline(**build_components(TINY), prediction_type="flow")
+    EmbeddedVideoPipeline(**build_components(TINY)).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["prediction_type"] == "sample"
+    # A folder saved with another parameterization (an experiment) is refused, not misread.
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "prediction_type": "sample_skip"}))
+    with pytest.raises(UserError, match="got 'sample_skip'"):
+        load_embedded_pipeline(tmp_path)
 
 
-@pytest.mark.parametrize("sigma", [0.02, 0.3, 0.7, 0.98])
-def test_skip_parameterization_is_the_least_squares_estimate_plus_a_unit_variance_residual(sigma):
-    """Independent reference: on Gaussian data with the pixel statistics, regress x0 on x_t by least
-    squares. With output 0, "sample_skip" must give that regression; the residual it leaves to the
-    network, divided by c_out, must have unit variance at every noise level."""
-    g = torch.Generator().manual_seed(0)
-    clean = PIXEL_MEAN + PIXEL_STD * torch.randn(400_000, generator=g, dtype=torch.float64)
-    noisy = (1 - sigma) * clean + sigma * torch.randn(400_000, generator=g, dtype=torch.float64)
-    design = torch.stack([noisy, torch.ones_like(noisy)], dim=1)
-    fit = torch.linalg.lstsq(design, clean[:, None]).solution[:, 0]  # slope, intercept
-    baseline = clean_estimate_from_output(torch.zeros_like(noisy), noisy, sigma, "sample_skip")
-    assert torch.allclose(baseline, design @ fit, atol=5e-3)
-    c_out = clean_estimate_from_output(torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
-                                       sigma, "sample_skip") - clean_estimate_from_output(
-        torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), sigma, "sample_skip")
-    target = (clean - baseline) / c_out
-    assert float(target.std()) == pytest.approx(1.0, abs=0.01)
-    assert float(target.mean()) == pytest.approx(0.0, abs=0.01)
-
-
-def test_skip_parameterization_at_the_ends_of_the_noise_range():
-    noisy, output = torch.randn(5, generator=torch.Generator().manual_seed(1)), torch.randn(5)
-    # sigma 1: nothing to keep from the input; sigma -> 0: the input is the answer.
-    assert torch.allclose(clean_estimate_from_output(output, noisy, 1.0, "sample_skip"), PIXEL_MEAN + PIXEL_STD * output)
-    assert torch.allclose(clean_estimate_from_output(output, noisy, 1e-6, "sample_skip"), noisy, atol=1e-4)
-    sigma = torch.tensor([0.2, 0.9]).view(2, 1)  # per-clip sigmas broadcast like [B, 1, 1, 1, 1]
-    both = clean_estimate_from_output(output.expand(2, 5), noisy.expand(2, 5), sigma, "sample_skip")
-    for row, value in enumerate((0.2, 0.9)):
-        assert torch.allclose(both[row], clean_estimate_from_output(output, noisy, value, "sample_skip"))
-
-
-def test_training_loss_is_the_clipped_velocity_error():
+def test_training_loss_is_the_clipped_x0_error():
     train = load_script("train_embedded_model")
-    clean, noise = torch.zeros(2, 3, 1, 2, 2), torch.ones(2, 3, 1, 2, 2)
+    clean = torch.zeros(2, 3, 1, 2, 2)
     sigma = torch.tensor([0.1, 0.5])
     off_by_one = clean + 1.0
     # Per clip the squared x0 error is 1, divided by max(sigma, 0.25)^2: 16 and 4 -> mean 10.
-    assert float(train.denoising_loss(off_by_one, clean, noise, sigma, "sample", 0.25)) == pytest.approx(10.0)
-    assert float(train.denoising_loss(clean, clean, noise, sigma, "sample", 0.25)) == 0.0
-    assert float(train.denoising_loss(noise - clean, clean, noise, sigma, "flow", 0.25)) == 0.0
-    assert float(train.denoising_loss(clean, clean, noise, sigma, "flow", 0.25)) == pytest.approx(1.0)
+    assert float(train.denoising_loss(off_by_one, clean, sigma, 0.25)) == pytest.approx(10.0)
+    assert float(train.denoising_loss(clean, clean, sigma, 0.25)) == 0.0
+    assert float(train.denoising_loss(off_by_one, clean, sigma, 1.0)) == pytest.approx(1.0)  # the shipped recipe
 
 
-def test_skip_training_loss_is_the_x0_error_of_the_skip_estimate():
+def test_training_noise_levels_are_the_shifted_uniform_draws():
     train = load_script("train_embedded_model")
-    g = torch.Generator().manual_seed(2)
-    clean, noise = torch.randn(2, 3, 2, 4, 4, generator=g) * 0.3, torch.randn(2, 3, 2, 4, 4, generator=g)
-    sigma = torch.tensor([0.3, 0.8])
-    s = sigma.view(-1, 1, 1, 1, 1)
-    noisy = (1 - s) * clean + s * noise
-    zero = clean_estimate_from_output(torch.zeros_like(clean), noisy, s, "sample_skip")
-    unit = clean_estimate_from_output(torch.ones_like(clean), noisy, s, "sample_skip") - zero  # c_out
-    exact = (clean - zero) / unit  # the output that reproduces the clean clip
-    assert float(train.denoising_loss(exact, clean, noise, sigma, "sample_skip", 1.0)) == pytest.approx(0.0, abs=1e-10)
-    # An output error of e costs (c_out * e)^2 in x0: the network's share shrinks with the noise.
-    loss = float(train.denoising_loss(exact + 1.0, clean, noise, sigma, "sample_skip", 1.0))
-    assert loss == pytest.approx(float((unit ** 2).mean()), rel=1e-5)
-    assert float(unit[0].mean()) < float(unit[1].mean())
-
-
-def test_motion_loss_counts_only_errors_that_change_between_frames():
-    train = load_script("train_embedded_model")
-    clean, noise, sigma = torch.zeros(1, 3, 4, 2, 2), torch.ones(1, 3, 4, 2, 2), torch.tensor([1.0])
-    constant_error = clean + 0.5  # the same error in every frame: nothing for the motion term
-    assert float(train.denoising_loss(constant_error, clean, noise, sigma, "sample", 1.0, 3.0)) == pytest.approx(0.25)
-    flicker = clean.clone()
-    flicker[:, :, 1::2] = 1.0  # error 0, 1, 0, 1: squared error 0.5 per pixel, every frame difference 1
-    assert float(train.denoising_loss(flicker, clean, noise, sigma, "sample", 1.0)) == pytest.approx(0.5)
-    assert float(train.denoising_loss(flicker, clean, noise, sigma, "sample", 1.0, 3.0)) == pytest.approx(0.5 + 3.0)
+    drawn = train.noise_levels(4, 3.0, torch.Generator().manual_seed(7))
+    u = torch.rand(4, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(drawn, 3.0 * u / (1 + 2.0 * u))
+    many = train.noise_levels(20000, 3.0, torch.Generator().manual_seed(0))
+    # shift 3: sigma <= 0.5 exactly when u <= 1/4, so the shift puts three quarters of the levels above 0.5.
+    assert float((many <= 0.5).float().mean()) == pytest.approx(1 / 4, abs=0.01)
 
 
 def test_training_flags_parse_and_bad_ones_are_refused(capsys):
@@ -231,22 +156,46 @@ def test_training_flags_parse_and_bad_ones_are_refused(capsys):
     defaults = train.parse_args([])
     assert defaults.stochastic_sampling is True and defaults.timestep_shift > defaults.shift
     assert train.parse_args(["--no-stochastic-sampling"]).stochastic_sampling is False
-    assert {train.clip_frames(step, defaults) for step in range(defaults.steps)} == {17}  # the shipped recipe
-    progressive = train.parse_args(["--steps", "5600", "--short-share", "0.75", "--short-frames", "9"])
-    lengths = [train.clip_frames(step, progressive) for step in range(progressive.steps)]
-    assert lengths[0] == 9 and lengths[-1] == 17 and lengths.count(9) == 4200
-    assert lengths == sorted(lengths)  # one switch, short clips first
     for flags, message in ((["--timestep-shift", "0"], "--timestep-shift must be > 0; got 0.0"),
                            (["--min-loss-sigma", "1.5"], "--min-loss-sigma must be in (0, 1]; got 1.5"),
-                           (["--motion-loss-weight", "-1"], "--motion-loss-weight must be >= 0; got -1.0"),
                            (["--size", "60"], "--size must be a multiple of 8"),
-                           (["--short-share", "1"], "--short-share must be in [0, 1)"),
-                           (["--short-frames", "0"], "--short-frames must be >= 1; got 0"),
-                           (["--run-up-frames", "19"], "--run-up-frames must be in 0..18; got 19"),
-                           (["--prediction-type", "v"], "--prediction-type: prediction_type must be one of")):
+                           (["--num-frames", "0"], "--num-frames must be >= 1; got 0"),
+                           (["--stop-after", "5", "--steps", "4"], "--stop-after must be in 1..--steps (4); got 5"),
+                           (["--caption-dropout", "1"], "--caption-dropout must be in [0, 1); got 1.0")):
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args(flags)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_default_training_command_is_the_shipped_recipe():
+    """Every setting of the plain command equals the one recorded next to the shipped weights
+    (paths and the resume bookkeeping of that run aside)."""
+    train = load_script("train_embedded_model")
+    recorded = json.loads((EMBEDDED_DIR / "training.json").read_text())["args"]
+    defaults = vars(train.parse_args([]))
+    bookkeeping = {"output", "checkpoint_dir", "resume", "threads", "stop_after"}
+    assert {k: v for k, v in defaults.items() if k not in bookkeeping} == \
+        {k: recorded[k] for k in defaults if k not in bookkeeping}
+    assert recorded["prediction_type"] == "sample"  # the one parameterization the pipeline takes
+
+
+#: Losses of the first two steps of ``python scripts/train_embedded_model.py`` (the shipped recipe),
+#: one torch thread, recorded before the unshipped training options were removed (2026-12-07).
+SHIPPED_RECIPE_FIRST_LOSSES = [0.5797533392906189, 0.7145611047744751]
+
+
+def test_default_training_command_reproduces_its_first_losses(tmp_path):
+    """The shipped recipe's data, noise, model initialisation and loss still give the recorded
+    losses (bit-identical on the machine that recorded them; a tolerance far below any change of
+    recipe covers other CPUs' float rounding)."""
+    train = load_script("train_embedded_model")
+    assert train.main(["--stop-after", "2", "--output", str(tmp_path / "pipe"),
+                       "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "ck" / "loss.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(losses, SHIPPED_RECIPE_FIRST_LOSSES, rtol=1e-5)
+    provenance = json.loads((tmp_path / "pipe" / "training.json").read_text())
+    assert provenance["args"]["output"] == str(tmp_path / "pipe")  # outside the repository: as given
+    assert train.relative_to_repo(str(REPO / "runs" / "embedded")) == str(Path("runs") / "embedded")
 
 
 def test_bad_sizes_are_refused():
@@ -287,27 +236,45 @@ def test_shipped_model_loads_offline_and_is_small():
     assert video.shape == (1, 3, 64, 64, 3) and np.isfinite(video).all()
 
 
+#: A short seeded generation of the shipped weights (3 frames, 64x64, 2 steps, seed 0, one
+#: thread), recorded before the unshipped samplers were removed (2026-12-07): per-frame means and
+#: three pixels.
+SHIPPED_FRAME_MEANS = [0.2352806180715561, 0.23605656623840332, 0.2337888479232788]
+SHIPPED_PIXELS = {(0, 0, 0): [0.34184888005256653, 0.20122313499450684, 0.31942427158355713],
+                  (2, 63, 63): [0.42361828684806824, 0.1051984429359436, 0.07190531492233276],
+                  (1, 32, 32): [0.42184385657310486, 0.08925861120223999, 0.14149439334869385]}
+
+
+@pytest.mark.skipif(not is_embedded_folder(EMBEDDED_DIR), reason="the shipped weights are not in this checkout")
+def test_shipped_model_generates_what_it_generated():
+    """The shipped weights and the pipeline's sampler are unchanged (bit-identical on the machine
+    that recorded these numbers; the tolerance covers other CPUs' float rounding only)."""
+    pipe = load_embedded_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    video = run(pipe, frames=3, size=64, steps=2)[0]
+    np.testing.assert_allclose(video.mean(axis=(1, 2, 3)), SHIPPED_FRAME_MEANS, rtol=0, atol=1e-6)
+    for (frame, y, x), rgb in SHIPPED_PIXELS.items():
+        np.testing.assert_allclose(video[frame, y, x], rgb, rtol=0, atol=1e-5)
+
+
 def test_training_smoke_run_resumes_exactly(tmp_path):
     train = load_script("train_embedded_model")
-    # Step 0 trains on 2-frame clips (--short-share 0.25 of either schedule), the rest on 3-frame ones.
-    common = ["--batch-size", "2", "--num-frames", "3", "--short-frames", "2", "--short-share", "0.25",
-              "--size", "16", "--num-layers", "1",
+    common = ["--batch-size", "2", "--num-frames", "3", "--size", "16", "--num-layers", "1",
               "--num-attention-heads", "2", "--attention-head-dim", "24", "--ffn-dim", "32", "--save-every", "2",
               "--warmup", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train.main([*common, "--steps", "4", "--output", str(straight / "pipe"),
                        "--checkpoint-dir", str(straight / "ck")]) == 0
-    assert train.main([*common, "--steps", "2", "--output", str(resumed / "pipe"),
+    assert train.main([*common, "--steps", "4", "--stop-after", "2", "--output", str(resumed / "pipe"),
                        "--checkpoint-dir", str(resumed / "ck")]) == 0
-    # Continue the 2-step run to 4 steps: same schedule needs the same --steps, so rewrite it.
     info = json.loads((resumed / "ck" / "checkpoint.json").read_text())
     assert info["step"] == 2
     assert train.main([*common, "--steps", "4", "--output", str(resumed / "pipe"),
                        "--checkpoint-dir", str(resumed / "ck"), "--resume"]) == 0
     log = lambda folder: [json.loads(line) for line in (folder / "ck" / "loss.jsonl").read_text().splitlines()]
-    assert [entry["frames"] for entry in log(straight)] == [2, 3, 3, 3]
-    # steps 3 and 4 see the same batches, weights and moments
-    assert [entry["loss"] for entry in log(straight)[2:]] == [entry["loss"] for entry in log(resumed)[2:]]
+    assert [entry["step"] for entry in log(straight)] == [1, 2, 3, 4]
+    # the same batches, weights and moments: the same losses, all four steps, and the same weights
+    assert [entry["loss"] for entry in log(straight)] == [entry["loss"] for entry in log(resumed)]
     a, b = load_embedded_pipeline(straight / "pipe"), load_embedded_pipeline(resumed / "pipe")
     for (name, p), (_, q) in zip(a.transformer.named_parameters(), b.transformer.named_parameters()):
         assert torch.equal(p, q), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,9 +10,11 @@ import pytest
 import torch
 
 from diffattn.pipelines.embedded import EmbeddedVideoPipeline, build_components
+from diffattn.errors import UserError
+from diffattn.pipelines.embedded import EMBEDDED_DIR, is_embedded_folder
 from diffattn.pipelines.eval_embedded import (
     EVAL_SEED, SENSITIVITY_SIGMAS, TUNING_SEED, caption_sensitivity, colour_centroids, denoising_profile,
-    evaluate_embedded, held_out_specs, ideal_caption_sensitivity, ideal_pure_noise_estimate, swapped_specs,
+    evaluate_embedded, held_out_specs, run_evaluation, swapped_specs,
 )
 from diffattn.pipelines.shape_detector import score_video
 from diffattn.pipelines.shapes import COLOURS, DIRECTIONS, SHAPES, caption, render_clip, true_centroids
@@ -76,17 +79,13 @@ def test_blank_model_fails_every_presence_check():
     assert not report["targets_met"]
 
 
-def oracle_pipeline(prediction_type: str, clean: torch.Tensor | None, monkeypatch) -> EmbeddedVideoPipeline:
-    """A tiny pipeline whose transformer knows the true clips ``[B, 3, F, H, W]`` (in [-1, 1]) and
-    answers in its prediction type; ``clean=None``: it predicts a flat grey clip."""
-    pipe = EmbeddedVideoPipeline(**build_components(TINY), prediction_type=prediction_type)
+def oracle_pipeline(clean: torch.Tensor | None, monkeypatch) -> EmbeddedVideoPipeline:
+    """A tiny pipeline whose transformer knows the true clips ``[B, 3, F, H, W]`` (in [-1, 1]);
+    ``clean=None``: it predicts a flat grey clip."""
+    pipe = EmbeddedVideoPipeline(**build_components(TINY))
 
     def forward(hidden_states, timestep, encoder_hidden_states, return_dict=True):
-        target = torch.zeros_like(hidden_states) if clean is None else clean.to(hidden_states)
-        if prediction_type == "flow":
-            sigma = (timestep / 1000).view(-1, 1, 1, 1, 1)
-            target = (hidden_states - target) / sigma
-        return (target,)
+        return (torch.zeros_like(hidden_states) if clean is None else clean.to(hidden_states),)
 
     monkeypatch.setattr(pipe.transformer, "forward", forward)
     return pipe
@@ -97,9 +96,8 @@ def true_clips(count: int, frames: int, stream: int = TUNING_SEED) -> torch.Tens
     return torch.from_numpy(clips).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0
 
 
-@pytest.mark.parametrize("prediction_type", ["sample", "flow"])
-def test_denoising_profile_of_an_exact_model_is_the_detectors_own_score(prediction_type, monkeypatch):
-    pipe = oracle_pipeline(prediction_type, true_clips(4, 9), monkeypatch)
+def test_denoising_profile_of_an_exact_model_is_the_detectors_own_score(monkeypatch):
+    pipe = oracle_pipeline(true_clips(4, 9), monkeypatch)
     profile = denoising_profile(pipe, num_captions=4, num_frames=9, sigmas=(0.1, 0.9), batch_size=4)
     truth = np.mean([score_video(render_clip(spec, 9), spec).adherence for spec in held_out_specs(4, TUNING_SEED)])
     assert profile["sigmas"] == [0.1, 0.9] and profile["caption_seed"] == TUNING_SEED
@@ -108,12 +106,12 @@ def test_denoising_profile_of_an_exact_model_is_the_detectors_own_score(predicti
 
 
 def test_denoising_profile_of_a_blank_model_finds_nothing(monkeypatch):
-    profile = denoising_profile(oracle_pipeline("sample", None, monkeypatch), num_captions=3, num_frames=5,
+    profile = denoising_profile(oracle_pipeline(None, monkeypatch), num_captions=3, num_frames=5,
                                 sigmas=(0.5,), batch_size=2)
     assert profile["adherence"] == [0.0] and profile["adherence_by_check"]["present"] == [0.0]
     assert profile["x0_mse"][0] > 0.05
     with pytest.raises(ValueError, match=r"sigmas must be non-empty and in \(0, 1\]; got \(0.0,\)"):
-        denoising_profile(oracle_pipeline("sample", None, monkeypatch), num_captions=1, sigmas=(0.0,))
+        denoising_profile(oracle_pipeline(None, monkeypatch), num_captions=1, sigmas=(0.0,))
 
 
 def test_swapped_specs_change_one_word_of_the_first_phrase_and_nothing_else():
@@ -194,35 +192,23 @@ def test_colour_centroids_are_nan_where_the_colour_is_absent():
     assert torch.isnan(colour_centroids(grey, "red")).all()
 
 
-def redness_centroid_x(frame: np.ndarray) -> float:
-    """x centroid of how much redder than the other channels each pixel is (background greys ~0)."""
-    weight = np.clip(frame[..., 0] - (frame[..., 1] + frame[..., 2]) / 2, 0, None)
-    return float((weight.sum(0) * (np.arange(frame.shape[1]) + 0.5)).sum() / weight.sum())
+@pytest.mark.skipif(not is_embedded_folder(EMBEDDED_DIR), reason="the shipped weights are not in this checkout")
+def test_run_evaluation_runs_the_probes_only_when_asked(tmp_path):
+    small = dict(num_captions=1, num_frames=3, num_inference_steps=2, batch_size=1)
+    plain, paths = run_evaluation(str(tmp_path / "plain.json"), **small)
+    assert "denoising_profile" not in plain and "caption_sensitivity" not in plain
+    assert [Path(path).name for path in paths] == ["plain.json", "plain.png"]
+    probed, _ = run_evaluation(str(tmp_path / "probed.json"), probes=True, **small)
+    assert probed["denoising_profile"]["num_captions"] == 1
+    assert set(probed["caption_sensitivity"]["mean_abs_change"]) == {"colour", "shape", "direction"}
+    # The evaluation itself is the same with or without the probes.
+    assert probed["videos"] == plain["videos"] and probed["adherence"] == plain["adherence"]
 
 
-def test_ideal_pure_noise_estimate_is_the_mean_clip_of_the_caption():
-    left = ideal_pure_noise_estimate("red", "circle", "left", num_clips=200, num_frames=5)
-    right = ideal_pure_noise_estimate("red", "circle", "right", num_clips=200, num_frames=5)
-    assert left.shape == (5, 64, 64, 3) and left.min() >= -1 and left.max() <= 1
-    assert np.array_equal(left, ideal_pure_noise_estimate("red", "circle", "left", num_clips=200, num_frames=5))
-    # A shape that moves left starts with room to its left, so further right than one moving
-    # right, and the mean of such clips drifts left over the first frames (no bounce before 5).
-    assert redness_centroid_x(left[0]) > redness_centroid_x(right[0]) + 4
-    assert redness_centroid_x(left[4]) < redness_centroid_x(left[0]) - 3
-    assert redness_centroid_x(right[4]) > redness_centroid_x(right[0]) + 3
-    # Only red pixels: the green channel never rises above the greys' level.
-    assert (left[..., 1] < -1 + 2 * 130 / 255).all()
-
-
-def test_ideal_caption_sensitivity_measures_what_each_word_is_worth():
-    ideal = ideal_caption_sensitivity(num_clips=60, num_frames=5)
-    assert ideal["mean_abs_change"]["direction"] > 0.005 and ideal["mean_abs_change"]["colour"] > 0.005
-    assert 0 < ideal["mse_gain"]["direction"] < ideal["mean_abs_change"]["direction"]
-    assert ideal["num_clips"] == 60
-
-
-def test_ideal_pure_noise_estimate_refuses_unknown_words():
-    with pytest.raises(ValueError, match="direction must be one of 'left', 'right', 'up', 'down'; got 'north'"):
-        ideal_pure_noise_estimate("red", "circle", "north")
-    with pytest.raises(ValueError, match="num_clips must be a positive integer; got 0"):
-        ideal_pure_noise_estimate("red", "circle", "left", num_clips=0)
+def test_run_evaluation_refuses_bad_arguments_before_any_work(tmp_path):
+    with pytest.raises(UserError, match="--report must be a .json path; got"):
+        run_evaluation(str(tmp_path / "eval.txt"))
+    # (a ValueError from generate.check_positive, a UserError once that raises one)
+    with pytest.raises(ValueError, match="--num-captions must be a positive integer; got 0"):
+        run_evaluation(str(tmp_path / "eval.json"), num_captions=0)
+    assert list(tmp_path.iterdir()) == []

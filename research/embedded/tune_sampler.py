@@ -1,14 +1,12 @@
 #!/usr/bin/env python3
 """Score sampler settings of an embedded model on the tuning captions (never the reported ones).
 
-    python scripts/tune_embedded_sampler.py --out runs/sampler.json \\
+    python research/embedded/tune_sampler.py --out runs/sampler.json \\
         --setting guidance=5,sampler=stochastic --setting guidance=5,sampler=euler
 
 A setting is comma-separated ``key=value`` pairs: ``guidance`` (classifier-free guidance scale),
 ``steps`` (denoising steps) and ``sampler`` (``stochastic``: the scheduler re-noises the clean
-estimate at every step; ``euler``: the deterministic ODE step) and ``lag`` (the pipeline's
-``frame_lag`` in [0, 1): later frames trail earlier ones, for models trained with
-``--frame-noise-share``). Keys left out take the model's
+estimate at every step; ``euler``: the deterministic ODE step). Keys left out take the model's
 defaults. Every setting generates the same captions (``TUNING_SEED``) from the same noise seeds.
 The JSON is rewritten after every setting (a run cut short keeps what finished) and also holds the
 model's one-step denoising profile, which no sampler setting changes.
@@ -22,14 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from diffattn._io import atomic_write_text  # noqa: E402
 
 SAMPLERS = ("stochastic", "euler")
-SETTING_KEYS = ("guidance", "steps", "sampler", "lag")
+SETTING_KEYS = ("guidance", "steps", "sampler")
 
 
 def parse_setting(text: str) -> dict:
@@ -44,10 +42,6 @@ def parse_setting(text: str) -> dict:
         try:
             if key == "guidance":
                 setting[key] = float(value)
-            elif key == "lag":
-                setting[key] = float(value)
-                if not 0.0 <= setting[key] < 1.0:
-                    raise ValueError
             elif key == "steps":
                 setting[key] = int(value)
                 if setting[key] < 1:
@@ -57,8 +51,7 @@ def parse_setting(text: str) -> dict:
             else:
                 raise ValueError
         except ValueError:
-            allowed = {"guidance": "a number", "steps": "a positive integer", "sampler": " or ".join(SAMPLERS),
-                       "lag": "a number in [0, 1)"}[key]
+            allowed = {"guidance": "a number", "steps": "a positive integer", "sampler": " or ".join(SAMPLERS)}[key]
             raise ValueError(f"setting {key}={value!r} must be {allowed}") from None
     return setting
 
@@ -108,10 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         began = time.perf_counter()
         report, _ = evaluate_embedded(pipe, args.num_captions, guidance_scale=setting.get("guidance"),
                                       num_inference_steps=setting.get("steps"), seed=args.seed,
-                                      batch_size=args.batch_size, caption_seed=TUNING_SEED,
-                                      frame_lag=setting.get("lag", 0.0))
+                                      batch_size=args.batch_size, caption_seed=TUNING_SEED)
         entry = {"setting": text, "guidance": report["guidance_scale"], "steps": report["num_inference_steps"],
-                 "sampler": sampler, "lag": report["frame_lag"], **{key: report[key] for key in SUMMARY_KEYS},
+                 "sampler": sampler, **{key: report[key] for key in SUMMARY_KEYS},
                  "seconds": round(time.perf_counter() - began, 1)}
         result["settings"].append(entry)
         print(f"{text}: adherence {entry['adherence']:.3f} {json.dumps(entry['adherence_by_check'])} "

@@ -1,4 +1,4 @@
-"""scripts/explore_embedded_recipes.py: argument checks and a tiny two-variant run."""
+"""research/embedded/explore_recipes.py: argument checks and a tiny two-variant run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from diffattn.pipelines.eval_embedded import TUNING_SEED
 
-from ..scripts import load_script
+from research.embedded import explore_recipes as script
 
 TINY = ("--steps 2 --batch-size 1 --num-frames 3 --size 16 --num-layers 1 --num-attention-heads 2 "
         "--attention-head-dim 24 --ffn-dim 32 --warmup 1")
@@ -20,7 +20,6 @@ TINY = ("--steps 2 --batch-size 1 --num-frames 3 --size 16 --num-layers 1 --num-
     (["bad/name=--steps 2"], "must be NAME=FLAGS"),
 ])
 def test_bad_variants_are_refused(variants, message, tmp_path, capsys):
-    script = load_script("explore_embedded_recipes")
     with pytest.raises(SystemExit) as exit_info:
         script.parse_args([x for v in variants for x in ("--variant", v)] + ["--out", str(tmp_path)])
     assert exit_info.value.code == 2
@@ -28,7 +27,6 @@ def test_bad_variants_are_refused(variants, message, tmp_path, capsys):
 
 
 def test_tiny_run_scores_finished_variants_and_reports_failed_ones(tmp_path):
-    script = load_script("explore_embedded_recipes")
     assert script.main(["--variant", f"tiny={TINY}", "--variant", "broken=--steps 0", "--out", str(tmp_path),
                         "--num-captions", "1", "--guidance", "1.0", "--threads", "1", "--deadline-min", "5"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())

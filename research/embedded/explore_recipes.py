@@ -8,7 +8,7 @@ of the device idle). When a variant finishes, it is evaluated with
 (``TUNING_SEED``, never the reported ``EVAL_SEED``) at each guidance scale, and the summary is
 rewritten, so a run cut short still leaves the variants that finished.
 
-    python scripts/explore_embedded_recipes.py --out runs/recipes --deadline-min 9 \\
+    python research/embedded/explore_recipes.py --out runs/recipes --deadline-min 9 \\
         --variant base="--steps 2000 --batch-size 8 --lr 6e-4" \\
         --variant bs4lr="--steps 4000 --batch-size 4 --lr 1.2e-3"
 
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
