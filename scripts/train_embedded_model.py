@@ -105,7 +105,13 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
 
 def noise_levels(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
     """``[batch]`` training noise levels: uniform ``u`` warped by the timestep shift,
-    ``sigma = shift u / (1 + (shift - 1) u)`` (more high noise levels for ``shift > 1``)."""
+    ``sigma = shift u / (1 + (shift - 1) u)`` (more high noise levels for ``shift > 1``).
+
+    Example:
+        >>> sigma = noise_levels(4, 3.0, torch.Generator().manual_seed(0))
+        >>> sigma.shape, bool(((0 <= sigma) & (sigma <= 1)).all())
+        (torch.Size([4]), True)
+    """
     u = torch.rand(batch, generator=generator)
     return shift * u / (1 + (shift - 1) * u)
 
@@ -182,7 +188,13 @@ def denoising_loss(prediction: torch.Tensor, clean: torch.Tensor, sigma: torch.T
     ``[B]``: the mean of ``((x0_hat - x0) / max(sigma, min_loss_sigma))^2``, the velocity error
     (as JiT) for ``min_loss_sigma -> 0``, the plain x0 error at 1. The shipped model uses 1: with
     the velocity loss (0.25) near-clean steps, which this model already denoises well, got up to
-    16x the weight of the high noise levels where it fails (layout, colour and motion are decided there)."""
+    16x the weight of the high noise levels where it fails (layout, colour and motion are decided there).
+
+    Example:
+        >>> clean = torch.zeros(2, 3, 1, 2, 2)
+        >>> float(denoising_loss(clean + 1, clean, torch.tensor([0.1, 0.5]), 0.25))   # (16 + 4) / 2
+        10.0
+    """
     weight = sigma.view(-1, 1, 1, 1, 1).clamp(min=min_loss_sigma)
     return torch.mean(((prediction - clean) / weight) ** 2)
 
@@ -233,7 +245,12 @@ def noisy_batch(videos: np.ndarray, shift: float, generator: torch.Generator
 
 def relative_to_repo(path: str) -> str:
     """``path`` relative to the repository when inside it (so a shipped ``training.json`` holds no
-    machine path), else as given."""
+    machine path), else as given.
+
+    Example:
+        >>> relative_to_repo(str(REPO / "runs" / "embedded")), relative_to_repo("/elsewhere/model")
+        ('runs/embedded', '/elsewhere/model')
+    """
     try:
         return str(Path(path).resolve().relative_to(REPO))
     except ValueError:
