@@ -17,8 +17,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     and gets ordinary permissions (``mkstemp`` would leave it 0600). On any error it is removed.
 
     Example:
-        >>> with atomic_path("video.mp4") as tmp:
-        ...     write_mp4(tmp)
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with atomic_path(folder / "notes.txt") as tmp:
+        ...     _ = tmp.write_text("written in full or not at all")
+        ...     tmp.suffix, tmp.parent == folder      # beside the target, same suffix
+        ('.txt', True)
+        >>> [path.name for path in folder.iterdir()]   # renamed over the target
+        ['notes.txt']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +45,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     Example:
-        >>> atomic_write("report.json", lambda f: f.write(b"{}"))
+        >>> path = atomic_write(Path(tempfile.mkdtemp()) / "report.json", lambda handle: handle.write(b"{}"))
+        >>> path.name, path.read_bytes()
+        ('report.json', b'{}')
     """
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         write(handle)
@@ -48,5 +55,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    """Write ``text`` (UTF-8) to ``path`` atomically.
+
+    Example:
+        >>> atomic_write_text(Path(tempfile.mkdtemp()) / "table.md", "| a |").read_text()
+        '| a |'
+    """
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))

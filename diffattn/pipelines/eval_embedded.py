@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ..patterns._checks import check_choice
+from ..runs import check_positive, to_uint8
 from .embedded import DEFAULT_CALL, clean_estimate_from_output, transformer_input
-from .generate import check_positive, to_uint8
 from .shape_detector import MAX_COLOUR_DISTANCE, score_video
 from .shapes import (
     COLOURS, DIRECTIONS, FRAMES_BEFORE_BOUNCE, SHAPES, ClipSpec, caption, render_clip, sample_background,

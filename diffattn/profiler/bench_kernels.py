@@ -1,8 +1,8 @@
 """Kernel benchmark: block-sparse attention vs dense SDPA, FlexAttention and our own dense kernel.
 
 For every shape and pattern (Dense, Radial, Neighborhood raster, Neighborhood tile-major) it times
-``diffattn.kernels.block_sparse_attention`` (backend "auto": Triton on CUDA, the PyTorch CPU path
-on CPU), forward and forward+backward, and reports
+``diffattn.kernels.block_sparse_attention`` with the backend :func:`kernel_backend` names for the
+device (Triton on CUDA, the PyTorch CPU path on CPU), forward and forward+backward, and reports
 
 * effective TFLOP/s = 4 * B * H * D * allowed pairs / time (allowed pairs = density * N^2;
   forward+backward counts 3.5x the forward FLOPs, the flash-attention convention),
@@ -16,10 +16,16 @@ on CPU), forward and forward+backward, and reports
 
 Methods are timed in interleaved rounds (one run of each per round, after warm-up; CUDA events
 with synchronisation on GPU, ``perf_counter`` on CPU): times are medians, speedups are medians of
-the per-round ratios, so a machine whose load drifts still gives paired comparisons. Results go to ``<out>/<device-name>-<YYYY-MM-DD>.json`` and ``.md``.
+the per-round ratios, so a machine whose load drifts still gives paired comparisons. Results go to
+``<out>/<device-name>-<YYYY-MM-DD>.json`` and ``.md``.
 
-    python scripts/bench_kernels.py --device cpu --shapes small
-    python scripts/bench_kernels.py --device cuda --shapes reference
+    diffattn bench --device cpu --shapes small       (= python scripts/bench_kernels.py ...)
+    diffattn bench --device cuda --shapes reference
+
+Example:
+    >>> shape = SMALL_SHAPES[0]
+    >>> [name for name, _, _ in patterns_for(shape)][:2], kernel_backend(torch.device("cpu"))
+    (['Dense', 'Radial'], 'cpu')
 """
 
 from __future__ import annotations
@@ -41,16 +47,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffattn import BlockLayout, Dense, Neighborhood, Radial, VideoGrid  # noqa: E402
-from diffattn._io import atomic_write_text  # noqa: E402
-from diffattn.kernels import block_sparse_attention  # noqa: E402
-from diffattn.patterns import Pattern  # noqa: E402
+from .._io import atomic_write_text
+from ..errors import UserError
+from ..kernels import block_sparse_attention
+from ..patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
 
 
 @dataclass(frozen=True)
 class Shape:
+    """One benchmarked attention problem: a token grid, heads x head_dim, batch, and the
+    Neighborhood window that suits the grid."""
+
     name: str
     grid: VideoGrid
     heads: int
@@ -79,6 +86,23 @@ TILE = (1, 8, 16)  # tile-major permutation: 128 tokens per tile
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Skip SDPA's math backend when its [B, H, N, N] score tensor would exceed this many bytes.
 MATH_SDPA_MAX_BYTES = 8 << 30
+
+
+# The backend timed as "ours" on each device type: the one place to change (or to read from the
+# kernel backend registry) when a device gets another kernel.
+KERNEL_BACKENDS = {"cuda": "triton", "cpu": "cpu"}
+
+
+def kernel_backend(device: torch.device) -> str:
+    """The ``block_sparse_attention`` backend the benchmark times on ``device``.
+
+    Example:
+        >>> kernel_backend(torch.device("cuda", 0))
+        'triton'
+    """
+    if device.type not in KERNEL_BACKENDS:
+        raise UserError(f"--device {device.type!r} has no benchmarked kernel; allowed: {', '.join(KERNEL_BACKENDS)}")
+    return KERNEL_BACKENDS[device.type]
 
 
 def patterns_for(shape: Shape) -> list[tuple[str, Pattern, tuple[int, int, int] | None]]:
@@ -220,7 +244,7 @@ def flex_block_mask(layout: BlockLayout, device: torch.device):
     from torch.nn.attention.flex_attention import BlockMask
 
     if layout.num_heads != 1:
-        raise ValueError("flex_block_mask handles shared layouts only")
+        raise UserError(f"flex_block_mask handles layouts shared by all heads; got num_heads={layout.num_heads}")
     lay = layout.to(device)
     num_q, num_k, bq, bk = lay.num_q_blocks, lay.num_k_blocks, lay.block_q, lay.block_k
     slots = torch.arange(lay.max_kv_blocks, device=device)
@@ -293,7 +317,7 @@ def flex_method(row: dict, layout: BlockLayout, q, k, v, device) -> Callable[...
                 print(f"      default tiles failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
                 continue
             with torch.no_grad():
-                mine = block_sparse_attention(q.detach(), k.detach(), v.detach(), layout)
+                mine = block_sparse_attention(q.detach(), k.detach(), v.detach(), layout, backend=kernel_backend(device))
             row["flex_compile_s"] = time.perf_counter() - t0
             row["flex_kernel_options"] = options
             row["max_abs_diff_vs_flex"] = (check.float() - mine.float()).abs().max().item()
@@ -328,10 +352,11 @@ def bench_shape(shape: Shape, args, device: torch.device, dtype: torch.dtype, ti
             ideal_speedup=1.0 / layout.tile_density, ideal_speedup_exact_density=1.0 / layout.density,
         )
         if device.type == "cpu":
-            from diffattn.kernels.cpu import computed_pairs
+            from ..kernels.cpu import computed_pairs
 
             row["cpu_computed_density"] = computed_pairs(layout) / n**2
-        ours = lambda a, b, c, lay=layout: block_sparse_attention(a, b, c, lay)  # noqa: E731
+        backend = kernel_backend(device)
+        ours = lambda a, b, c, lay=layout: block_sparse_attention(a, b, c, lay, backend=backend)  # noqa: E731
         flex = flex_method(row, layout, q, k, v, device) if args.flex else None
         flops = dense_flops * layout.density
         for tag, flop_factor in [("fwd", 1.0)] + ([("fwd_bwd", 3.5)] if args.backward else []):
@@ -470,8 +495,14 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The benchmark's options (``diffattn bench --help``); ``prog`` names the command in the help.
+
+    Example:
+        >>> build_parser("diffattn bench").parse_args(["--device", "cpu", "--no-flex"]).flex
+        False
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", choices=("small", "reference"), default=None,
                         help="small (CPU sizes, default on cpu) or reference (DESIGN.md model shapes, default on cuda)")
@@ -483,7 +514,14 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=None, help="default: 1 on cpu, 5 on cuda")
     parser.add_argument("--only", default=None, help="regex: run only the shapes whose name matches")
     parser.add_argument("--note", action="append", default=[], help="free-text note for the report (repeatable)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the benchmark with command-line arguments ``argv`` (default ``sys.argv[1:]``) and write
+    its JSON and Markdown reports; returns the exit code. See the module docstring."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
@@ -516,7 +554,7 @@ def main() -> int:
     meta = dict(
         device=name if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         date=date, torch=torch.__version__, triton=triton_version, python=platform.python_version(),
-        dtype=args.dtype, backend="triton" if device.type == "cuda" else "cpu", block=BLOCK,
+        dtype=args.dtype, backend=kernel_backend(device), block=BLOCK,
         threads=f"{torch.get_num_threads()} threads" if device.type == "cpu" else "GPU",
         repeats=repeats, warmup=warmup,
         timing="CUDA events + synchronize" if device.type == "cuda" else "time.perf_counter",
