@@ -117,7 +117,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="dense", help="preset name of the model's family or a YAML path (default dense)")
     p.add_argument("--prompt", default="", help='text prompt (default model: e.g. "a red circle moves left")')
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--num-frames", type=int, default=None, help="frames; Wan VAE models need 1 + 4k (default model: any, 17)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames; Wan VAE models need 1 + 4k (default model: any, 17)")
     p.add_argument("--height", type=int, default=None, help="pixels; multiple of 8 for the default model (64)")
     p.add_argument("--width", type=int, default=None, help="pixels; multiple of 8 for the default model (64)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default model: 25)")

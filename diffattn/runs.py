@@ -351,7 +351,8 @@ def prepare_run(options: RunOptions) -> PreparedRun:
         preset = load_preset(options.preset, family=family)
         embedded = isinstance(pipe, default_model.EmbeddedVideoPipeline)  # pixel space: any frame count
         if family == "wan" and not embedded and "num_frames" in call and (call["num_frames"] - 1) % 4:
-            raise UserError(f"--num-frames must be 1 + 4k (1, 5, 9, 13, 17, ...) for a Wan model; got {call['num_frames']}")
+            raise UserError(
+                f"--num-frames must be 1 + 4k (1, 5, 9, 13, 17, ...) for a Wan model; got {call['num_frames']}")
     if lora is not None:
         if not hasattr(pipe, "load_lora_weights"):
             raise UserError(f"{type(pipe).__name__} does not support LoRA weights")

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "diffattn"
 
 
-def run(*args: str, cwd: Path | None = None, script: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path | None = None, script: bool = False,
+        env: dict | None = None) -> subprocess.CompletedProcess:
     command = [str(SCRIPT)] if script and SCRIPT.is_file() else [sys.executable, "-m", "diffattn.cli"]
     return subprocess.run(command + list(args), capture_output=True, text=True, cwd=cwd or REPO, timeout=300, env=env)
 

@@ -30,7 +30,8 @@ OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 NOT_RUNNING_YET = {
     "diffattn", "diffattn.adapters", "diffattn.patterns.base", "diffattn.patterns.layout",
     "diffattn.patterns.neighborhood", "diffattn.patterns.picture", "diffattn.patterns.radial",
-    "diffattn.pipelines.eval_embedded", "diffattn.pipelines.shape_detector", "diffattn.processors.base", "diffattn.processors.config",
+    "diffattn.pipelines.eval_embedded", "diffattn.pipelines.shape_detector", "diffattn.processors.base",
+    "diffattn.processors.config",
     "diffattn.processors.state", "diffattn.profiler", "diffattn.profiler.chart", "diffattn.profiler.metrics",
     "diffattn.profiler.report", "diffattn.profiler.runner", "diffattn.profiler.timing",
 }

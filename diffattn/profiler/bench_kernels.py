@@ -274,7 +274,8 @@ def flex_block_mask(layout: BlockLayout, device: torch.device):
         return (mid == -1) | ((mid >= 0) & (((word >> (kv_idx % 32)) & 1) > 0))
 
     n = lay.num_tokens
-    return BlockMask.from_kv_blocks(part_n, part_i, full_n, full_i, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod, seq_lengths=(n, n))
+    return BlockMask.from_kv_blocks(part_n, part_i, full_n, full_i, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
+                                    seq_lengths=(n, n))
 
 
 _COMPILED_FLEX = None
@@ -317,7 +318,8 @@ def flex_method(row: dict, layout: BlockLayout, q, k, v, device) -> Callable[...
                 print(f"      default tiles failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
                 continue
             with torch.no_grad():
-                mine = block_sparse_attention(q.detach(), k.detach(), v.detach(), layout, backend=kernel_backend(device))
+                mine = block_sparse_attention(q.detach(), k.detach(), v.detach(), layout,
+                                              backend=kernel_backend(device))
             row["flex_compile_s"] = time.perf_counter() - t0
             row["flex_kernel_options"] = options
             row["max_abs_diff_vs_flex"] = (check.float() - mine.float()).abs().max().item()
@@ -430,7 +432,18 @@ def flex_fallbacks(rows: list[dict]) -> dict[str, list[str]]:
     return used
 
 
+def _table_row(cells: list[object]) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def _table_head(columns: list[str]) -> list[str]:
+    """A Markdown table's header and alignment lines: the first two columns left, numbers right."""
+    return [_table_row(columns), _table_row(["---", "---"] + ["---:"] * (len(columns) - 2))]
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
+    """The Markdown report of a run: what was measured and how, then the forward, forward+backward
+    and baseline tables (one row per shape and pattern)."""
     lines = [
         f"# Kernel benchmark: {meta['device']} ({meta['date']})",
         "",
@@ -447,49 +460,42 @@ def markdown(meta: dict, rows: list[dict]) -> str:
           for options, names in flex_fallbacks(rows).items()],
         f"Load average (1 min) before / after: {meta['load_before']} / {meta['load_after']}.",
         "",
-        "Shapes: " + "; ".join(f"{s['name']}: grid {s['grid']}, N={s['tokens']}, B={s['batch']}, H={s['heads']}, D={s['head_dim']}"
-                               for s in meta["shapes"]),
+        "Shapes: " + "; ".join(f"{s['name']}: grid {s['grid']}, N={s['tokens']}, B={s['batch']}, H={s['heads']}, "
+                               f"D={s['head_dim']}" for s in meta["shapes"]),
         "",
         "## Forward",
         "",
-        "| shape | pattern | density | tile density | ms | TFLOP/s | vs SDPA | vs Flex | vs own dense | ideal | ratio to ideal |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *_table_head(["shape", "pattern", "density", "tile density", "ms", "TFLOP/s", "vs SDPA", "vs Flex",
+                      "vs own dense", "ideal", "ratio to ideal"]),
     ]
     for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['pattern']} | {r['density']:.4f} | {r['tile_density']:.4f} | {fmt(r.get('fwd_ms'), '.1f')} | "
-            f"{fmt(r.get('fwd_tflops'), '.3f')} | {fmt(r.get('fwd_speedup_vs_sdpa'))}x | {fmt(r.get('fwd_speedup_vs_flex'))}x | "
-            f"{fmt(r.get('fwd_speedup_vs_own_dense'))}x | {r['ideal_speedup']:.2f}x | {fmt(r.get('fwd_ratio_to_ideal'))} |"
-        )
+        lines.append(_table_row([
+            r["shape"], r["pattern"], f"{r['density']:.4f}", f"{r['tile_density']:.4f}", fmt(r.get("fwd_ms"), ".1f"),
+            fmt(r.get("fwd_tflops"), ".3f"), f"{fmt(r.get('fwd_speedup_vs_sdpa'))}x",
+            f"{fmt(r.get('fwd_speedup_vs_flex'))}x", f"{fmt(r.get('fwd_speedup_vs_own_dense'))}x",
+            f"{r['ideal_speedup']:.2f}x", fmt(r.get("fwd_ratio_to_ideal")),
+        ]))
     if any("fwd_bwd_ms" in r for r in rows):
-        lines += [
-            "",
-            "## Forward + backward",
-            "",
-            "| shape | pattern | ms | TFLOP/s | vs SDPA | vs Flex | vs own dense | ratio to ideal |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
+        lines += ["", "## Forward + backward", "", *_table_head(
+            ["shape", "pattern", "ms", "TFLOP/s", "vs SDPA", "vs Flex", "vs own dense", "ratio to ideal"])]
         for r in rows:
             flex = r.get("fwd_bwd_speedup_vs_flex")
             flex_text = "n/a (no CPU backward)" if r.get("flex_fwd_bwd_note") else f"{fmt(flex)}x"
-            lines.append(
-                f"| {r['shape']} | {r['pattern']} | {fmt(r.get('fwd_bwd_ms'), '.1f')} | {fmt(r.get('fwd_bwd_tflops'), '.3f')} | "
-                f"{fmt(r.get('fwd_bwd_speedup_vs_sdpa'))}x | {flex_text} | {fmt(r.get('fwd_bwd_speedup_vs_own_dense'))}x | "
-                f"{fmt(r.get('fwd_bwd_ratio_to_ideal'))} |"
-            )
-    lines += [
-        "",
-        "## Baselines (ms)",
-        "",
-        "| shape | pattern | SDPA fwd (backend) | SDPA fwd+bwd (backend) | Flex fwd | Flex fwd+bwd | max abs diff vs Flex |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
+            lines.append(_table_row([
+                r["shape"], r["pattern"], fmt(r.get("fwd_bwd_ms"), ".1f"), fmt(r.get("fwd_bwd_tflops"), ".3f"),
+                f"{fmt(r.get('fwd_bwd_speedup_vs_sdpa'))}x", flex_text,
+                f"{fmt(r.get('fwd_bwd_speedup_vs_own_dense'))}x", fmt(r.get("fwd_bwd_ratio_to_ideal")),
+            ]))
+    lines += ["", "## Baselines (ms)", "", *_table_head(
+        ["shape", "pattern", "SDPA fwd (backend)", "SDPA fwd+bwd (backend)", "Flex fwd", "Flex fwd+bwd",
+         "max abs diff vs Flex"])]
     for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['pattern']} | {fmt(r.get('fwd_sdpa_ms'), '.1f')} ({r.get('fwd_sdpa_backend')}) | "
-            f"{fmt(r.get('fwd_bwd_sdpa_ms'), '.1f')} ({r.get('fwd_bwd_sdpa_backend')}) | {fmt(r.get('fwd_flex_ms'), '.1f')} | "
-            f"{fmt(r.get('fwd_bwd_flex_ms'), '.1f')} | {fmt(r.get('max_abs_diff_vs_flex'), '.2e')} |"
-        )
+        lines.append(_table_row([
+            r["shape"], r["pattern"], f"{fmt(r.get('fwd_sdpa_ms'), '.1f')} ({r.get('fwd_sdpa_backend')})",
+            f"{fmt(r.get('fwd_bwd_sdpa_ms'), '.1f')} ({r.get('fwd_bwd_sdpa_backend')})",
+            fmt(r.get("fwd_flex_ms"), ".1f"), fmt(r.get("fwd_bwd_flex_ms"), ".1f"),
+            fmt(r.get("max_abs_diff_vs_flex"), ".2e"),
+        ]))
     if meta.get("notes"):
         lines += ["", "## Notes", ""] + [f"* {note}" for note in meta["notes"]]
     return "\n".join(lines) + "\n"
@@ -552,14 +558,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     name = device_name(device)
     date = datetime.date.today().isoformat()
     meta = dict(
-        device=name if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        device=name if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         date=date, torch=torch.__version__, triton=triton_version, python=platform.python_version(),
         dtype=args.dtype, backend=kernel_backend(device), block=BLOCK,
         threads=f"{torch.get_num_threads()} threads" if device.type == "cpu" else "GPU",
         repeats=repeats, warmup=warmup,
         timing="CUDA events + synchronize" if device.type == "cuda" else "time.perf_counter",
         backward=args.backward, flex=args.flex,
-        shapes=[dict(name=s.name, grid=[s.grid.frames, s.grid.height, s.grid.width, s.grid.text_tokens, s.grid.text_position],
+        shapes=[dict(name=s.name, grid=[s.grid.frames, s.grid.height, s.grid.width, s.grid.text_tokens,
+                                        s.grid.text_position],
                      tokens=s.grid.num_tokens, batch=s.batch, heads=s.heads, head_dim=s.head_dim) for s in shapes],
         notes=args.note, load_before=load_before, load_after=load_average(),
     )
