@@ -512,7 +512,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", choices=("small", "reference"), default=None,
                         help="small (CPU sizes, default on cpu) or reference (DESIGN.md model shapes, default on cuda)")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="folder for the .json and .md reports, relative to the current folder "
+                             "(default benchmarks/results)")
     parser.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--flex", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp32 on cpu, bf16 on cuda")
