@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written result, and a failure leaves no file."""
+"""Atomic file writes (a reader never sees a half-written result, and a failure leaves no file) and
+the conversion of a pipeline's frames to the uint8 video every writer and scorer takes."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
+
+import numpy as np
+import torch
 
 
 @contextlib.contextmanager
@@ -17,8 +21,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     and gets ordinary permissions (``mkstemp`` would leave it 0600). On any error it is removed.
 
     Example:
-        >>> with atomic_path("video.mp4") as tmp:
-        ...     write_mp4(tmp)
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with atomic_path(folder / "notes.txt") as tmp:
+        ...     _ = tmp.write_text("written in full or not at all")
+        ...     tmp.suffix, tmp.parent == folder      # beside the target, same suffix
+        ('.txt', True)
+        >>> [path.name for path in folder.iterdir()]   # renamed over the target
+        ['notes.txt']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +49,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     Example:
-        >>> atomic_write("report.json", lambda f: f.write(b"{}"))
+        >>> path = atomic_write(Path(tempfile.mkdtemp()) / "report.json", lambda handle: handle.write(b"{}"))
+        >>> path.name, path.read_bytes()
+        ('report.json', b'{}')
     """
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         write(handle)
@@ -48,5 +59,54 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    """Write ``text`` (UTF-8) to ``path`` atomically.
+
+    Example:
+        >>> atomic_write_text(Path(tempfile.mkdtemp()) / "table.md", "| a |").read_text()
+        '| a |'
+    """
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+def to_uint8(video) -> np.ndarray:
+    """A pipeline's ``frames[0]`` (float [0, 1] array, tensor or list of PIL images) as uint8 [F, H, W, 3].
+
+    Example:
+        >>> video = to_uint8(torch.full((2, 4, 4, 1), 0.5))  # 2 grey frames, one channel
+        >>> video.shape, video.dtype, int(video[0, 0, 0, 0])
+        ((2, 4, 4, 3), dtype('uint8'), 128)
+    """
+    if isinstance(video, torch.Tensor):
+        video = video.float().cpu().numpy()
+    if isinstance(video, list):
+        video = np.stack([np.asarray(frame) for frame in video])
+    video = np.asarray(video)
+    if video.dtype != np.uint8:
+        video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if video.ndim == 3:
+        video = video[..., None]
+    if video.shape[-1] == 1:
+        video = np.repeat(video, 3, axis=-1)
+    return video
+
+
+# --- The default model: the embedded model diffattn trains and ships ---------------------------
+# Everything specific to it is in default_model_call (and the default branch of load_pipeline):
+# its call defaults, its size rule and the preset's fit to its token grid.
+def default_model_call(options: RunOptions) -> tuple[dict, Any]:
+    """``(call, preset)`` for the default model, checked before the model is loaded: its call
+    defaults overridden by the options, its size rule, the preset's fit to the latent grid, and
+    the prompts.
+
+    Example:
+        >>> call, preset = default_model_call(RunOptions(num_frames=9))
+        >>> call["num_frames"], preset.name
+        (9, 'dense')
+    """
+    call = dict(default_model.DEFAULT_CALL)
+    call.update(_size_arguments(options))
+    default_model.check_size(call["num_frames"], call["height"], call["width"], cli_flags=True)
+    preset = default_model.fitting_preset(options.preset, call["num_frames"], call["height"], call["width"])
+    call["prompt"] = options.prompt
+    call["negative_prompt"] = options.negative_prompt
+    return call, preset
+# --------------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@
     diffattn mask --preset radial --family wan --out radial.png
     diffattn generate --preset radial --prompt "a red ball" --output out.mp4
     diffattn profile --preset radial --num-frames 33 --report profile.json
-    diffattn bench --device cpu --shapes small      (scripts/bench_kernels.py)
+    diffattn bench --device cpu --shapes small      (diffattn.profiler.bench_kernels)
 
-Every bad input prints one ``error: ...`` line on stderr and exits with code 2.
+Bad input (a bad flag, or a :class:`~diffattn.errors.UserError` from the layers below) prints
+``error: `` and the whole message (every reason, one per line) on stderr and exits with code 2.
+Any other exception is a bug: it keeps its traceback (exit code 1).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from .errors import UserError
 
 GENERATE_HELP = """\
 Generate a video with sparse attention from a preset.
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="latent tokens per row")
     p.add_argument("--out", required=True, help="PNG path")
 
-    sub.add_parser("bench", help="kernel benchmark (scripts/bench_kernels.py; arguments are passed through)",
+    sub.add_parser("bench", help="kernel benchmark: block-sparse vs SDPA and FlexAttention (see diffattn bench --help)",
                    add_help=False)
 
     p = sub.add_parser("generate", help="generate a video (default model: the embedded shapes model)",
@@ -116,7 +120,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="dense", help="preset name of the model's family or a YAML path (default dense)")
     p.add_argument("--prompt", default="", help='text prompt (default model: e.g. "a red circle moves left")')
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--num-frames", type=int, default=None, help="frames; Wan VAE models need 1 + 4k (default model: any, 17)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames; Wan VAE models need 1 + 4k (default model: any, 17)")
     p.add_argument("--height", type=int, default=None, help="pixels; multiple of 8 for the default model (64)")
     p.add_argument("--width", type=int, default=None, help="pixels; multiple of 8 for the default model (64)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default model: 25)")
@@ -180,22 +185,13 @@ def cmd_mask(args) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    import runpy
+    from .profiler.bench_kernels import main as bench_main
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_kernels.py"
-    if not script.is_file():
-        return _fail(f"the kernel benchmark needs a source checkout ({script} not found)")
-    namespace = runpy.run_path(str(script), run_name="diffattn_bench_kernels")
-    saved = sys.argv
-    sys.argv = ["diffattn bench", *argv]
-    try:
-        return namespace["main"]()
-    finally:
-        sys.argv = saved
+    return bench_main(argv, prog="diffattn bench")
 
 
 def cmd_generate(args) -> int:
-    from .pipelines.generate import GenerateOptions, generate
+    from .runs import GenerateOptions, generate
 
     options = GenerateOptions(output=args.output, fps=args.fps, **_run_options(args))
     result = generate(options)
@@ -248,24 +244,36 @@ def cmd_eval_embedded(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] == "bench":  # the benchmark parses its own flags (diffattn bench --help)
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "presets":
+        return cmd_presets(args)
+    if args.command == "mask":
+        return cmd_mask(args)
+    if args.command == "profile":
+        return cmd_profile(args)
+    if args.command == "eval-embedded":
+        return cmd_eval_embedded(args)
+    return cmd_generate(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``diffattn`` console entry point; returns the exit code (0, or 2 for bad input).
+
+    Only :class:`~diffattn.errors.UserError` becomes an ``error:`` message: a plain ValueError,
+    OSError or anything else raised below is a bug and propagates with its traceback.
+
+    Example:
+        >>> main(["presets", "--family", "no-such-family"])  # prints "error: unknown model family ..." on stderr
+        2
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "presets":
-            return cmd_presets(args)
-        if args.command == "mask":
-            return cmd_mask(args)
-        if args.command == "profile":
-            return cmd_profile(args)
-        if args.command == "eval-embedded":
-            return cmd_eval_embedded(args)
-        return cmd_generate(args)
-    except (ValueError, OSError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return _fail(message)
+        return _dispatch(argv)
+    except UserError as error:
+        return _fail(str(error).strip() or type(error).__name__)
     except KeyboardInterrupt:
         return _fail("interrupted")
 

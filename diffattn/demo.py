@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     dense_s = _median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats=1)
     print(f"\nblock_sparse_attention on {grid.frames}x{grid.height}x{grid.width} = {grid.num_tokens} tokens, "
           f"{heads} heads x {head_dim}, fp32, CPU; dense SDPA {dense_s * 1e3:.1f} ms")
-    print(f"{'preset':28s} {'tile dens.':>10s} {'max err':>9s} {'ms':>8s} {'vs SDPA':>8s}   (max err: 256 random rows vs float64)")
+    print(f"{'preset':28s} {'tile dens.':>10s} {'max err':>9s} {'ms':>8s} {'vs SDPA':>8s}   "
+          "(max err: 256 random rows vs float64)")
     worst = 0.0
     for preset in presets:
         name, cfg = preset.name, preset.config

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import imageio.v2 as imageio
 import pytest
+import torch
 
+import diffattn.profiler.command
+import diffattn.runs
+from diffattn import Dense, VideoGrid, block_sparse_attention
 from diffattn.cli import main
 from diffattn.processors.presets import families
 from diffattn.profiler import ProfileReport
@@ -20,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "diffattn"
 
 
-def run(*args: str, cwd: Path | None = None, script: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path | None = None, script: bool = False,
+        env: dict | None = None) -> subprocess.CompletedProcess:
     command = [str(SCRIPT)] if script and SCRIPT.is_file() else [sys.executable, "-m", "diffattn.cli"]
     return subprocess.run(command + list(args), capture_output=True, text=True, cwd=cwd or REPO, timeout=300, env=env)
 
@@ -71,7 +76,9 @@ BAD_INPUTS = [
     ({"--num-frames": "0"}, "--num-frames must be a positive integer"),
     ({"--output": "{file}/video.mp4"}, "not a writable directory"),
     ({"--lora": "{tmp}/weights.bin"}, ".safetensors"),
+    ({"--lora": "{tmp}/missing.safetensors"}, "does not exist"),
     ({"--model": "someone/some-model"}, "hub ids are not supported"),
+    ({"--model": "{tmp}"}, "is not a loadable diffusers pipeline folder"),  # a folder without model_index.json
     ({"--height": "70"}, "--height must be a positive multiple of 8"),
 ]
 
@@ -100,10 +107,59 @@ def test_generate_bad_inputs_exit_2_without_output(tmp_path):
         assert sorted(p.name for p in case.iterdir()) == ["a-file", "weights.bin"], override  # no output, no temp file
 
 
-def test_bench_forwards_to_kernel_benchmark():
-    result = run("bench", "--help")
+def test_bench_forwards_to_kernel_benchmark(tmp_path):
+    # From outside the repository: the benchmark is package code, not a script of a checkout.
+    result = run("bench", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "--shapes" in result.stdout and "diffattn bench" in result.stdout
+    assert "--shapes" in result.stdout and "usage: diffattn bench" in result.stdout
+
+
+def refused_kernel_call(options=None) -> None:
+    """A sparse call the kernel refuses for several reasons (dtype and shapes): its UserError
+    message is a headline and one line per reason."""
+    layout = Dense().layout(VideoGrid(1, 4, 8), block_size=32)
+    q = torch.randn(1, 2, 32, 16, dtype=torch.float64)
+    block_sparse_attention(q, q, q[..., :8], layout, backend="cpu")
+
+
+def test_multi_line_user_error_is_printed_whole_with_exit_2(tmp_path, capsys, monkeypatch):
+    with pytest.raises(ValueError) as refusal:
+        refused_kernel_call()
+    message = str(refusal.value)
+    assert len(message.splitlines()) > 3
+    # As if the refusal came from the middle of a generation.
+    monkeypatch.setattr(diffattn.runs, "generate", refused_kernel_call)
+    code = main(["generate", "--output", str(tmp_path / "out.mp4")])
+    assert code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("bug", [ValueError("bug: a plain ValueError"), OSError("bug: an OSError"),
+                                 RuntimeError("bug: a RuntimeError")])
+def test_internal_errors_propagate(tmp_path, monkeypatch, capsys, bug):
+    # Only UserError is the user's fault; anything else raised below the CLI is a bug in diffattn
+    # and must reach Python's handler with its traceback, not become a tidy "error:" line.
+    def broken(options):
+        raise bug
+
+    monkeypatch.setattr(diffattn.profiler.command, "prepare_run", broken)
+    with pytest.raises(type(bug), match="bug: "):
+        main(["profile", "--report", str(tmp_path / "report.json")])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_internal_error_through_the_interpreter_gives_traceback_and_exit_1(tmp_path):
+    code = ("import sys, diffattn.profiler.command\n"
+            "def broken(options):\n"
+            "    raise ValueError('bug: not the user\\'s fault')\n"
+            "diffattn.profiler.command.prepare_run = broken\n"
+            "from diffattn.cli import main\n"
+            "sys.exit(main())\n")
+    result = subprocess.run([sys.executable, "-c", code, "profile", "--report", str(tmp_path / "r.json")],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" in result.stderr and "ValueError: bug: not the user's fault" in result.stderr
+    assert "error: " not in result.stderr
 
 
 # The tiny model's ops are far too small for intra-op threads; on a busy machine their spin-waits

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .._io import to_uint8
+from ..patterns._checks import check_positive_int
 from .embedded import DEFAULT_CALL
-from .generate import check_positive, to_uint8
 from .shape_detector import MAX_COLOUR_DISTANCE, score_video
 from .shapes import (
     COLOURS, DIRECTIONS, FRAMES_BEFORE_BOUNCE, SHAPES, ClipSpec, caption, render_clip, sample_clip,
@@ -81,7 +82,8 @@ def evaluate_embedded(
     floor), ``targets_met``, settings, timings and per-video details. ``caption_seed`` picks the
     held-out stream: :data:`EVAL_SEED` for reported numbers, :data:`TUNING_SEED` for tuning.
     """
-    check_positive({"num_captions": num_captions, "batch_size": batch_size})
+    check_positive_int("num_captions", num_captions)
+    check_positive_int("batch_size", batch_size)
     specs = held_out_specs(num_captions, caption_seed)
     captions = [caption(spec) for spec in specs]
     call: dict[str, Any] = dict(num_frames=num_frames, height=size, width=size, output_type="np")
@@ -437,7 +439,9 @@ def run_evaluation(report_path: str, model: str | None = None, preset: str = "de
 
     if Path(report_path).suffix.lower() != ".json":
         raise UserError(f"--report must be a .json path; got {report_path!r}")
-    check_positive({"--num-captions": num_captions, "--batch-size": batch_size, "--steps": num_inference_steps})
+    for flag, value in {"--num-captions": num_captions, "--batch-size": batch_size, "--steps": num_inference_steps}.items():
+        if value is not None:  # None: the model's default
+            check_positive_int(flag, value)
     check_size(num_frames, size, size, cli_flags=True)
     loaded = fitting_preset(preset, num_frames, size, size)
     try:

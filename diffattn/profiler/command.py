@@ -1,8 +1,8 @@
 """``diffattn profile``: the model, prompt and size options of ``diffattn generate``, then
 :func:`diffattn.profile` on the loaded pipeline, and the report written beside ``--report``.
 
-Loading and call building are :func:`diffattn.pipelines.generate.prepare_run`, shared with
-``generate``; bad inputs raise ValueError before any report file is touched.
+Loading and call building are :func:`diffattn.runs.prepare_run`, shared with ``generate``; bad
+inputs raise :class:`~diffattn.errors.UserError` before any report file is touched.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..pipelines.generate import RunOptions, check_output, prepare_run
+from ..errors import UserError
+from ..runs import RunOptions, check_output, prepare_run
 from .report import ProfileReport
 from .runner import profile
 
@@ -28,7 +29,9 @@ class ProfileOptions(RunOptions):
         repeats: timed rounds; the report holds medians.
 
     Example:
-        >>> ProfileOptions(preset="radial", num_frames=33, steps=4, report="out/radial.json")
+        >>> options = ProfileOptions(preset="radial", num_frames=33, steps=4, report="out/radial.json")
+        >>> options.warmup, options.repeats
+        (1, 1)
     """
 
     report: str | None = None
@@ -41,13 +44,17 @@ def run_profile(options: ProfileOptions, log: Callable[[str], None] | None = Non
     and the paths written (none without ``options.report``).
 
     Example:
-        >>> report, paths = run_profile(ProfileOptions(preset="radial-fast", num_frames=9, steps=2,
-        ...                                            report="profile.json"))
+        >>> import tempfile
+        >>> report_path = Path(tempfile.mkdtemp()) / "profile.json"
+        >>> report, paths = run_profile(ProfileOptions(preset="radial-fast", num_frames=5, height=32, width=32,
+        ...                                            steps=1, warmup=0, report=str(report_path)))
+        >>> report.preset, sorted(path.suffix for path in paths)
+        ('radial-fast', ['.json', '.md', '.png'])
     """
     report_path = check_output(options.report, REPORT_SUFFIXES, "--report") if options.report is not None else None
     for name, value, minimum in (("--warmup", options.warmup, 0), ("--repeats", options.repeats, 1)):
         if value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}; got {value}")
+            raise UserError(f"{name} must be an integer >= {minimum}; got {value}")
     run = prepare_run(options)
     # The preset string itself (name or YAML path), so the report carries its name.
     report = profile(run.pipe, options.preset, seed=options.seed, warmup=options.warmup, repeats=options.repeats,

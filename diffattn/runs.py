@@ -1,9 +1,17 @@
-"""``diffattn generate``: load a pipeline, apply a sparsity preset, denoise, write a video.
+"""Running a diffusers pipeline from user options: checks, loading, the call, the video file.
 
-The option checks, the model loading and the call building (:func:`prepare_run`) are shared with
-``diffattn profile`` (:mod:`diffattn.profiler.command`). Bad inputs raise ValueError (one-line
-messages, checked before any heavy work where possible); the CLI turns them into ``error: ...``
-and exit code 2.
+``diffattn generate``, ``diffattn profile`` (:mod:`diffattn.profiler.command`) and
+``diffattn eval-embedded`` share this module: :func:`prepare_run` checks the options, loads the
+pipeline (the embedded default model or a local diffusers folder, plus a LoRA) and builds the
+``pipe(**call)`` arguments; :func:`generate` is the whole ``diffattn generate`` command. It sits
+above the adapters, the presets and the embedded model, and below the profiler command and the
+CLI. Bad inputs (options, missing files and folders) raise :class:`~diffattn.errors.UserError`,
+checked before any heavy work where possible; the CLI prints the message and exits 2.
+
+Example:
+    >>> options = RunOptions(preset="radial", num_frames=9)
+    >>> default_model_call(options)[0]["num_frames"]
+    9
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .._io import atomic_path
-from . import embedded as default_model
+from ._io import atomic_path, to_uint8
+from .errors import UserError
+from .pipelines import embedded as default_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -31,7 +40,9 @@ class RunOptions:
     None means the model's default.
 
     Example:
-        >>> RunOptions(preset="radial", num_frames=33, steps=4)
+        >>> options = RunOptions(preset="radial", num_frames=33, steps=4)
+        >>> options.model is None, options.device  # the embedded default model, on the CPU
+        (True, 'cpu')
     """
 
     model: str | None = None
@@ -55,7 +66,8 @@ class GenerateOptions(RunOptions):
     """Everything ``diffattn generate`` takes: :class:`RunOptions` plus the video output.
 
     Example:
-        >>> GenerateOptions(output="out.mp4", preset="radial-fast", prompt="a red ball")
+        >>> GenerateOptions(output="out.mp4", preset="radial-fast", prompt="a red ball").fps
+        16
     """
 
     output: str
@@ -87,6 +99,10 @@ class PreparedRun:
 
 @dataclass
 class GenerateResult:
+    """What :func:`generate` wrote and how: the video file, its size, the wall time of the
+    denoising, the preset and, when the pipeline ran through an adapter, the token grid, the
+    layout density and how many attention calls ran sparse."""
+
     path: Path
     num_frames: int
     height: int
@@ -100,8 +116,8 @@ class GenerateResult:
 
 
 def check_output(path: str | os.PathLike, suffixes: tuple[str, ...] = VIDEO_SUFFIXES, flag: str = "--output") -> Path:
-    """ValueError unless ``path`` ends in one of ``suffixes`` and its directory exists (or can be
-    made) and is writable; ``flag`` names the option in the message.
+    """``path`` as a Path; UserError unless it ends in one of ``suffixes`` and its directory exists
+    (or can be made) and is writable. ``flag`` names the option in the message. Nothing is created.
 
     Example:
         >>> check_output("out/report.json", (".json",), "--report")
@@ -109,81 +125,128 @@ def check_output(path: str | os.PathLike, suffixes: tuple[str, ...] = VIDEO_SUFF
     """
     path = Path(path)
     if path.suffix.lower() not in suffixes:
-        raise ValueError(f"{flag} must end in {' or '.join(suffixes)}; got {str(path)!r}")
+        raise UserError(f"{flag} must end in {' or '.join(suffixes)}; got {str(path)!r}")
     if path.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} is a directory")
+        raise UserError(f"{flag} {str(path)!r} is a directory")
     ancestor = path.absolute().parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {flag} {str(path)!r}: {str(ancestor)!r} is not a writable directory")
+        raise UserError(f"cannot write {flag} {str(path)!r}: {str(ancestor)!r} is not a writable directory")
     return path
 
 
 def check_positive(values: dict[str, Any]) -> None:
-    """ValueError for the first ``{flag: value}`` that is given (not None) but not a positive integer."""
+    """UserError for the first ``{flag: value}`` that is given (not None) but not a positive integer.
+
+    Example:
+        >>> check_positive({"--steps": 4, "--height": None})  # None: not given, the model's default
+        >>> check_positive({"--steps": 0})
+        Traceback (most recent call last):
+        diffattn.errors.UserError: --steps must be a positive integer; got 0
+    """
     for name, value in values.items():
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value}")
+            raise UserError(f"{name} must be a positive integer; got {value}")
 
 
 def check_device(device: str, cpu_offload: bool) -> torch.device:
+    """``device`` as a torch.device; UserError unless it names a device this machine has (and, with
+    ``cpu_offload``, an accelerator to offload to).
+
+    Example:
+        >>> check_device("cpu", cpu_offload=False)
+        device(type='cpu')
+    """
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+        raise UserError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} but no CUDA GPU is available")
+        raise UserError(f"--device {device} but no CUDA GPU is available")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"--device {device} but MPS is not available")
+        raise UserError(f"--device {device} but MPS is not available")
     if cpu_offload and dev.type == "cpu":
-        raise ValueError("--cpu-offload moves models between the CPU and an accelerator: give --device cuda")
+        raise UserError("--cpu-offload moves models between the CPU and an accelerator: give --device cuda")
     return dev
 
 
 def check_lora(path: str | None) -> Path | None:
+    """``path`` as a Path (None stays None); UserError unless it is an existing ``.safetensors``
+    file (pickled weights are never loaded).
+
+    Example:
+        >>> check_lora(None) is None
+        True
+        >>> check_lora("no/such/weights.safetensors")
+        Traceback (most recent call last):
+        diffattn.errors.UserError: --lora file 'no/such/weights.safetensors' does not exist
+    """
     if path is None:
         return None
     lora = Path(path)
     if lora.suffix.lower() != ".safetensors":
-        raise ValueError(f"--lora must be a .safetensors file (pickled weights are never loaded); got {str(lora)!r}")
+        raise UserError(f"--lora must be a .safetensors file (pickled weights are never loaded); got {str(lora)!r}")
     if not lora.is_file():
-        raise ValueError(f"--lora file {str(lora)!r} does not exist")
+        raise UserError(f"--lora file {str(lora)!r} does not exist")
     return lora
 
 
 def load_pipeline(model: str | None, dtype: torch.dtype):
     """``(pipe, is_default)``: the shipped embedded model for None, else a local diffusers folder
-    (a folder saved by ``scripts/train_embedded_model.py`` loads as the embedded pipeline class)."""
+    (a folder saved by ``scripts/train_embedded_model.py`` loads as the embedded pipeline class).
+
+    A missing or unloadable folder is a UserError; nothing is downloaded.
+
+    Example:
+        >>> pipe, is_default = load_pipeline(None, torch.float32)
+        >>> type(pipe).__name__, is_default
+        ('EmbeddedVideoPipeline', True)
+    """
     if model is None:
         try:
             return default_model.load_embedded_pipeline(dtype=dtype), True
         except FileNotFoundError as error:
-            raise ValueError(f"the default model is missing from this installation: {error}") from None
-    if default_model.is_embedded_folder(model):
-        return default_model.load_embedded_pipeline(model, dtype=dtype), False
+            raise UserError(f"the default model is missing from this installation: {error}") from None
     if not os.path.isdir(model):
         if os.path.exists(model):
-            raise ValueError(f"--model {model!r} is a file; give a local diffusers pipeline folder")
-        raise ValueError(
+            raise UserError(f"--model {model!r} is a file; give a local diffusers pipeline folder")
+        raise UserError(
             f"--model {model!r} is not a local folder; hub ids are not supported (no network): "
             f"download the pipeline yourself and pass its folder"
         )
     from diffusers import DiffusionPipeline
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # newer diffusers renamed torch_dtype to dtype
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
+        if default_model.is_embedded_folder(model):
+            pipe = default_model.load_embedded_pipeline(model, dtype=dtype)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # newer diffusers renamed torch_dtype to dtype
+                pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"--model {model!r} is not a loadable diffusers pipeline folder: {first}") from None
+        # A broken or foreign folder: diffusers' own message says which file or key is wrong.
+        raise UserError(f"--model {model!r} is not a loadable diffusers pipeline folder: "
+                        f"{_message(error)}") from None
     return pipe, False
+
+
+def _message(error: BaseException) -> str:
+    """An exception's whole message, or its type name when it has none."""
+    return str(error).strip() or type(error).__name__
 
 
 def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> Path:
     """Write ``uint8 [F, H, W, 3]`` frames as .mp4 (imageio-ffmpeg) or .gif, atomically: a temp
-    file beside ``path`` renamed over it, so a failure leaves no partial file."""
+    file beside ``path`` renamed over it, so a failure leaves no partial file.
+
+    Example:
+        >>> import tempfile
+        >>> frames = np.zeros((3, 16, 16, 3), dtype=np.uint8)
+        >>> path = write_video(frames, Path(tempfile.mkdtemp()) / "black.gif", fps=8)
+        >>> path.name, path.stat().st_size > 0
+        ('black.gif', True)
+    """
     import imageio.v2 as imageio
 
     path = Path(path)
@@ -198,43 +261,6 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> P
     return path
 
 
-def to_uint8(video) -> np.ndarray:
-    """A pipeline's ``frames[0]`` (float [0, 1] array, tensor or list of PIL images) as uint8 [F, H, W, 3]."""
-    if isinstance(video, torch.Tensor):
-        video = video.float().cpu().numpy()
-    if isinstance(video, list):
-        video = np.stack([np.asarray(frame) for frame in video])
-    video = np.asarray(video)
-    if video.dtype != np.uint8:
-        video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
-    if video.ndim == 3:
-        video = video[..., None]
-    if video.shape[-1] == 1:
-        video = np.repeat(video, 3, axis=-1)
-    return video
-
-
-# --- The default model: the embedded model diffattn trains and ships ---------------------------
-# Everything specific to it is in default_model_call (and the default branch of load_pipeline):
-# its call defaults, its size rule and the preset's fit to its token grid.
-def default_model_call(options: RunOptions) -> tuple[dict, Any]:
-    """``(call, preset)`` for the default model, checked before the model is loaded: its call
-    defaults overridden by the options, its size rule, the preset's fit to the latent grid, and
-    the prompts.
-
-    Example:
-        >>> call, preset = default_model_call(RunOptions(num_frames=9))
-        >>> call["num_frames"], preset.name
-        (9, 'dense')
-    """
-    call = dict(default_model.DEFAULT_CALL)
-    call.update(_size_arguments(options))
-    default_model.check_size(call["num_frames"], call["height"], call["width"], cli_flags=True)
-    preset = default_model.fitting_preset(options.preset, call["num_frames"], call["height"], call["width"])
-    call["prompt"] = options.prompt
-    call["negative_prompt"] = options.negative_prompt
-    return call, preset
-# --------------------------------------------------------------------------------------------------
 
 
 def _size_arguments(options: RunOptions) -> dict:
@@ -251,15 +277,18 @@ def prepare_run(options: RunOptions) -> PreparedRun:
     size rule) come before the model is loaded. No sparsity is applied.
 
     Example:
-        >>> run = prepare_run(RunOptions(preset="radial", num_frames=9, steps=2))
-        >>> diffattn.apply(run.pipe, run.preset.config)
-        >>> run.pipe(**run.call, generator=torch.Generator().manual_seed(0))
+        >>> from diffattn import apply
+        >>> run = prepare_run(RunOptions(preset="radial", num_frames=5, height=32, width=32, steps=1))
+        >>> pipe = apply(run.pipe, run.preset.config)
+        >>> frames = pipe(**run.call, generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+        >>> run.family, frames.shape
+        ('wan', (5, 32, 32, 3))
     """
-    from ..adapters import find_adapter
-    from ..processors.presets import load_preset
+    from .adapters import find_adapter
+    from .processors.presets import load_preset
 
     if options.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {options.dtype!r}")
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {options.dtype!r}")
     dtype = DTYPES[options.dtype]
     device = check_device(options.device, options.cpu_offload)
     lora = check_lora(options.lora)
@@ -279,14 +308,15 @@ def prepare_run(options: RunOptions) -> PreparedRun:
         preset = load_preset(options.preset, family=family)
         embedded = isinstance(pipe, default_model.EmbeddedVideoPipeline)  # pixel space: any frame count
         if family == "wan" and not embedded and "num_frames" in call and (call["num_frames"] - 1) % 4:
-            raise ValueError(f"--num-frames must be 1 + 4k (1, 5, 9, 13, 17, ...) for a Wan model; got {call['num_frames']}")
+            raise UserError(
+                f"--num-frames must be 1 + 4k (1, 5, 9, 13, 17, ...) for a Wan model; got {call['num_frames']}")
     if lora is not None:
         if not hasattr(pipe, "load_lora_weights"):
-            raise ValueError(f"{type(pipe).__name__} does not support LoRA weights")
+            raise UserError(f"{type(pipe).__name__} does not support LoRA weights")
         try:
             pipe.load_lora_weights(str(lora))
         except (OSError, ValueError, KeyError, RuntimeError) as error:
-            raise ValueError(f"--lora {str(lora)!r} could not be loaded: {str(error).splitlines()[0] if str(error) else error!r}") from None
+            raise UserError(f"--lora {str(lora)!r} could not be loaded: {_message(error)}") from None
     if options.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -300,11 +330,15 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
     """Run one generation; see ``diffattn generate --help``.
 
     Example:
-        >>> generate(GenerateOptions(output="out.mp4", preset="radial-fast", num_frames=9, steps=2)).path
-        PosixPath('out.mp4')
+        >>> import tempfile
+        >>> output = Path(tempfile.mkdtemp()) / "out.gif"
+        >>> result = generate(GenerateOptions(output=str(output), preset="radial-fast", num_frames=5, height=32,
+        ...                                   width=32, steps=1))
+        >>> result.path == output, result.num_frames, result.preset
+        (True, 5, 'radial-fast')
     """
-    from ..adapters import apply, sparsity_state
-    from ..processors.presets import preset_layout
+    from .adapters import apply, sparsity_state
+    from .processors.presets import preset_layout
 
     output = check_output(options.output)
     check_positive({"--fps": options.fps})
