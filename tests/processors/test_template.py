@@ -149,3 +149,14 @@ def test_a_processor_without_state_runs_stock_with_a_warning():
     with pytest.warns(DenseFallbackWarning, match="no SparsityState"):
         got = processor(attn, hidden)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_the_profiler_reports_fallbacks(wan, refusing_kernel):
+    import diffattn
+
+    pipe, _ = wan
+    call = {k: v for k, v in wan_call_kwargs(steps=2).items() if k not in ("generator", "output_type")}
+    with pytest.warns(DenseFallbackWarning):
+        report = diffattn.profile(pipe, SparsityConfig(pattern=Dense(), block_size=32), warmup=0, **call)
+    assert report.fallbacks == {refusing_kernel: 2 * 2 * 2} and report.sparse_calls == 0
+    assert f"calls that fell back to the stock dense attention: 8\n- 8 x {refusing_kernel}" in report.to_markdown()
