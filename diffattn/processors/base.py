@@ -33,12 +33,14 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..errors import DenseFallbackWarning, UserError
+from ..errors import DenseFallbackWarning
 from .joint import joint_attention
 from .state import SparseUnsupported, SparsityState
 
 #: The fallback reason of every call while context parallelism is enabled on the layer.
 CONTEXT_PARALLEL = "context parallelism (the layer sees a shard of the sequence, not the grid)"
+#: Not a fallback: the schedule keeps this call dense (a dense step or layer).
+SCHEDULED_DENSE = "dense step or layer"
 #: The fallback reason of a processor that diffusers created without diffattn (no state yet).
 NOT_INSTALLED = "the processor was created without diffattn.apply/sparse_processors (no SparsityState)"
 
@@ -71,11 +73,13 @@ class SparseAttnProcessor:
         layer_index: the transformer block index of this layer.
 
     Example:
-        >>> class Echo(SparseAttnProcessor):
-        ...     stock_classes = ("function",)
-        ...     call_parameters = ("attn", "hidden_states")
-        >>> Echo(stock=lambda attn, hidden_states: hidden_states).layer_index
-        0
+        >>> class Echo(SparseAttnProcessor, parameters=("attn", "hidden_states")):
+        ...     pass
+        >>> echo = Echo(stock=lambda attn, hidden_states: hidden_states)
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True):   # no state: runs the stock processor
+        ...     echo(None, "stock output")
+        'stock output'
     """
 
     #: Class names of the stock processors whose computation this processor reproduces.
@@ -150,19 +154,28 @@ class SparseAttnProcessor:
         """Run one call (the stock ``__call__``'s arguments by name) through the template."""
         if not self.is_self_attention(call):
             return self.stock(**call)
-        state = self.state
-        if state is not None and state.dense_now(self.layer_index):
-            return state.run_dense(self.layer_index, lambda: self.stock(**call))
-        reason = self.fallback_reason(call)
+        reason = self._decide(call)
         if reason is None:
             try:
                 return self.sparse(call)
             except SparseUnsupported as unsupported:  # raised before anything was computed
                 reason = unsupported.reason
-        self.fall_back(reason)
-        if state is None:
+                self.fall_back(reason)
+        if self.state is None:
             return self.stock(**call)
-        return state.run_dense(self.layer_index, lambda: self.stock(**call))
+        return self.state.run_dense(self.layer_index, lambda: self.stock(**call))
+
+    @torch.compiler.disable
+    def _decide(self, call: dict[str, Any]) -> str | None:
+        """None when the call runs sparse; else why not, recorded as a fallback unless it is the
+        schedule (eager under torch.compile: host-side bookkeeping, as in SparsityState)."""
+        state = self.state
+        if state is not None and state.dense_now(self.layer_index):
+            return SCHEDULED_DENSE
+        reason = self.fallback_reason(call)
+        if reason is not None:
+            self.fall_back(reason)
+        return reason
 
     def is_self_attention(self, call: dict[str, Any]) -> bool:
         """Whether the call is the self-attention this layer sparsifies (default: no
@@ -199,7 +212,13 @@ class SparseAttnProcessor:
     def sparse(self, call: dict[str, Any]) -> Any:
         """The sparse call: the stock ``__call__`` with its attention op replaced by :meth:`attention`."""
         if self._intercepted is None:
-            self._intercepted = _with_global(type(self.stock).__call__, self.attention_global, self._replacement())
+            stock_call = type(self.stock).__call__
+            if self.attention_global not in getattr(stock_call, "__code__", types.SimpleNamespace(co_names=())).co_names:
+                raise SparseUnsupported(
+                    f"{type(self.stock).__name__}.__call__ does not use {self.attention_global!r} in this diffusers "
+                    "version, so diffattn cannot replace its attention op"
+                )
+            self._intercepted = _with_global(stock_call, self.attention_global, self._replacement())
         return self._intercepted(self.stock, **call)
 
     def attention(
@@ -322,17 +341,18 @@ class _FunctionalWith:
         return getattr(F, name)
 
 
-def _with_global(function: Callable[..., Any], name: str, replacement: Any) -> Callable[..., Any]:
+def _with_global(function: types.FunctionType, name: str, replacement: Any) -> types.FunctionType:
     """A copy of ``function`` that sees ``replacement`` as its global ``name``.
 
     Nothing is patched: diffusers' module and every other caller keep the original. The copy
     reads a snapshot of the function's module globals taken here.
+
+    Example:
+        >>> def area(side):
+        ...     return pow(side, 2)
+        >>> _with_global(area, "pow", lambda x, n: "replaced")(3), area(3)
+        ('replaced', 9)
     """
-    if name not in function.__globals__:
-        raise UserError(
-            f"{function.__qualname__} does not use {name!r}: this diffusers version's processor is not one "
-            "diffattn knows how to sparsify"
-        )
     namespace = dict(function.__globals__)
     namespace[name] = replacement
     copy = types.FunctionType(function.__code__, namespace, function.__name__, function.__defaults__,

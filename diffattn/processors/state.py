@@ -25,10 +25,10 @@ T = TypeVar("T")
 class AttentionObserver(Protocol):
     """A profiling hook on :attr:`SparsityState.observer` (installed by :mod:`diffattn.profiler`).
 
-    It sees every *sparsifiable* self-attention call of the transformer: the ones that run sparse
-    and the ones that the schedule keeps dense (dense warm-up/last steps, dense layers), and runs
-    them itself so that it can time their core attention op. Cross-attention and calls that cannot
-    be sparsified at all never reach it. Calls may nest (joint attention reports its whole sparse
+    It sees every *sparsifiable* self-attention call of the transformer: the ones that run sparse,
+    the ones that the schedule keeps dense (dense warm-up/last steps, dense layers) and the ones
+    that fall back to the stock attention, and runs them itself so that it can time their core
+    attention op. Cross-attention calls never reach it. Calls may nest (joint attention reports its whole sparse
     op and, inside it, the kernel call): only the outermost one is a call.
 
     Example:
@@ -40,7 +40,11 @@ class AttentionObserver(Protocol):
         ...     def dense_call(self, state, layer_index, stock):
         ...         self.calls += 1
         ...         return stock()
+        >>> from diffattn import Dense
+        >>> state = SparsityState(SparsityConfig(pattern=Dense()))
         >>> state.observer = Count()
+        >>> state.run_dense(0, lambda: "stock output"), state.observer.calls
+        ('stock output', 1)
     """
 
     def sparse_call(self, state: "SparsityState", layer_index: int, attention: Callable[[], T]) -> T:
@@ -216,7 +220,10 @@ class SparsityState:
         merged video/text parts), as one call of the observer (``attention()`` alone without one).
 
         Example:
-            >>> out = state.observe(layer_index, lambda: split_attention(state, layer_index, q, k, v))
+            >>> from diffattn import Dense
+            >>> state = SparsityState(SparsityConfig(pattern=Dense()))
+            >>> state.observe(0, lambda: "merged output")   # no observer: just the call
+            'merged output'
         """
         if self.observer is None:
             return attention()
