@@ -132,7 +132,6 @@ def sparse_processors(
     """
     transformer = unwrap_compiled(transformer)
     processors = attention_processors(transformer)
-    _forget(transformer)
     for key, processor in processors.items():
         if isinstance(processor, SparseAttnProcessor):
             processors[key] = processor.stock  # re-installing: start from the stock processors
@@ -148,6 +147,7 @@ def sparse_processors(
     if kept and config.on_unsupported == "raise":
         state.fall_back(_not_ours_reason(next(iter(kept))), calls=0)
 
+    _forget(transformer)  # only now: a bad config leaves an earlier installation working
     modules = [(transformer.get_submodule(name), index) for name, index in layers]
 
     def publish(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -172,6 +172,10 @@ def _not_ours_reason(class_name: str) -> str:
             "set_attn_processor; apply diffattn again to sparsify such layers)")
 
 
+_STALE = ("the layer's processor belongs to an earlier diffattn installation (sparse_processors was called "
+          "again but its processors were not set)")
+
+
 def _check_processors(state: SparsityState, modules: list[tuple[torch.nn.Module, int]]) -> None:
     """Before each transformer call: adopt the processors diffusers re-created from our class
     (no state yet), and count the self-attention layers whose processor is not ours as fallbacks."""
@@ -183,9 +187,11 @@ def _check_processors(state: SparsityState, modules: list[tuple[torch.nn.Module,
                 processor.state, processor.layer_index = state, index
             if processor.state is state:
                 continue
-        others[type(processor).__name__] += 1
-    for class_name, layers in others.items():
-        state.fall_back(_not_ours_reason(class_name), calls=layers)
+        if not state.dense_now(index):  # a layer the schedule keeps dense loses nothing
+            stale = isinstance(processor, SparseAttnProcessor)
+            others[_STALE if stale else _not_ours_reason(type(processor).__name__)] += 1
+    for reason, layers in others.items():
+        state.fall_back(reason, calls=layers)
 
 
 def install(adapter: ModelAdapter, transformer: torch.nn.Module, config: SparsityConfig, scheduler: Any) -> None:

@@ -160,3 +160,31 @@ def test_the_profiler_reports_fallbacks(wan, refusing_kernel):
         report = diffattn.profile(pipe, SparsityConfig(pattern=Dense(), block_size=32), warmup=0, **call)
     assert report.fallbacks == {refusing_kernel: 2 * 2 * 2} and report.sparse_calls == 0
     assert f"calls that fell back to the stock dense attention: 8\n- 8 x {refusing_kernel}" in report.to_markdown()
+
+
+def test_a_stock_processor_diffattn_does_not_reproduce_is_kept_with_a_warning(wan):
+    """The whitelist holds for every family (here Wan): a stranger keeps its layer, dense, and says so."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    class StrangerProcessor(WanAttnProcessor):
+        pass
+
+    pipe, expected = wan
+    stranger = StrangerProcessor()
+    pipe.transformer.blocks[1].attn1.set_processor(stranger)
+    try:
+        with pytest.raises(UserError, match="StrangerProcessor"):
+            apply(pipe, SparsityConfig(pattern=Dense(), block_size=32, on_unsupported="raise"))
+        assert pipe.transformer.blocks[1].attn1.processor is stranger
+        apply(pipe, Dense(), block_size=32)
+        assert pipe.transformer.blocks[1].attn1.processor is stranger
+        with pytest.warns(DenseFallbackWarning, match="StrangerProcessor"):
+            latents = pipe(**wan_call_kwargs(steps=2)).frames
+        state = sparsity_state(pipe)
+        assert {layer for _, layer in state.sparse_calls} == {0} and sum(state.fallbacks.values()) == 2 * 2  # steps x CFG
+        remove(pipe)
+        assert pipe.transformer.blocks[1].attn1.processor is stranger
+    finally:
+        remove(pipe)
+        pipe.transformer.blocks[1].attn1.set_processor(WanAttnProcessor())
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
