@@ -116,7 +116,8 @@ class SparseAttnProcessor:
         names = cls.call_parameters
         parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         parameters += [
-            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None if i >= 2 else inspect.Parameter.empty)
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                              default=None if i >= 2 else inspect.Parameter.empty)
             for i, name in enumerate(names)
         ]
 
@@ -213,7 +214,8 @@ class SparseAttnProcessor:
         """The sparse call: the stock ``__call__`` with its attention op replaced by :meth:`attention`."""
         if self._intercepted is None:
             stock_call = type(self.stock).__call__
-            if self.attention_global not in getattr(stock_call, "__code__", types.SimpleNamespace(co_names=())).co_names:
+            code = getattr(stock_call, "__code__", None)
+            if code is None or self.attention_global not in code.co_names:
                 raise SparseUnsupported(
                     f"{type(self.stock).__name__}.__call__ does not use {self.attention_global!r} in this diffusers "
                     "version, so diffattn cannot replace its attention op"
@@ -256,9 +258,10 @@ class SparseAttnProcessor:
             return dispatch
         if self.attention_global == "F":
             def sdpa(query, key, value, attn_mask=None, *args, **kwargs):  # [B, H, N, D]
-                return self._intercept(query, key, value, attn_mask, True,
-                                       lambda: F.scaled_dot_product_attention(query, key, value, attn_mask, *args, **kwargs),
-                                       args, kwargs)
+                def stock_op():
+                    return F.scaled_dot_product_attention(query, key, value, attn_mask, *args, **kwargs)
+
+                return self._intercept(query, key, value, attn_mask, True, stock_op, args, kwargs)
 
             return _FunctionalWith(scaled_dot_product_attention=sdpa)
         raise TypeError(f"{type(self).__name__}.attention_global must be 'dispatch_attention_fn' or 'F'")

@@ -49,7 +49,9 @@ _PATTERN_KEYS: dict[str, tuple[type[Pattern], tuple[str, ...]]] = {
     "radial": (Radial, ("decay", "sink_frames", "dense_frame_distance", "block_size")),
     "neighborhood": (Neighborhood, ("kernel_size", "stride", "dilation", "causal")),
 }
-_CONFIG_KEYS = ("dense_layers", "dense_steps", "dense_last_steps", "block_size", "tile_shape", "backend", "on_unsupported")
+_CONFIG_KEYS = (
+    "dense_layers", "dense_steps", "dense_last_steps", "block_size", "tile_shape", "backend", "on_unsupported",
+)
 _TOP_KEYS = ("description", "pattern") + _CONFIG_KEYS
 
 

@@ -125,7 +125,8 @@ class SparsityState:
         if self.step is not None:
             if self.step < cfg.dense_steps:
                 return True
-            if cfg.dense_last_steps and self.num_steps is not None and self.step >= self.num_steps - cfg.dense_last_steps:
+            last = self.num_steps - cfg.dense_last_steps if self.num_steps is not None else None
+            if cfg.dense_last_steps and last is not None and self.step >= last:
                 return True
         return False
 

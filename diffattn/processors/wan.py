@@ -15,7 +15,6 @@ from .base import SparseAttnProcessor
 class WanSparseAttnProcessor(
     SparseAttnProcessor,
     stock="diffusers.models.transformers.transformer_wan:WanAttnProcessor",
-    reproduces=("WanAttnProcessor2_0",),
     attention_op="dispatch_attention_fn",
     parameters=("attn", "hidden_states", "encoder_hidden_states", "attention_mask", "rotary_emb"),
 ):
@@ -24,5 +23,5 @@ class WanSparseAttnProcessor(
 
     Example:
         >>> WanSparseAttnProcessor().stock_classes   # what a diffusers re-creation wraps, and accepts
-        ('WanAttnProcessor', 'WanAttnProcessor2_0')
+        ('WanAttnProcessor',)
     """
