@@ -144,6 +144,11 @@ class SparseAttnProcessor:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer_index={self.layer_index}, stock={type(self.stock).__name__})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The intercepted copy of the stock call closes over this very object: a copy (deepcopy,
+        # pickle) builds its own.
+        return {**self.__dict__, "_intercepted": None}
+
     # diffusers' enable_parallelism / set_attention_backend write these on the processor it finds
     # in the module: they belong to the stock processor, which runs every call that is not sparse.
     _parallel_config = property(*_on_stock("_parallel_config"))

@@ -189,3 +189,17 @@ def test_a_stock_processor_diffattn_does_not_reproduce_is_kept_with_a_warning(wa
         remove(pipe)
         pipe.transformer.blocks[1].attn1.set_processor(WanAttnProcessor())
     torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_deep_copied_transformer_runs_its_own_processors(wan):
+    import copy
+
+    pipe, _ = wan
+    apply(pipe, Dense(), block_size=32)
+    try:
+        pipe(**wan_call_kwargs(steps=1))  # builds the intercepted stock calls
+        clone = copy.deepcopy(pipe.transformer)
+        processor = clone.blocks[0].attn1.processor
+        assert processor._intercepted is None and processor.state is not sparsity_state(pipe)
+    finally:
+        remove(pipe)
