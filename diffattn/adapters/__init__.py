@@ -122,9 +122,20 @@ def apply(pipe: Any, config: SparsityConfig | Pattern | str | os.PathLike, **ove
     the stock processors exactly. Built on :func:`sparse_processors` with ``pipe.scheduler``.
 
     Example:
-        >>> diffattn.apply(pipe, SparsityConfig(pattern=Radial(), dense_steps=12, dense_layers=(0,)))  # doctest: +SKIP
-        >>> video = pipe(prompt_embeds=..., num_frames=81).frames  # doctest: +SKIP
-        >>> diffattn.remove(pipe)  # doctest: +SKIP
+        >>> from types import SimpleNamespace
+        >>> from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+        >>> import diffattn
+        >>> transformer = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=2, rope_max_seq_len=32)
+        >>> pipe = SimpleNamespace(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+        >>> config = diffattn.SparsityConfig(pattern=diffattn.Radial(block_size=32), block_size=32,
+        ...                                  dense_steps=12, dense_layers=(0,))
+        >>> _ = diffattn.apply(pipe, config)       # with a real pipeline: pipe(...) runs sparse
+        >>> [type(block.attn1.processor).__name__ for block in transformer.blocks]
+        ['WanSparseAttnProcessor', 'WanSparseAttnProcessor']
+        >>> _ = diffattn.remove(pipe)
+        >>> type(transformer.blocks[0].attn1.processor).__name__
+        'WanAttnProcessor'
     """
     adapter = find_adapter(pipe)
     config = resolve_config(config, adapter.family, **overrides)
