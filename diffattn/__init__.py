@@ -7,7 +7,7 @@ Example:
     >>> report = diffattn.profile(pipe, "radial", prompt="a red ball")   # dense vs preset
 """
 
-from .adapters import apply, remove
+from .adapters import apply, remove, sparse_processors
 from .errors import DenseFallbackWarning, UserError
 from .kernels import block_sparse_attention
 from .patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
@@ -32,4 +32,5 @@ __all__ = [
     "block_sparse_attention",
     "profile",
     "remove",
+    "sparse_processors",
 ]

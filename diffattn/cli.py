@@ -144,13 +144,14 @@ def _run_options(args) -> dict:
 
 
 def cmd_presets(args) -> int:
-    from .processors.presets import default_grid, families, list_presets, preset_layout
+    from .adapters import family_default_grid
+    from .processors.presets import families, list_presets, preset_layout
 
     names = families()
     if args.family is not None and args.family not in names:
         return _fail(f"unknown model family {args.family!r}; available: {', '.join(names)}")
     for family in [args.family] if args.family else names:
-        grid = default_grid(family)
+        grid = family_default_grid(family)
         text = f" + {grid.text_tokens} text ({grid.text_position})" if grid.text_tokens else ""
         print(f"{family}  (density at {grid.frames}x{grid.height}x{grid.width}{text} tokens)")
         for preset in list_presets(family):
@@ -162,19 +163,20 @@ def cmd_presets(args) -> int:
 def cmd_mask(args) -> int:
     from .patterns import VideoGrid
     from .patterns.picture import save_layout_png
-    from .processors.presets import DEFAULT_GRIDS, families, load_preset, preset_layout
+    from .adapters import ADAPTERS, family_default_grid
+    from .processors.presets import families, load_preset, preset_layout
 
-    if args.family not in families() or args.family not in DEFAULT_GRIDS:
+    if args.family not in families() or args.family not in {adapter.family for adapter in ADAPTERS}:
         return _fail(f"unknown model family {args.family!r}; available: {', '.join(families())}")
     if Path(args.out).suffix.lower() != ".png":
         return _fail(f"--out must be a .png path; got {args.out!r}")
     preset = load_preset(args.preset, family=args.family)
-    frames, height, width, text_tokens, text_position = DEFAULT_GRIDS[args.family]
+    default = family_default_grid(args.family)
     grid = VideoGrid(
-        args.frames if args.frames is not None else frames,
-        args.height if args.height is not None else height,
-        args.width if args.width is not None else width,
-        text_tokens, text_position,
+        args.frames if args.frames is not None else default.frames,
+        args.height if args.height is not None else default.height,
+        args.width if args.width is not None else default.width,
+        default.text_tokens, default.text_position,
     )
     layout = preset_layout(preset.config, grid)
     path = save_layout_png(layout, args.out, grid)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import abc
 import fnmatch
-import warnings
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ..errors import DenseFallbackWarning
+from ..errors import DenseFallbackWarning, UserError
 from ..patterns import VideoGrid
+from ..processors.base import SparseAttnProcessor
 from ..processors.config import SparsityConfig
 from ..processors.state import SparsityState
+
+__all__ = ["DenseFallbackWarning", "ModelAdapter", "install", "sparse_processors", "uninstall"]
 
 
 class ModelAdapter(abc.ABC):
@@ -26,9 +29,14 @@ class ModelAdapter(abc.ABC):
     transformer_attributes: tuple[str, ...] = ("transformer",)
     #: Transformer class names this adapter handles.
     transformer_classes: tuple[str, ...] = ()
-    #: When :meth:`grid_from_call` can answer None, which calls those are (for the
-    #: :class:`DenseFallbackWarning`); empty for families whose every call has a grid.
+    #: When :meth:`grid_from_call` can answer None, which calls those are (the fallback reason
+    #: of their attention calls); empty for families whose every call has a grid.
     no_grid_calls: str = ""
+    #: The family's sparse processor class (it lists the stock processors it reproduces).
+    processor_class: ClassVar[type[SparseAttnProcessor]] = SparseAttnProcessor
+    #: The latent token grid ``(frames, height, width, text_tokens, text_position)`` the family's
+    #: presets are described at (``diffattn presets`` and ``diffattn mask`` use it).
+    default_grid: ClassVar[tuple[int, int, int, int, str]] = (1, 1, 1, 0, "end")
 
     def matches(self, pipe: Any) -> bool:
         return any(type(t).__name__ in self.transformer_classes for _, t in self.transformers(pipe))
@@ -53,9 +61,14 @@ class ModelAdapter(abc.ABC):
     def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The timestep argument of one transformer forward."""
 
-    @abc.abstractmethod
-    def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
-        """The sparse processor that replaces ``stock`` on one layer."""
+    def make_processor(self, stock: Any, state: SparsityState | None, layer_index: int) -> Any:
+        """The sparse processor that replaces ``stock`` on one layer; ``stock`` itself when it is
+        not a processor the family's sparse processor reproduces (e.g. a third-party one, or
+        FLUX's IP-Adapter processor): that layer stays dense, and the transformer's calls say so
+        with a :class:`DenseFallbackWarning`."""
+        if type(stock).__name__ not in self.processor_class.stock_classes:
+            return stock
+        return self.processor_class(stock, state, layer_index)
 
 
 def call_argument(args: tuple, kwargs: dict, name: str, position: int, required: bool = True) -> Any:
@@ -65,15 +78,15 @@ def call_argument(args: tuple, kwargs: dict, name: str, position: int, required:
     if len(args) > position:
         return args[position]
     if required:
-        raise ValueError(f"the transformer was called without {name!r} (keyword, or positional #{position})")
+        raise UserError(f"the transformer was called without {name!r} (keyword, or positional #{position})")
     return None
 
 
 @dataclass
 class Installed:
-    """What ``apply`` changed on one transformer, so ``remove`` can undo exactly that."""
+    """What diffattn installed on one transformer, so ``remove`` can undo exactly that."""
 
-    stock_processors: dict[str, Any]
+    layers: list[tuple[str, int]]
     hook: torch.utils.hooks.RemovableHandle
     state: SparsityState
     assigned_directly: bool
@@ -90,7 +103,7 @@ def dense_layer_indices(config: SparsityConfig, layers: list[tuple[str, int]]) -
         if isinstance(entry, int):
             index = entry + num_blocks if entry < 0 else entry
             if not 0 <= index < num_blocks:
-                raise ValueError(
+                raise UserError(
                     f"dense_layers entry {entry} is out of range for a transformer with {num_blocks} blocks; "
                     f"allowed: {-num_blocks}..{num_blocks - 1}"
                 )
@@ -99,48 +112,93 @@ def dense_layer_indices(config: SparsityConfig, layers: list[tuple[str, int]]) -
             matched = {index for name, index in layers if fnmatch.fnmatch(name, entry)}
             if not matched:
                 example = layers[0][0] if layers else "?"
-                raise ValueError(
+                raise UserError(
                     f"dense_layers filter {entry!r} matches no self-attention layer (names look like {example!r})"
                 )
             dense |= matched
     return frozenset(dense)
 
 
-def install(adapter: ModelAdapter, transformer: torch.nn.Module, config: SparsityConfig, scheduler: Any) -> None:
-    """Install sparse processors and the step/grid pre-hook on one transformer."""
-    stock = attention_processors(transformer)
+def sparse_processors(
+    adapter: ModelAdapter, transformer: torch.nn.Module, config: SparsityConfig, scheduler: Any = None
+) -> dict[str, Any]:
+    """``{"<module>.processor": processor}`` for ``transformer.set_attn_processor``, with sparse
+    processors on the family's self-attention layers; installs the pre-hook they read the step
+    and grid from (replacing an earlier installation's, whose processors then run stock).
+
+    Every attention module is in the dict (``set_attn_processor`` wants them all): the stock
+    processor where nothing is sparsified. ``scheduler`` gives the current step for
+    ``dense_steps``/``dense_last_steps``; without one every step runs sparse.
+    """
+    transformer = unwrap_compiled(transformer)
+    processors = attention_processors(transformer)
+    for key, processor in processors.items():
+        if isinstance(processor, SparseAttnProcessor):
+            processors[key] = processor.stock  # re-installing: start from the stock processors
     layers = adapter.self_attention_layers(transformer)
-    state = SparsityState(config, scheduler)
+    state = SparsityState(config, scheduler, label=f"{adapter.family} transformer ({type(transformer).__name__})")
     state.dense_layer_indices = dense_layer_indices(config, layers)
-    replacement = dict(stock)
+    kept: Counter[str] = Counter()
     for name, index in layers:
         key = f"{name}.processor"
-        replacement[key] = adapter.make_processor(stock[key], state, index)
+        processors[key] = adapter.make_processor(processors[key], state, index)
+        if not isinstance(processors[key], SparseAttnProcessor):
+            kept[type(processors[key]).__name__] += 1
+    if kept and config.on_unsupported == "raise":
+        state.fall_back(_not_ours_reason(next(iter(kept))), calls=0)
 
-    direct = not hasattr(transformer, "set_attn_processor")
-    _set_processors(transformer, replacement, direct)
-
-    warned = False
+    _forget(transformer)  # only now: a bad config leaves an earlier installation working
+    modules = [(transformer.get_submodule(name), index) for name, index in layers]
 
     def publish(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        nonlocal warned
         grid = adapter.grid_from_call(module, args, kwargs)
-        if grid is None and not warned:
-            # Dense is the right answer for such a call, but a user who asked for sparsity must
-            # hear that this call got none: the speed they expected is not there.
-            warned = True
-            warnings.warn(
-                f"diffattn: the {adapter.family} transformer ({type(module).__name__}) was called with inputs "
-                f"that form no token grid ({adapter.no_grid_calls or 'unexpected inputs'}); such calls run the "
-                "stock dense attention (this warning is shown once per apply())",
-                DenseFallbackWarning, stacklevel=2,
-            )
-        state.begin_call(grid, adapter.timestep_from_call(args, kwargs))
+        reason = None if grid is not None else (
+            f"the transformer's inputs form no token grid ({adapter.no_grid_calls or 'unexpected inputs'})"
+        )
+        state.begin_call(grid, adapter.timestep_from_call(args, kwargs), no_grid_reason=reason)
+        _check_processors(state, modules)
 
     # Eager under torch.compile: reading the scheduler and building the grid is host-side work
     # that would otherwise be traced, guarded and recompiled for every new step and shape.
     hook = transformer.register_forward_pre_hook(torch.compiler.disable(publish), with_kwargs=True)
-    setattr(transformer, INSTALLED_ATTRIBUTE, Installed(stock, hook, state, direct))
+    direct = not hasattr(transformer, "set_attn_processor")
+    setattr(transformer, INSTALLED_ATTRIBUTE, Installed(layers, hook, state, direct))
+    return processors
+
+
+def _not_ours_reason(class_name: str) -> str:
+    return (f"the layer's processor is {class_name}, not a diffattn one (kept because diffattn does not "
+            "reproduce it, or set after diffattn by e.g. load_ip_adapter, fuse_qkv_projections or "
+            "set_attn_processor; apply diffattn again to sparsify such layers)")
+
+
+_STALE = ("the layer's processor belongs to an earlier diffattn installation (sparse_processors was called "
+          "again but its processors were not set)")
+
+
+def _check_processors(state: SparsityState, modules: list[tuple[torch.nn.Module, int]]) -> None:
+    """Before each transformer call: adopt the processors diffusers re-created from our class
+    (no state yet), and count the self-attention layers whose processor is not ours as fallbacks."""
+    others: Counter[str] = Counter()
+    for module, index in modules:
+        processor = module.processor
+        if isinstance(processor, SparseAttnProcessor):
+            if processor.state is None:
+                processor.state, processor.layer_index = state, index
+            if processor.state is state:
+                continue
+        if not state.dense_now(index):  # a layer the schedule keeps dense loses nothing
+            stale = isinstance(processor, SparseAttnProcessor)
+            others[_STALE if stale else _not_ours_reason(type(processor).__name__)] += 1
+    for reason, layers in others.items():
+        state.fall_back(reason, calls=layers)
+
+
+def install(adapter: ModelAdapter, transformer: torch.nn.Module, config: SparsityConfig, scheduler: Any) -> None:
+    """Install sparse processors and the step/grid pre-hook on one transformer."""
+    transformer = unwrap_compiled(transformer)
+    processors = sparse_processors(adapter, transformer, config, scheduler)
+    _set_processors(transformer, processors, getattr(transformer, INSTALLED_ATTRIBUTE).assigned_directly)
 
 
 def unwrap_compiled(module: Any) -> Any:
@@ -154,15 +212,31 @@ def unwrap_compiled(module: Any) -> Any:
 
 
 def uninstall(transformer: torch.nn.Module) -> bool:
-    """Restore the stock processors and remove the hook; False if nothing was installed."""
+    """Restore the stock processors and remove the hook; False if nothing was installed.
+
+    Each layer that still runs a processor of this installation gets back the stock processor
+    that processor wraps; a layer whose processor was replaced since (by the user or diffusers)
+    keeps it.
+    """
     transformer = unwrap_compiled(transformer)
     installed: Installed | None = getattr(transformer, INSTALLED_ATTRIBUTE, None)
     if installed is None:
         return False
-    _set_processors(transformer, dict(installed.stock_processors), installed.assigned_directly)
-    installed.hook.remove()
-    delattr(transformer, INSTALLED_ATTRIBUTE)
+    processors = attention_processors(transformer)
+    for key, processor in processors.items():
+        if isinstance(processor, SparseAttnProcessor) and processor.state in (installed.state, None):
+            processors[key] = processor.stock
+    _set_processors(transformer, processors, installed.assigned_directly)
+    _forget(transformer)
     return True
+
+
+def _forget(transformer: torch.nn.Module) -> None:
+    """Remove an installation's hook and record (its processors, if still set, run stock)."""
+    installed: Installed | None = getattr(transformer, INSTALLED_ATTRIBUTE, None)
+    if installed is not None:
+        installed.hook.remove()
+        delattr(transformer, INSTALLED_ATTRIBUTE)
 
 
 def attention_processors(transformer: torch.nn.Module) -> dict[str, Any]:

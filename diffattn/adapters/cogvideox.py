@@ -11,21 +11,18 @@ the sequence and are part of the grid.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..patterns import VideoGrid
 from ..processors.cogvideox import CogVideoXSparseAttnProcessor
-from ..processors.state import SparsityState
 from .base import ModelAdapter, call_argument
 
-# Stock processors whose computation CogVideoXSparseAttnProcessor reproduces (name -> fused QKV).
-_SUPPORTED_STOCK = {"CogVideoXAttnProcessor2_0": False, "FusedCogVideoXAttnProcessor2_0": True}
 
 
 class CogVideoXAdapter(ModelAdapter):
     family = "cogvideox"
+    processor_class = CogVideoXSparseAttnProcessor
+    default_grid = (13, 30, 45, 226, "start")  # 480x720, 49 frames
     transformer_classes = ("CogVideoXTransformer3DModel",)
 
     def self_attention_layers(self, transformer: torch.nn.Module) -> list[tuple[str, int]]:
@@ -41,10 +38,3 @@ class CogVideoXAdapter(ModelAdapter):
 
     def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return call_argument(args, kwargs, "timestep", 2, required=False)
-
-    def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
-        fused = _SUPPORTED_STOCK.get(type(stock).__name__)
-        if fused is None:
-            # A processor we do not reproduce (e.g. a third-party one): keep it, the layer stays dense.
-            return stock
-        return CogVideoXSparseAttnProcessor(stock, state, layer_index, fused=fused)

@@ -13,22 +13,18 @@ single-stream blocks.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..patterns import VideoGrid
 from ..processors.flux import FluxSparseAttnProcessor
-from ..processors.state import SparsityState
 from .base import ModelAdapter, call_argument
 
-# Stock processors whose computation FluxSparseAttnProcessor reproduces. The IP-adapter processor
-# takes extra inputs and returns a third output: those layers keep it and stay dense.
-_SUPPORTED_STOCK = ("FluxAttnProcessor",)
 
 
 class FluxAdapter(ModelAdapter):
     family = "flux"
+    processor_class = FluxSparseAttnProcessor
+    default_grid = (1, 64, 64, 512, "start")  # 1024x1024 image
     transformer_classes = ("FluxTransformer2DModel",)
     no_grid_calls = "image ids that are not one raster grid, e.g. FLUX Kontext's appended reference image"
 
@@ -52,11 +48,6 @@ class FluxAdapter(ModelAdapter):
 
     def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return call_argument(args, kwargs, "timestep", 3, required=False)
-
-    def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
-        if type(stock).__name__ not in _SUPPORTED_STOCK:
-            return stock
-        return FluxSparseAttnProcessor(stock, state, layer_index)
 
 
 def image_grid_shape(img_ids: torch.Tensor, image_tokens: int) -> tuple[int, int] | None:

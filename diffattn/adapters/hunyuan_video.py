@@ -16,21 +16,18 @@ tokens from ``encoder_hidden_states [B, L, C]``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..patterns import VideoGrid
 from ..processors.hunyuan_video import HunyuanVideoSparseAttnProcessor
-from ..processors.state import SparsityState
 from .base import ModelAdapter, call_argument
 
-# The stock processor HunyuanVideoSparseAttnProcessor reproduces; any other one is left in place.
-_SUPPORTED_STOCK = ("HunyuanVideoAttnProcessor2_0",)
 
 
 class HunyuanVideoAdapter(ModelAdapter):
     family = "hunyuan_video"
+    processor_class = HunyuanVideoSparseAttnProcessor
+    default_grid = (33, 45, 80, 256, "end")  # 720x1280, 129 frames
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
 
     def self_attention_layers(self, transformer: torch.nn.Module) -> list[tuple[str, int]]:
@@ -48,9 +45,3 @@ class HunyuanVideoAdapter(ModelAdapter):
 
     def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return call_argument(args, kwargs, "timestep", 1, required=False)
-
-    def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
-        if type(stock).__name__ not in _SUPPORTED_STOCK:
-            # A processor we do not reproduce (e.g. a third-party one): keep it, the layer stays dense.
-            return stock
-        return HunyuanVideoSparseAttnProcessor(stock, state, layer_index)

@@ -26,7 +26,6 @@ import torch
 
 from ..patterns import VideoGrid
 from ..processors.ltx_video import LTXVideoSparseAttnProcessor
-from ..processors.state import SparsityState
 from .base import ModelAdapter
 
 # Positional order of ``LTXVideoTransformer3DModel.forward`` (after ``self``).
@@ -49,6 +48,8 @@ def _call_arguments(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> 
 
 class LTXVideoAdapter(ModelAdapter):
     family = "ltx_video"
+    processor_class = LTXVideoSparseAttnProcessor
+    default_grid = (16, 15, 22, 0, "end")  # 480x704, 121 frames
     transformer_attributes = ("transformer",)
     transformer_classes = ("LTXVideoTransformer3DModel",)
     no_grid_calls = ("explicit video_coords, as LTXConditionPipeline passes, or num_frames/height/width that do "
@@ -75,6 +76,3 @@ class LTXVideoAdapter(ModelAdapter):
         if "timestep" in kwargs:
             return kwargs["timestep"]
         return args[2] if len(args) > 2 else None
-
-    def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
-        return LTXVideoSparseAttnProcessor(stock, state, layer_index)

@@ -15,21 +15,18 @@ Mochi's transformer has no ``set_attn_processor``/``attn_processors``: ``install
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..patterns import VideoGrid
 from ..processors.mochi import MochiSparseAttnProcessor
-from ..processors.state import SparsityState
 from .base import ModelAdapter, call_argument
 
-# The stock processor MochiSparseAttnProcessor reproduces; any other one is left in place.
-_SUPPORTED_STOCK = ("MochiAttnProcessor2_0",)
 
 
 class MochiAdapter(ModelAdapter):
     family = "mochi"
+    processor_class = MochiSparseAttnProcessor
+    default_grid = (28, 30, 53, 256, "end")  # 480x848, 163 frames
     transformer_classes = ("MochiTransformer3DModel",)
 
     def self_attention_layers(self, transformer: torch.nn.Module) -> list[tuple[str, int]]:
@@ -44,9 +41,3 @@ class MochiAdapter(ModelAdapter):
 
     def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return call_argument(args, kwargs, "timestep", 2, required=False)
-
-    def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
-        if type(stock).__name__ not in _SUPPORTED_STOCK:
-            # A processor we do not reproduce (e.g. a third-party one): keep it, the layer stays dense.
-            return stock
-        return MochiSparseAttnProcessor(stock, state, layer_index)

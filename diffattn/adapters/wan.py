@@ -7,18 +7,17 @@ cross-attention (``attn2``), which is never sparsified. The latent grid comes fr
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..patterns import VideoGrid
-from ..processors.state import SparsityState
 from ..processors.wan import WanSparseAttnProcessor
 from .base import ModelAdapter, call_argument
 
 
 class WanAdapter(ModelAdapter):
     family = "wan"
+    processor_class = WanSparseAttnProcessor
+    default_grid = (21, 30, 52, 0, "end")  # Wan 2.1 480p, 81 frames
     transformer_attributes = ("transformer", "transformer_2")
     transformer_classes = ("WanTransformer3DModel",)
 
@@ -33,6 +32,3 @@ class WanAdapter(ModelAdapter):
 
     def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return call_argument(args, kwargs, "timestep", 1, required=False)
-
-    def make_processor(self, stock: Any, state: SparsityState, layer_index: int) -> Any:
-        return WanSparseAttnProcessor(stock, state, layer_index)

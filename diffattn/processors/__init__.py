@@ -1,13 +1,18 @@
 """diffusers attention processors that run diffattn's kernels (no model-family knowledge beyond
 each processor's own attention module)."""
 
+from .base import SparseAttnProcessor
 from .cogvideox import CogVideoXSparseAttnProcessor
 from .config import SparsityConfig
 from .flux import FluxSparseAttnProcessor
 from .ltx_video import LTXVideoSparseAttnProcessor
-from .state import SparsityState
+from .state import SparseUnsupported, SparsityState
 from .hunyuan_video import HunyuanVideoSparseAttnProcessor
 from .mochi import MochiSparseAttnProcessor
 from .wan import WanSparseAttnProcessor
 
-__all__ = ["CogVideoXSparseAttnProcessor", "FluxSparseAttnProcessor", "HunyuanVideoSparseAttnProcessor", "LTXVideoSparseAttnProcessor", "MochiSparseAttnProcessor", "SparsityConfig", "SparsityState", "WanSparseAttnProcessor"]
+__all__ = [
+    "CogVideoXSparseAttnProcessor", "FluxSparseAttnProcessor", "HunyuanVideoSparseAttnProcessor",
+    "LTXVideoSparseAttnProcessor", "MochiSparseAttnProcessor", "SparseAttnProcessor", "SparseUnsupported",
+    "SparsityConfig", "SparsityState", "WanSparseAttnProcessor",
+]

@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..errors import UserError
 from ..patterns import Pattern
 from ..patterns._checks import check_block_size, check_positive_int
 from ..patterns.grid import check_tile_shape
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
+#: What a call that cannot run sparse does: "warn" (the stock attention and one
+#: DenseFallbackWarning per reason) or "raise" (a UserError naming the reason).
+ON_UNSUPPORTED = ("warn", "raise")
 
 
 @dataclass(frozen=True)
@@ -26,9 +30,16 @@ class SparsityConfig:
         tile_shape: ``(t, h, w)`` tile-major token permutation for local patterns, or None.
         backend: ``"auto"`` (Triton on CUDA, the CPU path on CPU), ``"cpu"``, ``"triton"`` or
             ``"reference"``.
+        on_unsupported: what a self-attention call that cannot run sparse does (no token grid,
+            a sequence that is not the grid, a head dim/dtype/device the kernel refuses, context
+            parallelism, ...): ``"warn"`` (default) runs the stock attention and issues one
+            :class:`~diffattn.errors.DenseFallbackWarning` per reason and transformer;
+            ``"raise"`` raises :class:`~diffattn.errors.UserError` naming the reason.
 
     Example:
-        >>> SparsityConfig(pattern=Radial(), dense_steps=12, dense_layers=(0,))
+        >>> from diffattn import Radial
+        >>> SparsityConfig(pattern=Radial(), dense_steps=12, dense_layers=(0,)).dense_layers
+        (0,)
     """
 
     pattern: Pattern
@@ -38,10 +49,11 @@ class SparsityConfig:
     block_size: int = 128
     tile_shape: tuple[int, int, int] | None = None
     backend: str = "auto"
+    on_unsupported: str = "warn"
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, Pattern):
-            raise ValueError(
+            raise UserError(
                 f"SparsityConfig.pattern must be a diffattn Pattern (Dense, Radial, Neighborhood, ...), "
                 f"got {self.pattern!r}"
             )
@@ -51,23 +63,33 @@ class SparsityConfig:
         if not isinstance(layers, (tuple, list)) or any(
             isinstance(x, bool) or not isinstance(x, (int, str)) for x in layers
         ):
-            raise ValueError(
+            raise UserError(
                 f"SparsityConfig.dense_layers must be a tuple of block indices (int) and name filters (str), "
                 f"got {self.dense_layers!r}"
             )
         object.__setattr__(self, "dense_layers", tuple(layers))
-        check_positive_int("SparsityConfig.dense_steps", self.dense_steps, allow_zero=True)
-        check_positive_int("SparsityConfig.dense_last_steps", self.dense_last_steps, allow_zero=True)
-        check_block_size("SparsityConfig.block_size", self.block_size, (32, 64, 128, 256))
-        if self.tile_shape is not None:
-            object.__setattr__(self, "tile_shape", check_tile_shape(self.tile_shape))
+        try:
+            check_positive_int("SparsityConfig.dense_steps", self.dense_steps, allow_zero=True)
+            check_positive_int("SparsityConfig.dense_last_steps", self.dense_last_steps, allow_zero=True)
+            check_block_size("SparsityConfig.block_size", self.block_size, (32, 64, 128, 256))
+            if self.tile_shape is not None:
+                object.__setattr__(self, "tile_shape", check_tile_shape(self.tile_shape))
+        except UserError:
+            raise
+        except (ValueError, TypeError) as error:  # the shared checks' own messages name the value
+            raise UserError(str(error)) from None
         if self.backend not in BACKENDS:
-            raise ValueError(f"SparsityConfig.backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+            raise UserError(f"SparsityConfig.backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if not isinstance(self.on_unsupported, str) or self.on_unsupported not in ON_UNSUPPORTED:
+            raise UserError(
+                f"SparsityConfig.on_unsupported must be one of {', '.join(map(repr, ON_UNSUPPORTED))}; "
+                f"got {self.on_unsupported!r}"
+            )
 
     def with_overrides(self, **overrides: Any) -> "SparsityConfig":
-        """A copy with some fields replaced (unknown names are a ValueError)."""
+        """A copy with some fields replaced (unknown names are a :class:`UserError`)."""
         unknown = sorted(set(overrides) - {f for f in self.__dataclass_fields__})
         if unknown:
             allowed = ", ".join(sorted(self.__dataclass_fields__))
-            raise ValueError(f"unknown SparsityConfig field(s) {', '.join(unknown)}; allowed: {allowed}")
+            raise UserError(f"unknown SparsityConfig field(s) {', '.join(unknown)}; allowed: {allowed}")
         return replace(self, **overrides)

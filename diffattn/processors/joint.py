@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import VideoGrid
-from .state import SparsityState
+from .state import SparseUnsupported, SparsityState
 
 # Video queries per chunk of the dense video->text part (bounds the [B, H, chunk, T] scores).
 _QUERY_CHUNK = 4096
@@ -39,7 +39,7 @@ def joint_attention(
     if key_padding is None or bool(key_padding.all()):
         return state.attend(query, key, value, layer_index)
     if grid.text_tokens == 0 or not bool(key_padding[:, _video_slice(grid)].all()):
-        raise ValueError("key_padding may only mask text tokens; video tokens must all be attendable")
+        raise SparseUnsupported("an attention mask on video tokens (only text keys may be padding)")
 
     if state.observer is None:
         return _split_attention(state, layer_index, query, key, value, key_padding)

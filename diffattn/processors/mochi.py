@@ -5,14 +5,15 @@ Mochi's joint self-attention sequence is ``[video, text]``: video through ``to_q
 ``add_q_proj/add_k_proj/add_v_proj`` + ``norm_added_q/norm_added_k`` (no rotary).
 
 The stock processor handles the prompt mask per sample: it keeps only the valid (nonzero) prompt
-tokens, attends ``[video, valid text]`` densely, and pads the output back with zeros at the END.
-So the text output at position ``j`` is the output of the ``j``-th valid text token, not of the
-token at ``j``, and the last ``L - valid`` text outputs are zero. For a prefix mask (the usual
-T5 padding) that is the same as masking positions in place; for a mask with holes it is not.
-This processor builds the equivalent key-padding mask, runs :func:`joint_attention` (sparse video
-part, dense masked text part), and then reorders and zero-fills the text outputs exactly as the
-stock processor does. Everything else (projections, norms, rotary, output projections) is the stock
-processor step for step, so peft LoRA keeps working.
+tokens, attends ``[video, valid text]`` densely one sample at a time, and pads the output back
+with zeros at the END. So the text output at position ``j`` is the output of the ``j``-th valid
+text token, not of the token at ``j``, and the last ``L - valid`` text outputs are zero. This
+processor keeps the batch together instead: it builds the equivalent key-padding mask, runs the
+joint attention (sparse video part, dense masked text part) on the whole batch, and then reorders
+and zero-fills the text outputs exactly as the stock processor does. That is why Mochi, unlike
+the other families, re-implements its stock processor's steps (projections, norms, rotary,
+output projections) instead of replacing its attention op: the stock op sees one sample at a
+time. The steps go through the module's linears, so peft LoRA keeps working.
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ from typing import Any
 
 import torch
 
-from .joint import joint_attention
 from .base import SparseAttnProcessor, heads_qkv
 
 
-def _mochi_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    # Mochi rotates interleaved (even, odd) channel pairs in float32 and casts each half back to
-    # the input dtype before re-interleaving (the cast order matters for bf16 exactness).
-    even = x[..., 0::2].float()
-    odd = x[..., 1::2].float()
-    rotated_even = (even * freqs_cos - odd * freqs_sin).to(x.dtype)
-    rotated_odd = (even * freqs_sin + odd * freqs_cos).to(x.dtype)
-    return torch.stack([rotated_even, rotated_odd], dim=-1).flatten(-2)
+# Copied from diffusers.models.attention_processor.MochiAttnProcessor2_0.__call__.apply_rotary_emb
+# (tests/processors/test_copied_from_diffusers.py fails when the installed diffusers' differs).
+def apply_rotary_emb(x, freqs_cos, freqs_sin):
+    x_even = x[..., 0::2].float()
+    x_odd = x[..., 1::2].float()
+
+    cos = (x_even * freqs_cos - x_odd * freqs_sin).to(x.dtype)
+    sin = (x_even * freqs_sin + x_odd * freqs_cos).to(x.dtype)
+
+    return torch.stack([cos, sin], dim=-1).flatten(-2)
 
 
 def compact_text_outputs(text_out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -51,46 +53,44 @@ def compact_text_outputs(text_out: torch.Tensor, valid: torch.Tensor) -> torch.T
     return gathered.masked_fill(~keep.reshape(*keep.shape, *([1] * (text_out.ndim - 2))), 0)
 
 
-class MochiSparseAttnProcessor(SparseAttnProcessor):
-    """Block-sparse joint self-attention for one ``MochiAttention`` layer.
+class MochiSparseAttnProcessor(SparseAttnProcessor, stock="diffusers.models.attention_processor:MochiAttnProcessor2_0"):
+    """Block-sparse joint self-attention for one ``MochiAttention`` layer (its own steps, see the
+    module docstring)."""
 
-    Args:
-        stock: the processor this one replaces (runs every call that is not sparsified).
-        state: the transformer's :class:`SparsityState`.
-        layer_index: the transformer block index of this layer.
-    """
+    def is_self_attention(self, call: dict[str, Any]) -> bool:
+        return call.get("encoder_hidden_states") is not None
 
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._sparsifiable(hidden_states, encoder_hidden_states, attention_mask):
-            return self.run_stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+    def fallback_reason(self, call: dict[str, Any]) -> str | None:
+        reason = super().fallback_reason(call)
+        mask = call.get("attention_mask")
+        # The stock processor reads one [L] row per sample; other mask shapes are its business.
+        if reason is None and not (
+            isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(call["encoder_hidden_states"].shape[:2])
+        ):
+            reason = "a prompt mask that is not one [L] row per sample"
+        return reason
 
+    def sparse(self, call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        attn, hidden_states, encoder_hidden_states = call["attn"], call["hidden_states"], call["encoder_hidden_states"]
+        attention_mask, image_rotary_emb = call["attention_mask"], call.get("image_rotary_emb")
         query, key, value = heads_qkv(attn, hidden_states)
         encoder_query, encoder_key, encoder_value = heads_qkv(attn, encoder_hidden_states, added=True)
 
         # Rotary positions exist for video tokens only.
         if image_rotary_emb is not None:
-            query = _mochi_rotary(query, *image_rotary_emb)
-            key = _mochi_rotary(key, *image_rotary_emb)
+            query = apply_rotary_emb(query, *image_rotary_emb)
+            key = apply_rotary_emb(key, *image_rotary_emb)
 
         video_tokens, text_tokens = hidden_states.shape[1], encoder_hidden_states.shape[1]
         valid_text = attention_mask != 0  # the stock processor keeps nonzero mask entries
         key_padding = torch.cat(
             [torch.ones(valid_text.shape[0], video_tokens, dtype=torch.bool, device=valid_text.device), valid_text], 1
         )
-        out = joint_attention(
-            self.state,
-            self.layer_index,
+        out = self.attention(
             torch.cat([query, encoder_query], dim=1),
             torch.cat([key, encoder_key], dim=1),
             torch.cat([value, encoder_value], dim=1),
-            key_padding=key_padding,
+            key_padding,
         )
         out = out.flatten(2, 3)
         video_out, text_out = out.split_with_sizes((video_tokens, text_tokens), dim=1)
@@ -101,21 +101,3 @@ class MochiSparseAttnProcessor(SparseAttnProcessor):
         if hasattr(attn, "to_add_out"):
             text_out = attn.to_add_out(text_out)
         return video_out, text_out
-
-    def _sparsifiable(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, attention_mask: Any
-    ) -> bool:
-        """Whether this call is one the sparse path reproduces exactly (else the stock one runs)."""
-        if encoder_hidden_states is None or self.state.dense_now(self.layer_index):
-            return False
-        grid = self.state.grid
-        batch = hidden_states.shape[0]
-        return (
-            grid.text_position == "end"
-            and hidden_states.shape[1] == grid.video_tokens
-            and encoder_hidden_states.shape[1] == grid.text_tokens
-            and grid.text_tokens > 0
-            # The stock processor reads one [L] row per sample; other mask shapes are its business.
-            and isinstance(attention_mask, torch.Tensor)
-            and tuple(attention_mask.shape) == (batch, grid.text_tokens)
-        )

@@ -8,12 +8,14 @@ writes them before every transformer call.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from typing import Any, Callable, Protocol, TypeVar
 
 import torch
 
-from ..kernels import block_sparse_attention
+from ..errors import DenseFallbackWarning, UserError
+from ..kernels import block_sparse_attention, support_problems
 from ..patterns import VideoGrid
 from .config import SparsityConfig
 
@@ -23,10 +25,10 @@ T = TypeVar("T")
 class AttentionObserver(Protocol):
     """A profiling hook on :attr:`SparsityState.observer` (installed by :mod:`diffattn.profiler`).
 
-    It sees every *sparsifiable* self-attention call of the transformer: the ones that run sparse
-    and the ones that the schedule keeps dense (dense warm-up/last steps, dense layers), and runs
-    them itself so that it can time their core attention op. Cross-attention and calls that cannot
-    be sparsified at all never reach it. Calls may nest (joint attention reports its whole sparse
+    It sees every *sparsifiable* self-attention call of the transformer: the ones that run sparse,
+    the ones that the schedule keeps dense (dense warm-up/last steps, dense layers) and the ones
+    that fall back to the stock attention, and runs them itself so that it can time their core
+    attention op. Cross-attention calls never reach it. Calls may nest (joint attention reports its whole sparse
     op and, inside it, the kernel call): only the outermost one is a call.
 
     Example:
@@ -38,7 +40,11 @@ class AttentionObserver(Protocol):
         ...     def dense_call(self, state, layer_index, stock):
         ...         self.calls += 1
         ...         return stock()
+        >>> from diffattn import Dense
+        >>> state = SparsityState(SparsityConfig(pattern=Dense()))
         >>> state.observer = Count()
+        >>> state.run_dense(0, lambda: "stock output"), state.observer.calls
+        ('stock output', 1)
     """
 
     def sparse_call(self, state: "SparsityState", layer_index: int, attention: Callable[[], T]) -> T:
@@ -48,6 +54,19 @@ class AttentionObserver(Protocol):
     def dense_call(self, state: "SparsityState", layer_index: int, stock: Callable[[], T]) -> T:
         """Run ``stock()``, the whole stock processor call (projections included), and return its result."""
         ...
+
+
+class SparseUnsupported(Exception):
+    """Raised by :meth:`SparsityState.attend` when this call cannot run sparse (the pattern refuses
+    the grid, the kernel refuses the inputs); the processor catches it and runs the stock attention.
+
+    Attributes:
+        reason: one short line saying why (the key of :attr:`SparsityState.fallbacks`).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class SparsityState:
@@ -61,62 +80,88 @@ class SparsityState:
             warm-up).
         num_steps: steps in the current run, or None when unknown.
         sparse_calls: ``Counter[(step, layer_index)]`` of calls that ran the sparse kernel.
+        fallbacks: ``Counter[reason]`` of sparsifiable self-attention calls that ran the stock
+            attention because they could not run sparse (see :meth:`fall_back`). Calls kept dense
+            by the schedule (dense steps and layers) and cross-attention calls are not fallbacks.
+        label: who this state belongs to, for warnings and errors (e.g. ``"wan transformer"``).
+        no_grid_reason: why the current transformer call published no grid (the pre-hook sets it).
         observer: an :class:`AttentionObserver` (the profiler's timing hook), or None. With None
             the processors pay one attribute check per call and nothing else.
     """
 
-    def __init__(self, config: SparsityConfig, scheduler: Any = None) -> None:
+    def __init__(self, config: SparsityConfig, scheduler: Any = None, label: str = "transformer") -> None:
         self.config = config
         self.scheduler = scheduler
+        self.label = label
         self.grid: VideoGrid | None = None
+        self.no_grid_reason: str | None = None
         self.step: int | None = None
         self.num_steps: int | None = None
         self.sparse_calls: Counter[tuple[int | None, int]] = Counter()
+        self.fallbacks: Counter[str] = Counter()
         self.dense_layer_indices: frozenset[int] = frozenset()
         self.observer: AttentionObserver | None = None
-        # The layer whose current call dense_now() kept dense by the schedule, for run_dense():
-        # only tracked while an observer is attached.
-        self._scheduled_dense: int | None = None
+        self._warned: set[str] = set()
 
     # torch.compile: begin_call, dense_now and attend (step/grid bookkeeping, layout cache, kernel
     # dispatch) run eagerly. Traced, they would specialise the graph on every step index and call
     # count (a recompile per step until the recompile limit) and break on the layouts' .item().
     @torch.compiler.disable
-    def begin_call(self, grid: VideoGrid, timestep: torch.Tensor | float | None) -> None:
-        """Called by the pre-hook before each transformer forward."""
+    def begin_call(self, grid: VideoGrid | None, timestep: torch.Tensor | float | None,
+                   no_grid_reason: str | None = None) -> None:
+        """Called by the pre-hook before each transformer forward (``grid`` None: this call has no
+        token grid, ``no_grid_reason`` says why)."""
         self.grid = grid
+        self.no_grid_reason = no_grid_reason if grid is None else None
         self.step, self.num_steps = _current_step(self.scheduler, timestep)
 
     @torch.compiler.disable
     def dense_now(self, layer_index: int) -> bool:
-        """Whether layer ``layer_index`` runs the stock (dense) path in the current call.
-
-        The processors ask this only for self-attention calls, and route a call to the stock
-        processor right after a True answer: that is how :meth:`take_scheduled_dense` knows which
-        stock calls are sparsifiable ones kept dense by the schedule.
-        """
-        dense = self._dense_by_schedule(layer_index)
-        if self.observer is not None:
-            self._scheduled_dense = layer_index if dense and self.grid is not None else None
-        return dense
-
-    def _dense_by_schedule(self, layer_index: int) -> bool:
+        """Whether the schedule keeps layer ``layer_index`` dense in the current call (a dense
+        layer, a dense warm-up or last step). Such a call is not a fallback: no warning."""
         cfg = self.config
-        if self.grid is None or layer_index in self.dense_layer_indices:
+        if layer_index in self.dense_layer_indices:
             return True
         if self.step is not None:
             if self.step < cfg.dense_steps:
                 return True
-            if self.num_steps is not None and self.step >= self.num_steps - cfg.dense_last_steps:
+            last = self.num_steps - cfg.dense_last_steps if self.num_steps is not None else None
+            if cfg.dense_last_steps and last is not None and self.step >= last:
                 return True
         return False
 
     @torch.compiler.disable
-    def sparse_now(self, layer_index: int, num_tokens: int) -> bool:
-        """Whether a self-attention call over ``num_tokens`` tokens runs sparse: a sparse step and
-        layer, and a published grid that is this very sequence (anything else stays stock)."""
-        grid = self.grid
-        return grid is not None and grid.num_tokens == num_tokens and not self.dense_now(layer_index)
+    def fall_back(self, reason: str, calls: int = 1) -> None:
+        """Record that ``calls`` sparsifiable calls run the stock attention because of ``reason``.
+
+        Issues one :class:`DenseFallbackWarning` per reason for this state (this installed
+        transformer); with ``SparsityConfig(on_unsupported="raise")`` raises :class:`UserError`
+        naming the reason instead.
+
+        Example:
+            >>> from diffattn import Dense
+            >>> state = SparsityState(SparsityConfig(pattern=Dense()), label="wan transformer")
+            >>> import warnings
+            >>> with warnings.catch_warnings(record=True):
+            ...     warnings.simplefilter("always")
+            ...     state.fall_back("head dim 512")
+            ...     state.fall_back("head dim 512")
+            >>> state.fallbacks
+            Counter({'head dim 512': 2})
+        """
+        self.fallbacks[reason] += calls
+        if self.config.on_unsupported == "raise":
+            raise UserError(
+                f"diffattn: a self-attention call of the {self.label} cannot run sparse: {reason} "
+                "(SparsityConfig(on_unsupported='raise'); use on_unsupported='warn' to run such calls dense)"
+            )
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(
+                f"diffattn: self-attention calls of the {self.label} run the stock dense attention: {reason} "
+                "(shown once per reason; SparsityState.fallbacks counts them)",
+                DenseFallbackWarning, stacklevel=3,
+            )
 
     @torch.compiler.disable
     def attend(
@@ -131,25 +176,36 @@ class SparsityState:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Sparse attention for ``[B, N, H, D]`` tensors (diffusers' layout).
 
+        The kernel runs here and nowhere else. Before it runs, every reason it could not is
+        checked: the pattern refusing the grid, the kernel refusing the inputs
+        (:func:`~diffattn.kernels.support_problems`); then :class:`SparseUnsupported` is raised
+        (nothing computed yet) and the processor runs the stock attention.
+
         Args:
             grid: the token grid of this sequence (default: the grid the pre-hook published).
             return_lse: also return the log-sum-exp ``[B, N, H]`` (float32) for merging.
         """
         grid = self.grid if grid is None else grid
         if grid is None:
-            raise RuntimeError("SparsityState.attend called outside a transformer forward (no grid published)")
+            raise SparseUnsupported("no token grid was published for this call")
         if query.shape[1] != grid.num_tokens:
-            raise ValueError(
-                f"self-attention sequence has {query.shape[1]} tokens but the latent grid "
+            raise SparseUnsupported(
+                f"the self-attention sequence has {query.shape[1]} tokens but the latent grid "
                 f"{grid.frames}x{grid.height}x{grid.width} + {grid.text_tokens} text has {grid.num_tokens}"
             )
         cfg = self.config
+        try:
+            layout = cfg.pattern.layout(grid, block_size=cfg.block_size, tile_shape=cfg.tile_shape, device=query.device)
+        except UserError as error:
+            raise SparseUnsupported(f"the pattern does not fit the grid: {error}") from None
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        problems = support_problems(q, k, v, layout, cfg.backend)
+        if problems:
+            raise SparseUnsupported("; ".join(problems))
 
         def attention() -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-            layout = cfg.pattern.layout(grid, block_size=cfg.block_size, tile_shape=cfg.tile_shape, device=query.device)
             return block_sparse_attention(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout,
-                backend=cfg.backend, return_lse=return_lse,
+                q, k, v, layout, backend=cfg.backend, return_lse=return_lse,
             )
 
         result = attention() if self.observer is None else self.observer.sparse_call(self, layer_index, attention)
@@ -165,25 +221,21 @@ class SparsityState:
         merged video/text parts), as one call of the observer (``attention()`` alone without one).
 
         Example:
-            >>> out = state.observe(layer_index, lambda: split_attention(state, layer_index, q, k, v))
+            >>> from diffattn import Dense
+            >>> state = SparsityState(SparsityConfig(pattern=Dense()))
+            >>> state.observe(0, lambda: "merged output")   # no observer: just the call
+            'merged output'
         """
         if self.observer is None:
             return attention()
         return self.observer.sparse_call(self, layer_index, attention)
 
-    def take_scheduled_dense(self, layer_index: int) -> bool:
-        """Whether the stock call about to run on ``layer_index`` is a sparsifiable self-attention
-        call that :meth:`dense_now` kept dense (a dense step or layer); consumes that mark."""
-        taken = self._scheduled_dense == layer_index
-        self._scheduled_dense = None
-        return taken
-
-    @torch.compiler.disable
-    def run_dense(self, layer_index: int, stock: Callable[..., T], args: tuple, kwargs: dict) -> T:
-        """``stock(*args, **kwargs)`` for a call kept dense by the schedule, reported to the observer."""
+    def run_dense(self, layer_index: int, dense: Callable[[], T]) -> T:
+        """``dense()``: a sparsifiable call that runs the stock attention (kept dense by the schedule,
+        or a fallback), reported to the observer when one is attached."""
         if self.observer is None:
-            return stock(*args, **kwargs)
-        return self.observer.dense_call(self, layer_index, lambda: stock(*args, **kwargs))
+            return dense()
+        return self.observer.dense_call(self, layer_index, dense)
 
 
 def _current_step(scheduler: Any, timestep: torch.Tensor | float | None) -> tuple[int | None, int | None]:

@@ -63,6 +63,8 @@ class ProfileReport:
         dense_attention_seconds, sparse_attention_seconds: median attention time per run.
         timings: per timed repeat: ``dense_seconds``, ``sparse_seconds``,
             ``dense_attention_seconds``, ``sparse_attention_seconds`` (lists).
+        fallbacks: the preset run's self-attention calls that could not run sparse and ran the
+            stock attention instead, per reason (``SparsityState.fallbacks``; empty when none).
         untimed_calls: stock calls whose core op was not visible to the timer (a diffusers
             attention backend other than SDPA); their attention time is missing.
         notes: caveats about this measurement, one sentence each.
@@ -112,6 +114,7 @@ class ProfileReport:
     sparse_attention_seconds: float
     timings: dict[str, list[float]]
     untimed_calls: int = 0
+    fallbacks: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +176,9 @@ class ProfileReport:
         if self.density_per_layer:
             per_layer = ", ".join(f"{layer}: {value:.3f}" for layer, value in sorted(self.density_per_layer.items()))
             lines += ["", f"density per layer: {per_layer}"]
+        if self.fallbacks:
+            lines += ["", f"calls that fell back to the stock dense attention: {sum(self.fallbacks.values())}"]
+            lines += [f"- {count} x {reason}" for reason, count in sorted(self.fallbacks.items())]
         if self.notes:
             lines += [""] + [f"note: {note}" for note in self.notes]
         return "\n".join(lines) + "\n"

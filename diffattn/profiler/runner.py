@@ -30,6 +30,7 @@ class _Run:
     seconds: float
     calls: list[AttentionCall]
     frames: np.ndarray | None
+    fallbacks: dict[str, int]
 
     @property
     def attention_seconds(self) -> float:
@@ -89,9 +90,13 @@ def _run_once(pipe: Any, adapter: ModelAdapter, config: SparsityConfig, timer: A
         span = clock.stop(mark)
         calls = timer.finish()  # the one synchronisation of the run
         seconds = clock.seconds(span)
+        fallbacks: dict[str, int] = {}
+        for state in _states(adapter, pipe):
+            for reason, count in state.fallbacks.items():
+                fallbacks[reason] = fallbacks.get(reason, 0) + count
     finally:
         timer.detach()
-    return _Run(seconds, calls, _frames(output) if keep_frames else None)
+    return _Run(seconds, calls, _frames(output) if keep_frames else None, fallbacks)
 
 
 def profile(
@@ -305,5 +310,5 @@ def _build_report(pipe: Any, family: str, name: str, config: SparsityConfig, see
         timings=dict(dense_seconds=[r.seconds for r in dense_runs], sparse_seconds=[r.seconds for r in sparse_runs],
                      dense_attention_seconds=[r.attention_seconds for r in dense_runs],
                      sparse_attention_seconds=[r.attention_seconds for r in sparse_runs]),
-        untimed_calls=untimed, notes=notes,
+        untimed_calls=untimed, fallbacks=dict(sparse_runs[0].fallbacks), notes=notes,
     )

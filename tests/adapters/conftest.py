@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from diffattn.processors import base as base_module
 from diffattn.processors import state as state_module
 
 from ..threads import one_thread  # noqa: F401 (autouse fixture)
@@ -27,10 +28,9 @@ def recorded(monkeypatch):
 
 @pytest.fixture
 def joint_calls(monkeypatch, request):
-    """Every joint (video + text) attention the sparse processors of the test module's family run:
-    ``(layer_index, q, k, v, key_padding, out)``. The module names its family's processor module
-    ``processor_module`` (the one whose ``joint_attention`` is patched)."""
-    module = request.module.processor_module
+    """Every joint (video + text) attention the sparse processors run:
+    ``(layer_index, q, k, v, key_padding, out)`` (the processor template's one ``joint_attention``)."""
+    module = base_module
     calls = []
     original = module.joint_attention
 

@@ -11,7 +11,6 @@ from diffattn import Dense, Neighborhood, Radial, VideoGrid
 from diffattn.adapters import apply, find_adapter, remove, sparsity_state
 from diffattn.adapters.hunyuan_video import HunyuanVideoAdapter
 from diffattn.processors import HunyuanVideoSparseAttnProcessor, SparsityConfig, SparsityState
-from diffattn.processors import hunyuan_video as processor_module  # noqa: F401  (read by the joint_calls fixture)
 
 from .lora import JOINT_ATTENTION_TARGETS, add_and_save_random_lora, load_lora_around_apply
 from .reference import masked_attention_bnhd

@@ -12,7 +12,7 @@ from diffattn import Dense, Neighborhood, Radial, VideoGrid
 from diffattn.adapters import apply, find_adapter, remove, sparsity_state
 from diffattn.adapters.mochi import MochiAdapter
 from diffattn.processors import MochiSparseAttnProcessor, SparsityConfig, SparsityState
-from diffattn.processors import mochi as processor_module
+from diffattn.processors import base as base_module
 
 from .lora import JOINT_ATTENTION_TARGETS, add_and_save_random_lora, load_lora_around_apply
 from .reference import masked_attention_bnhd
@@ -135,13 +135,13 @@ def test_prompt_masks_with_holes_are_handled_like_the_stock_processor(pattern, m
     freqs = torch.randn(GRID.video_tokens, 2, 8)
     rotary = (freqs.cos(), freqs.sin())
     captured = []
-    original = processor_module.joint_attention
+    original = base_module.joint_attention
 
     def capture(state, layer_index, q, k, v, key_padding=None):
         captured.append((q, k, v))
         return original(state, layer_index, q, k, v, key_padding=key_padding)
 
-    monkeypatch.setattr(processor_module, "joint_attention", capture)
+    monkeypatch.setattr(base_module, "joint_attention", capture)
     for index, block in enumerate(transformer.transformer_blocks):  # block 1 has no to_add_out
         attn = block.attn1
         processor = MochiSparseAttnProcessor(attn.processor, state, index)

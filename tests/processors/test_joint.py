@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffattn import Neighborhood, Radial, VideoGrid
-from diffattn.processors import SparsityConfig, SparsityState
+from diffattn.processors import SparseUnsupported, SparsityConfig, SparsityState
 from diffattn.processors.joint import joint_attention
 
 
@@ -42,5 +42,5 @@ def test_padding_on_video_tokens_is_refused():
     q = torch.randn(1, grid.num_tokens, 1, 16)
     keep = torch.ones(1, grid.num_tokens, dtype=torch.bool)
     keep[0, 0] = False
-    with pytest.raises(ValueError, match="only mask text"):
+    with pytest.raises(SparseUnsupported, match="only text keys"):
         joint_attention(state, 0, q, q, q, key_padding=keep)
