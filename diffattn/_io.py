@@ -92,21 +92,3 @@ def to_uint8(video) -> np.ndarray:
 # --- The default model: the embedded model diffattn trains and ships ---------------------------
 # Everything specific to it is in default_model_call (and the default branch of load_pipeline):
 # its call defaults, its size rule and the preset's fit to its token grid.
-def default_model_call(options: RunOptions) -> tuple[dict, Any]:
-    """``(call, preset)`` for the default model, checked before the model is loaded: its call
-    defaults overridden by the options, its size rule, the preset's fit to the latent grid, and
-    the prompts.
-
-    Example:
-        >>> call, preset = default_model_call(RunOptions(num_frames=9))
-        >>> call["num_frames"], preset.name
-        (9, 'dense')
-    """
-    call = dict(default_model.DEFAULT_CALL)
-    call.update(_size_arguments(options))
-    default_model.check_size(call["num_frames"], call["height"], call["width"], cli_flags=True)
-    preset = default_model.fitting_preset(options.preset, call["num_frames"], call["height"], call["width"])
-    call["prompt"] = options.prompt
-    call["negative_prompt"] = options.negative_prompt
-    return call, preset
-# --------------------------------------------------------------------------------------------------

@@ -260,7 +260,24 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> P
                     writer.append_data(frame)
     return path
 
+def default_model_call(options: RunOptions) -> tuple[dict, Any]:
+    """``(call, preset)`` for the default model, checked before the model is loaded: its call
+    defaults overridden by the options, its size rule, the preset's fit to the latent grid, and
+    the prompts.
 
+    Example:
+        >>> call, preset = default_model_call(RunOptions(num_frames=9))
+        >>> call["num_frames"], preset.name
+        (9, 'dense')
+    """
+    call = dict(default_model.DEFAULT_CALL)
+    call.update(_size_arguments(options))
+    default_model.check_size(call["num_frames"], call["height"], call["width"], cli_flags=True)
+    preset = default_model.fitting_preset(options.preset, call["num_frames"], call["height"], call["width"])
+    call["prompt"] = options.prompt
+    call["negative_prompt"] = options.negative_prompt
+    return call, preset
+# --------------------------------------------------------------------------------------------------
 
 
 def _size_arguments(options: RunOptions) -> dict:
