@@ -2,9 +2,14 @@
 
 Example:
     >>> import diffattn
-    >>> from diffattn import VideoGrid, Radial, SparsityConfig
-    >>> diffattn.apply(pipe, SparsityConfig(pattern=Radial(), dense_steps=12, dense_layers=(0,)))
-    >>> report = diffattn.profile(pipe, "radial", prompt="a red ball")   # dense vs preset
+    >>> from diffattn import Radial, SparsityConfig
+    >>> from diffattn.pipelines.embedded import load_embedded_pipeline
+    >>> pipe = load_embedded_pipeline()   # offline; any Wan, HunyuanVideo, CogVideoX, Mochi, LTX or FLUX pipeline
+    >>> _ = diffattn.apply(pipe, SparsityConfig(pattern=Radial(), dense_steps=1, dense_layers=(0,)))
+    >>> video = pipe("a red circle moves left", num_frames=3, height=32, width=32, num_inference_steps=2).frames[0]
+    >>> video.shape
+    (3, 32, 32, 3)
+    >>> _ = diffattn.remove(pipe)         # the stock processors, exactly
 """
 
 from .adapters import apply, remove, sparse_processors

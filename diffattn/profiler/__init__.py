@@ -3,9 +3,12 @@ density, the Amdahl bound and fidelity (PSNR/SSIM), as a :class:`ProfileReport`.
 
 Example:
     >>> import diffattn
-    >>> report = diffattn.profile(pipe, "radial", prompt="a red ball", num_frames=33)
-    >>> print(report.to_markdown())
-    >>> report.save("profile.json")          # + profile.md, profile.png
+    >>> from diffattn.pipelines.embedded import load_embedded_pipeline
+    >>> pipe = load_embedded_pipeline()
+    >>> report = diffattn.profile(pipe, "radial", warmup=0, prompt="a red circle moves left", num_frames=3,
+    ...                           height=32, width=32, num_inference_steps=2)
+    >>> [path.name for path in report.save("profile.json")]
+    ['profile.json', 'profile.md', 'profile.png']
 """
 
 from .metrics import amdahl_bound, predicted_speedup, psnr, ssim

@@ -31,7 +31,12 @@ def chart_png(report: "ProfileReport") -> bytes:
     """The chart as PNG bytes.
 
     Example:
-        >>> Path("profile.png").write_bytes(chart_png(report))
+        >>> import diffattn
+        >>> from diffattn.pipelines.embedded import load_embedded_pipeline
+        >>> report = diffattn.profile(load_embedded_pipeline(), "radial", warmup=0, prompt="a red circle moves left",
+        ...                           num_frames=3, height=32, width=32, num_inference_steps=2)
+        >>> chart_png(report)[1:4]   # a PNG file's signature
+        b'PNG'
     """
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)

@@ -27,7 +27,7 @@ def as_unit_float(video: Any, name: str = "video") -> np.ndarray:
     """``video`` (numpy array, torch tensor or list of frames) as float64 in ``[0, 1]``.
 
     Example:
-        >>> as_unit_float(np.full((2, 2), 255, np.uint8)).max()
+        >>> float(as_unit_float(np.full((2, 2), 255, np.uint8)).max())
         1.0
     """
     if isinstance(video, torch.Tensor):

@@ -70,9 +70,15 @@ class ProfileReport:
         notes: caveats about this measurement, one sentence each.
 
     Example:
-        >>> report = diffattn.profile(pipe, "radial", prompt="a red ball", num_frames=33)
-        >>> print(report.to_markdown())
-        >>> report.save("profile.json")      # also profile.md and profile.png
+        >>> import diffattn
+        >>> from diffattn.pipelines.embedded import load_embedded_pipeline
+        >>> pipe = load_embedded_pipeline()   # the shipped offline model; any supported pipeline works
+        >>> tiny = dict(prompt="a red circle moves left", num_frames=3, height=32, width=32, num_inference_steps=2)
+        >>> report = diffattn.profile(pipe, "radial", warmup=0, **tiny)
+        >>> print(report.to_markdown().splitlines()[0])
+        **diffattn profile: wan/radial on cpu (float32)**
+        >>> report.grid, report.attention_calls > 0
+        ({'frames': 3, 'height': 4, 'width': 4, 'text_tokens': 0, 'num_tokens': 48}, True)
     """
 
     preset: str
@@ -126,7 +132,12 @@ class ProfileReport:
         ``"nan"``; ``density_per_layer`` keys become strings (JSON keys always are).
 
         Example:
-            >>> json.loads(report.to_json())["psnr"]
+            >>> import diffattn
+            >>> from diffattn.pipelines.embedded import load_embedded_pipeline
+            >>> pipe = load_embedded_pipeline()
+            >>> report = diffattn.profile(pipe, "dense", warmup=0, prompt="a red circle moves left",
+            ...                           num_frames=3, height=32, width=32, num_inference_steps=2)
+            >>> json.loads(report.to_json())["psnr"]   # the dense preset against itself: identical frames
             'inf'
         """
         return json.dumps(_finite_json(self.to_dict()), indent=2, allow_nan=False) + "\n"
@@ -190,6 +201,10 @@ class ProfileReport:
         when every one of them was written, so a failure leaves no partial report.
 
         Example:
+            >>> import diffattn
+            >>> from diffattn.pipelines.embedded import load_embedded_pipeline
+            >>> report = diffattn.profile(load_embedded_pipeline(), "radial", warmup=0, prompt="a red circle moves left",
+            ...                           num_frames=3, height=32, width=32, num_inference_steps=2)
             >>> report.save("out/profile.json")
             [PosixPath('out/profile.json'), PosixPath('out/profile.md'), PosixPath('out/profile.png')]
         """

@@ -134,8 +134,13 @@ def profile(
             num_inference_steps, guidance_scale, ...); not generator, output_type or return_dict.
 
     Example:
-        >>> report = diffattn.profile(pipe, "radial", prompt="a red ball", num_frames=33, seed=1)
-        >>> report.e2e_speedup, report.amdahl_bound, report.psnr
+        >>> import diffattn, math
+        >>> from diffattn.pipelines.embedded import load_embedded_pipeline
+        >>> pipe = load_embedded_pipeline()   # the shipped offline model; any supported pipeline works
+        >>> tiny = dict(prompt="a red circle moves left", num_frames=3, height=32, width=32, num_inference_steps=2)
+        >>> report = diffattn.profile(pipe, "radial", seed=1, warmup=0, **tiny)
+        >>> report.e2e_speedup > 0, report.amdahl_bound >= 1, report.psnr > 20   # 3 frames: Radial is dense
+        (True, True, True)
     """
     _check_count("warmup", warmup, 0)
     _check_count("repeats", repeats, 1)

@@ -124,11 +124,17 @@ class AttentionTimer:
     Projections, norms and rotary embeddings are not attention time.
 
     Example:
+        >>> import diffattn
+        >>> from diffattn.adapters import sparsity_state
+        >>> from diffattn.pipelines.embedded import load_embedded_pipeline
+        >>> pipe = diffattn.apply(load_embedded_pipeline(), "radial", dense_steps=0, dense_layers=())
         >>> timer = AttentionTimer(torch.device("cpu"))
-        >>> timer.attach(states)          # SparsityStates of the applied pipeline
-        >>> pipe(...)
+        >>> timer.attach([sparsity_state(pipe)])   # the SparsityStates of the applied pipeline
+        >>> _ = pipe("a red circle moves left", num_frames=3, height=32, width=32, num_inference_steps=1)
         >>> calls = timer.finish()        # synchronises once, fills AttentionCall.seconds
         >>> timer.detach()
+        >>> len(calls) > 0, all(call.seconds >= 0 for call in calls)
+        (True, True)
     """
 
     def __init__(self, device: torch.device) -> None:
