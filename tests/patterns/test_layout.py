@@ -41,7 +41,7 @@ def test_layout_structure_invariants():
         row = layout.kv_indices[0, qb, : layout.kv_counts[0, qb]].tolist()
         assert row == sorted(set(row))
     # Bits for keys beyond N are zero in every packed mask.
-    tiles = layout.tile_masks(torch.arange(layout.num_partial_tiles))
+    tiles = layout.tile_masks(torch.arange(layout.num_masks))
     last_k_block = layout.kv_indices[0][layout.kv_mask_ids[0] >= 0]
     ids = layout.kv_mask_ids[0][layout.kv_mask_ids[0] >= 0]
     for mask_id, kb in zip(ids.tolist(), last_k_block.tolist()):

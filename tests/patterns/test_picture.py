@@ -55,12 +55,14 @@ def test_command_prints_density_and_writes_picture(tmp_path, capsys):
     assert code == 0 and out.exists()
     expected = Neighborhood(kernel_size=(3, 5, 5)).layout(VideoGrid(4, 8, 16), 32, tile_shape=(1, 4, 8)).density
     assert f"density      {expected:.4f}" in text
+    layout = Neighborhood(kernel_size=(3, 5, 5)).layout(VideoGrid(4, 8, 16), 32, tile_shape=(1, 4, 8))
+    assert f"({layout.nbytes} bytes" in text and f"masks        {layout.num_masks} distinct" in text
 
 
 def test_command_bad_input_exits_2_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "diffattn.patterns", "neighborhood", "--frames", "2", "--kernel-size", "3,3,3",
-         "--out", str(tmp_path / "x.png")],
+         "--strict", "--out", str(tmp_path / "x.png")],
         capture_output=True, text=True,
     )
     assert result.returncode == 2
