@@ -133,8 +133,9 @@ def _block_mask(pattern: Radial, grid: VideoGrid) -> torch.Tensor:
     gap = torch.maximum(lo[None, :] - hi[:, None], lo[:, None] - hi[None, :]).clamp(min=0)
     half_width, kept = pattern.band(grid, distance)
     allowed = (
-        (distance <= pattern.dense_frame_distance)
-        | (frame[None, :] < pattern.sink_frames)
+        # Clamped to the frame count: a huge setting means "all frames" and must fit in int64.
+        (distance <= min(pattern.dense_frame_distance, grid.frames))
+        | (frame[None, :] < min(pattern.sink_frames, grid.frames))
         | (kept & (gap.double() <= half_width))
     )
     flat = torch.zeros(num_blocks * num_blocks, dtype=torch.int64)

@@ -2,6 +2,9 @@ import pytest
 import torch
 
 from diffattn import BlockLayout, Dense, Neighborhood, Radial, VideoGrid
+from diffattn.errors import UserError
+
+from .natten_bruteforce import axis_neighbors
 
 GRIDS = [
     VideoGrid(3, 5, 7, text_tokens=5),  # N = 110: not a block multiple
@@ -84,12 +87,12 @@ def test_per_head_layout_from_stack():
 
 def test_stack_refuses_mismatched_layouts():
     grid = VideoGrid(3, 5, 7)
-    with pytest.raises(ValueError, match="must match"):
+    with pytest.raises(UserError, match="must match"):
         BlockLayout.stack([Dense().layout(grid, 32), Dense().layout(grid, 64)])
-    with pytest.raises(ValueError, match="permutation"):
+    with pytest.raises(UserError, match="permutation"):
         p = Neighborhood(kernel_size=3)
         BlockLayout.stack([p.layout(grid, 32), p.layout(grid, 32, tile_shape=(1, 5, 7))])
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(UserError, match="non-empty"):
         BlockLayout.stack([])
 
 
@@ -113,13 +116,62 @@ def test_layouts_are_cached_per_grid_and_block_size():
     ],
 )
 def test_bad_layout_arguments(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(UserError, match=needle):
         Neighborhood(kernel_size=3).layout(VideoGrid(4, 8, 8), **kwargs)
 
 
 def test_token_mask_refuses_real_sizes():
-    with pytest.raises(ValueError, match="N=32760"):
+    with pytest.raises(UserError, match="N=32760"):
         Dense().token_mask(VideoGrid(21, 30, 52))
+
+
+def layout_rows(layout: BlockLayout, rows: list[int]) -> torch.Tensor:
+    """bool ``[len(rows), N]``: rows of the kernel-order mask, read tile by tile from the layout."""
+    n = layout.num_tokens
+    out = torch.zeros(len(rows), n, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        qb, off = divmod(r, layout.block_q)
+        count = int(layout.kv_counts[0, qb])
+        tiles = layout.tile_masks(layout.kv_mask_ids[0, qb, :count])
+        for slot, kb in enumerate(layout.kv_indices[0, qb, :count].tolist()):
+            seg = slice(kb * layout.block_k, min((kb + 1) * layout.block_k, n))
+            out[i, seg] = tiles[slot, off, : seg.stop - seg.start]
+    return out
+
+
+def test_identical_masks_are_stored_once():
+    grid = VideoGrid(6, 20, 36, text_tokens=9)
+    layout = Neighborhood(kernel_size=(None, 7, 11)).layout(grid, block_size=64, tile_shape=(1, 4, 16))
+    assert torch.equal(layout.token_mask(), Neighborhood(kernel_size=(None, 7, 11)).token_mask(grid))
+    flat = layout.masks.flatten(1)
+    assert torch.unique(flat, dim=0).shape[0] == layout.num_masks  # no mask stored twice
+    assert layout.num_masks * 4 < layout.num_partial_tiles  # and far fewer than the tiles
+    used = layout.kv_mask_ids[layout.kv_mask_ids >= 0].unique()
+    assert torch.equal(used, torch.arange(layout.num_masks, dtype=torch.int32))  # every stored mask is used
+    assert layout.nbytes == sum(
+        t.nbytes for t in (layout.kv_counts, layout.kv_indices, layout.kv_mask_ids, layout.masks, layout.permutation)
+    )
+
+
+def test_hunyuan_720p_freeswim_window_layout_is_lean():
+    # Issue 24: this layout held 579k partial tiles, one 2 KiB mask each (1.1 GB).
+    grid = VideoGrid(33, 45, 80, text_tokens=256)
+    pattern = Neighborhood(kernel_size=(None, 23, 41))
+    layout = pattern.layout(grid, block_size=128, tile_shape=(1, 8, 16))
+    assert layout.num_partial_tiles > 500_000 and layout.nbytes < 64 * 2**20
+    rows = [0, 4321, 60_000, grid.video_tokens - 1, grid.num_tokens - 1]
+    # Expected rows from the NATTEN brute force, in kernel order: text rows and text keys are dense.
+    key_video = grid.video_index_of(layout.permutation)
+    _, key_h, key_w = grid.coordinates(key_video.clamp(min=0))
+    expected = torch.ones(len(rows), grid.num_tokens, dtype=torch.bool)
+    for i, video in enumerate(grid.video_index_of(layout.permutation[rows]).tolist()):
+        if video < 0:
+            continue
+        _, h, w = (int(c) for c in grid.coordinates(torch.tensor(video)))
+        near_h = torch.tensor(sorted(axis_neighbors(h, 45, 23, 1, 1, False)))
+        near_w = torch.tensor(sorted(axis_neighbors(w, 80, 41, 1, 1, False)))
+        expected[i] = torch.isin(key_h, near_h) & torch.isin(key_w, near_w) | (key_video < 0)
+    assert torch.equal(layout_rows(layout, rows), expected)
 
 
 def test_large_layout_without_dense_mask():
@@ -130,16 +182,7 @@ def test_large_layout_without_dense_mask():
     rows = torch.tensor([0, 777, 16000, 32759])
     cols = torch.arange(grid.num_tokens)
     expected = pattern.video_allowed(grid, rows[:, None], cols[None, :])
-    # Reconstruct just those rows from the layout tiles.
-    for r, want in zip(rows.tolist(), expected):
-        qb, off = divmod(r, layout.block_q)
-        got = torch.zeros(grid.num_tokens, dtype=torch.bool)
-        count = int(layout.kv_counts[0, qb])
-        tiles = layout.tile_masks(layout.kv_mask_ids[0, qb, :count])
-        for slot, kb in enumerate(layout.kv_indices[0, qb, :count].tolist()):
-            seg = slice(kb * layout.block_k, min((kb + 1) * layout.block_k, grid.num_tokens))
-            got[seg] = tiles[slot, off, : seg.stop - seg.start]
-        assert torch.equal(got, want)
+    assert torch.equal(layout_rows(layout, rows.tolist()), expected)
     # A separable rule's pair count is the product of its per-axis counts (Kronecker product).
     per_axis = [int(table.sum()) for table in pattern.axis_tables(grid)]
     assert layout.allowed_pairs[0] == per_axis[0] * per_axis[1] * per_axis[2]

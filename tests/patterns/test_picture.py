@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from diffattn import Dense, Neighborhood, Radial, VideoGrid
+from diffattn.errors import UserError
 from diffattn.patterns.__main__ import main
 from diffattn.patterns.picture import layout_image, save_layout_png, tile_fill
 
@@ -42,7 +43,7 @@ def test_save_png_writes_a_png_and_refuses_other_suffixes(tmp_path):
     layout = Dense().layout(VideoGrid(2, 4, 4), block_size=32)
     path = save_layout_png(layout, tmp_path / "sub" / "dense.png")
     assert Image.open(path).format == "PNG"
-    with pytest.raises(ValueError, match=r"\.png"):
+    with pytest.raises(UserError, match=r"\.png"):
         save_layout_png(layout, tmp_path / "dense.jpg")
     assert [p.name for p in (tmp_path).iterdir()] == ["sub"]  # no stray temp file
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffattn import Radial, VideoGrid
+from diffattn.errors import UserError
 
 
 def ideal_token_rule(grid: VideoGrid, pattern: Radial) -> torch.Tensor:
@@ -107,12 +108,12 @@ def test_density_falls_as_videos_get_longer():
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(UserError, match=needle):
         Radial(**kwargs)
 
 
 def test_radial_refuses_a_token_permutation():
-    with pytest.raises(ValueError, match="tile_shape"):
+    with pytest.raises(UserError, match="tile_shape"):
         Radial().layout(VideoGrid(4, 8, 8), block_size=64, tile_shape=(1, 8, 8))
 
 
