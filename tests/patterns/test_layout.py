@@ -4,7 +4,7 @@ import torch
 from diffattn import BlockLayout, Dense, Neighborhood, Radial, VideoGrid
 from diffattn.errors import UserError
 
-from .natten_bruteforce import axis_neighbors
+from .reference_rows import layout_rows, layout_rows_in_caller_order, reference_rows
 
 GRIDS = [
     VideoGrid(3, 5, 7, text_tokens=5),  # N = 110: not a block multiple
@@ -125,20 +125,6 @@ def test_token_mask_refuses_real_sizes():
         Dense().token_mask(VideoGrid(21, 30, 52))
 
 
-def layout_rows(layout: BlockLayout, rows: list[int]) -> torch.Tensor:
-    """bool ``[len(rows), N]``: rows of the kernel-order mask, read tile by tile from the layout."""
-    n = layout.num_tokens
-    out = torch.zeros(len(rows), n, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        qb, off = divmod(r, layout.block_q)
-        count = int(layout.kv_counts[0, qb])
-        tiles = layout.tile_masks(layout.kv_mask_ids[0, qb, :count])
-        for slot, kb in enumerate(layout.kv_indices[0, qb, :count].tolist()):
-            seg = slice(kb * layout.block_k, min((kb + 1) * layout.block_k, n))
-            out[i, seg] = tiles[slot, off, : seg.stop - seg.start]
-    return out
-
-
 def test_identical_masks_are_stored_once():
     grid = VideoGrid(6, 20, 36, text_tokens=9)
     layout = Neighborhood(kernel_size=(None, 7, 11)).layout(grid, block_size=64, tile_shape=(1, 4, 16))
@@ -159,19 +145,8 @@ def test_hunyuan_720p_freeswim_window_layout_is_lean():
     pattern = Neighborhood(kernel_size=(None, 23, 41))
     layout = pattern.layout(grid, block_size=128, tile_shape=(1, 8, 16))
     assert layout.num_partial_tiles > 500_000 and layout.nbytes < 64 * 2**20
-    rows = [0, 4321, 60_000, grid.video_tokens - 1, grid.num_tokens - 1]
-    # Expected rows from the NATTEN brute force, in kernel order: text rows and text keys are dense.
-    key_video = grid.video_index_of(layout.permutation)
-    _, key_h, key_w = grid.coordinates(key_video.clamp(min=0))
-    expected = torch.ones(len(rows), grid.num_tokens, dtype=torch.bool)
-    for i, video in enumerate(grid.video_index_of(layout.permutation[rows]).tolist()):
-        if video < 0:
-            continue
-        _, h, w = (int(c) for c in grid.coordinates(torch.tensor(video)))
-        near_h = torch.tensor(sorted(axis_neighbors(h, 45, 23, 1, 1, False)))
-        near_w = torch.tensor(sorted(axis_neighbors(w, 80, 41, 1, 1, False)))
-        expected[i] = torch.isin(key_h, near_h) & torch.isin(key_w, near_w) | (key_video < 0)
-    assert torch.equal(layout_rows(layout, rows), expected)
+    tokens = [0, 4321, 60_000, grid.video_tokens - 1, grid.num_tokens - 1]
+    assert torch.equal(layout_rows_in_caller_order(layout, tokens), reference_rows(pattern, grid, tokens))
 
 
 def test_large_layout_without_dense_mask():
