@@ -123,13 +123,15 @@ class Pattern(abc.ABC):
             True
         """
         self.validate_grid(grid)
-        block_q = check_block_size("block_q", block_size if block_q is None else block_q)
-        block_k = check_block_size("block_k", block_size if block_k is None else block_k, (32, 64, 128, 256))
+        # Errors name the argument the bad value came from.
+        q_name, k_name = ("block_size" if b is None else name for b, name in ((block_q, "block_q"), (block_k, "block_k")))
+        block_q = check_block_size(q_name, block_size if block_q is None else block_q)
+        block_k = check_block_size(k_name, block_size if block_k is None else block_k, (32, 64, 128, 256))
         tile_shape = check_tile_shape(tile_shape)
         if tile_shape is not None and not self.supports_permutation:
             raise UserError(
                 f"tile_shape={tile_shape} is not supported by {type(self).__name__}: its blocks are already "
-                "aligned to the token order; use tile_shape=None"
+                "aligned to the token order; allowed: tile_shape=None"
             )
         if tile_shape is not None:
             tile_shape = clip_tile_shape(tile_shape, grid)

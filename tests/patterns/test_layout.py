@@ -109,7 +109,8 @@ def test_layouts_are_cached_per_grid_and_block_size():
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        (dict(block_size=100), "block_q"),
+        (dict(block_size=100), "block_size"),
+        (dict(block_q=100), "block_q"),
         (dict(block_q=64, block_k=16), "block_k"),
         (dict(tile_shape=(1, 0, 4)), r"tile_shape\[h\]"),
         (dict(tile_shape=(1, 4)), "tile_shape"),
