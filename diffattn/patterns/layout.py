@@ -424,17 +424,29 @@ def _shared_partial_masks(
     padding, or the pattern's feature values). Tiles are first grouped by that pair of block
     *signatures* and one mask is built per group (a 3-D window repeats the same few block
     contents all over the video); the built masks are then merged by content (the same cut of a
-    window in other places). The per-tile mask tensor is never built: peak memory is one chunk of
-    masks plus the distinct ones.
+    window in other places). A factor that allows every pair of a tile (e.g. the frame axis of a
+    tile well inside the temporal window) is left out of that tile's signatures, so tiles cut
+    alike by the other factors share one group. The per-tile mask tensor is never built: peak
+    memory is one chunk of masks plus the distinct ones.
     """
     num_tiles = tile_q.numel()
     words = block_k // MASK_WORD_BITS
     if num_tiles == 0:
         return torch.zeros(0, dtype=torch.int32), torch.zeros(0, block_q, words, dtype=torch.int32)
     factors = _constraining_factors(pattern, grid)
-    q_signature = _block_signatures(grid, permutation, factors, block_q)
-    k_signature = _block_signatures(grid, permutation, factors, block_k)
-    pair = q_signature[tile_q] * (int(k_signature.max()) + 1) + k_signature[tile_k]
+    q_video = _kernel_video_index(grid, permutation, block_q)
+    k_video = _kernel_video_index(grid, permutation, block_k)
+    # Bit f of `idle`: factor f allows every (video query, video key) pair of the tile.
+    idle = torch.zeros(num_tiles, dtype=torch.int64)
+    for bit, (feature, table) in enumerate(factors):
+        idle |= _factor_allows_whole_tile(feature, table, q_video, k_video, tile_q, tile_k).long() << bit
+    pair = torch.zeros(num_tiles, dtype=torch.int64)
+    for subset in torch.unique(idle).tolist():
+        used = [f for bit, f in enumerate(factors) if not subset >> bit & 1]
+        q_signature = _block_signatures(q_video, used, block_q)
+        k_signature = _block_signatures(k_video, used, block_k)
+        chosen = idle == subset
+        pair[chosen] = ((subset << 20 | q_signature[tile_q[chosen]]) << 20) | k_signature[tile_k[chosen]]
     groups, group_of_tile = torch.unique(pair, return_inverse=True)
     # One tile per group builds the group's mask (any member would do: they are all equal).
     representative = torch.empty(groups.numel(), dtype=torch.int64).scatter_(
@@ -464,23 +476,51 @@ def _constraining_factors(pattern: "Pattern", grid: "VideoGrid") -> list[tuple[t
     return [(feature, table) for feature, table in pattern.video_factors(grid) if not bool(table.all())]
 
 
-def _block_signatures(
-    grid: "VideoGrid",
-    permutation: torch.Tensor | None,
-    factors: list[tuple[torch.Tensor, torch.Tensor]],
-    block: int,
-) -> torch.Tensor:
-    """int64 ``[ceil(N / block)]``: equal ids for blocks (in kernel order) whose tokens are, one by
-    one, of the same kind (video, text or padding past ``N``) with the same feature values."""
+def _kernel_video_index(grid: "VideoGrid", permutation: torch.Tensor | None, block: int) -> torch.Tensor:
+    """int64 ``[ceil(N / block), block]``: raster video index of each kernel position, ``-1`` for
+    a text token and ``-2`` for padding past ``N``."""
     n = grid.num_tokens
     positions = torch.arange(-(-n // block) * block)
-    in_range = positions < n
     token = positions.clamp(max=n - 1)
     video = grid.video_index_of(permutation[token] if permutation is not None else token)
-    kind = torch.where(in_range, (video >= 0).long(), torch.full_like(video, -1))  # 1 video, 0 text, -1 padding
-    columns = [kind] + [torch.where(kind == 1, feature[video.clamp(min=0)], 0) for feature, _ in factors]
-    per_block = torch.stack(columns, -1).view(positions.numel() // block, -1)
+    return torch.where(positions < n, video, torch.full_like(video, -2)).view(-1, block)
+
+
+def _block_signatures(video: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]], block: int) -> torch.Tensor:
+    """int64 ``[blocks]``: equal ids for blocks (rows of :func:`_kernel_video_index`) whose tokens
+    are, one by one, of the same kind (video, text or padding) with the same values of ``factors``."""
+    kind = video.clamp(min=-2, max=0)  # 0 video, -1 text, -2 padding
+    columns = [kind] + [torch.where(video >= 0, feature[video.clamp(min=0)], 0) for feature, _ in factors]
+    per_block = torch.stack(columns, -1).view(video.shape[0], -1)
     return torch.unique(per_block, dim=0, return_inverse=True)[1]
+
+
+def _factor_allows_whole_tile(
+    feature: torch.Tensor,
+    table: torch.Tensor,
+    q_video: torch.Tensor,
+    k_video: torch.Tensor,
+    tile_q: torch.Tensor,
+    tile_k: torch.Tensor,
+) -> torch.Tensor:
+    """bool ``[P]``: whether ``table`` allows every pair of feature values of the tile's video
+    queries and video keys (computed per distinct pair of block value sets)."""
+    values = table.shape[0]
+
+    def value_sets(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        present = torch.zeros(video.shape[0], values + 1, dtype=torch.bool)
+        present.scatter_(1, torch.where(video >= 0, feature[video.clamp(min=0)], values), True)
+        sets, set_of_block = torch.unique(present[:, :values], dim=0, return_inverse=True)
+        return sets.double(), set_of_block
+
+    q_sets, q_set_of_block = value_sets(q_video)
+    k_sets, k_set_of_block = value_sets(k_video)
+    pair = q_set_of_block[tile_q] * k_sets.shape[0] + k_set_of_block[tile_k]
+    pairs, pair_of_tile = torch.unique(pair, return_inverse=True)
+    # Refused (query value, key value) pairs of a tile: q_set^T (~table) k_set.
+    refused_per_key = q_sets @ (~table).double()  # [Sq, values]
+    refused = (refused_per_key[pairs // k_sets.shape[0]] * k_sets[pairs % k_sets.shape[0]]).sum(1)
+    return (refused == 0)[pair_of_tile]
 
 
 def _partial_tile_masks(
