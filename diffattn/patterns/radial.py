@@ -20,6 +20,10 @@ The pattern is *defined at block granularity*: video tokens are cut into blocks 
 ``block_size`` (over the video index, so text tokens before the video do not shift them), and a
 block pair is allowed when the rule above allows any token pair inside it. The token mask is that
 block-quantized mask; text tokens are dense.
+
+**Small calls.** Radial never refuses a grid: a call with at most ``dense_frame_distance + 1``
+frames (a 1-frame image, a 2-frame preview) is dense, and so is any video that fits in one block;
+a ``sink_frames`` or ``dense_frame_distance`` beyond the frame count means every frame.
 """
 
 from __future__ import annotations
