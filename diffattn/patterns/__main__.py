@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 
+from ..errors import UserError
 from . import Dense, Neighborhood, Radial, VideoGrid
 from .picture import save_layout_png
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stride", type=_triple(int), default=(1, 1, 1))
     parser.add_argument("--dilation", type=_triple(int), default=(1, 1, 1))
     parser.add_argument("--causal", type=_triple(bool), default=(False, False, False))
+    parser.add_argument("--strict", action="store_true",
+                        help="neighborhood: refuse a window larger than the grid (NATTEN's rule) instead of fitting it")
     parser.add_argument("--tile-shape", type=_triple(int), default=None, help="tile-major token permutation t,h,w")
     parser.add_argument("--decay", type=float, default=1.0, help="radial: band multiplier")
     parser.add_argument("--sink-frames", type=int, default=1, help="radial: attention-sink frames")
@@ -62,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.pattern == "radial":
             pattern = Radial(decay=args.decay, sink_frames=args.sink_frames, block_size=args.block_size)
         else:
-            pattern = Neighborhood(args.kernel_size, args.stride, args.dilation, args.causal)
+            pattern = Neighborhood(args.kernel_size, args.stride, args.dilation, args.causal, args.strict)
         start = time.perf_counter()
         layout = pattern.layout(grid, block_size=args.block_size, tile_shape=args.tile_shape)
         seconds = time.perf_counter() - start
         path = save_layout_png(layout, args.out, grid) if args.out else None
-    except ValueError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"pattern      {pattern}")
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"density      {layout.density:.4f}  (allowed pairs / N^2)")
     print(f"tile density {layout.tile_density:.4f}  (pairs inside visited {layout.block_q}x{layout.block_k} tiles / N^2)")
     print(f"tiles        {layout.num_visited_tiles} visited, {layout.num_partial_tiles} partial")
+    print(f"masks        {layout.num_masks} distinct partial-tile masks")
+    print(f"memory       {layout.nbytes / 2**20:.2f} MiB ({layout.nbytes} bytes: tile lists, masks, permutation)")
     print(f"built in     {seconds:.3f} s")
     if path:
         print(f"picture      {path}")

@@ -3,22 +3,26 @@ value and what is allowed."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
+
+from ..errors import UserError
 
 
 def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
-    """Return ``value`` if it is an int > 0 (>= 0 with ``allow_zero``), else raise ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    """Return ``value`` as an int if it is an integer > 0 (>= 0 with ``allow_zero``), else raise
+    :class:`UserError`. Bools are refused (``True`` is not a size); numpy integers are accepted."""
+    bound = ">= 0" if allow_zero else ">= 1"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UserError(f"{name} must be an int {bound}, got {value!r} ({type(value).__name__})")
     if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else ">= 1"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
+        raise UserError(f"{name} must be an int {bound}, got {value}")
+    return int(value)
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+        raise UserError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
     return value
 
 
@@ -26,22 +30,25 @@ def check_per_axis(name: str, value: Any, kind: type, *, allow_none: bool = Fals
     """Normalise a scalar or a 3-tuple (t, h, w) of ``kind`` to a 3-tuple."""
     if isinstance(value, (list, tuple)):
         if len(value) != 3:
-            raise ValueError(f"{name} must be a single value or a (t, h, w) tuple of 3, got {value!r}")
+            raise UserError(f"{name} must be a single value or a (t, h, w) tuple of 3, got {value!r}")
         items = tuple(value)
     else:
         items = (value, value, value)
+    checked = []
     for axis, item in zip("thw", items):
         if item is None and allow_none:
-            continue
-        if kind is bool:
+            checked.append(None)
+        elif kind is bool:
             if not isinstance(item, bool):
-                raise ValueError(f"{name}[{axis}] must be a bool, got {item!r}")
+                raise UserError(f"{name}[{axis}] must be a bool, got {item!r} ({type(item).__name__})")
+            checked.append(item)
         else:
-            check_positive_int(f"{name}[{axis}]", item)
-    return items
+            checked.append(check_positive_int(f"{name}[{axis}]", item))
+    return tuple(checked)
 
 
 def check_block_size(name: str, value: Any, allowed: Sequence[int] = (16, 32, 64, 128, 256)) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
-    return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in allowed:
+        role = " (as block_k)" if name == "block_size" and 16 not in allowed else ""
+        raise UserError(f"{name}{role} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+    return int(value)

@@ -7,12 +7,16 @@ from functools import lru_cache
 
 import torch
 
+from ..errors import UserError
 from ._checks import check_block_size
-from .grid import VideoGrid, VideoOrder, check_tile_shape
+from .grid import VideoGrid, VideoOrder, check_tile_shape, clip_tile_shape
 from .layout import BlockLayout, build_block_layout
 
 # A token mask is N x N booleans; beyond this it is a test-only tool that would eat the machine.
 MAX_TOKEN_MASK_TOKENS = 24_576
+# A layout build holds a few float64 numbers per tile of the N x N plane: beyond this many tiles
+# (N = 1M tokens at block 128) it would exhaust memory instead of answering.
+MAX_LAYOUT_TILES = 1 << 26
 _LAYOUT_CACHE_SIZE = 64
 
 
@@ -58,9 +62,9 @@ class Pattern(abc.ABC):
         queries and first ``k_prefix[j]`` keys of ``order``."""
 
     def validate_grid(self, grid: VideoGrid) -> None:
-        """Raise ValueError if the pattern cannot be applied to ``grid``."""
+        """Raise :class:`UserError` if the pattern cannot be applied to ``grid``."""
         if not isinstance(grid, VideoGrid):
-            raise ValueError(f"grid must be a VideoGrid, got {type(grid).__name__}")
+            raise UserError(f"grid must be a VideoGrid, got {grid!r} ({type(grid).__name__})")
 
     # ---------------------------------------------------------------------------- public API
     def token_mask(self, grid: VideoGrid) -> torch.Tensor:
@@ -70,13 +74,14 @@ class Pattern(abc.ABC):
         (N <= 24,576); kernels use :meth:`layout`.
 
         Example:
+            >>> from diffattn import Neighborhood, VideoGrid
             >>> Neighborhood(kernel_size=(1, 3, 3)).token_mask(VideoGrid(2, 4, 4)).shape
             torch.Size([32, 32])
         """
         self.validate_grid(grid)
         n = grid.num_tokens
         if n > MAX_TOKEN_MASK_TOKENS:
-            raise ValueError(
+            raise UserError(
                 f"token_mask materialises N x N booleans and is for small grids; grid has N={n} > "
                 f"{MAX_TOKEN_MASK_TOKENS} tokens. Use pattern.layout(grid) for real sizes."
             )
@@ -104,24 +109,51 @@ class Pattern(abc.ABC):
             block_k: key columns per tile (32, 64, 128 or 256).
             tile_shape: ``(t, h, w)`` tile for a tile-major permutation of the video tokens, so a
                 3-D local window covers whole blocks (pick ``t*h*w == block_size``); None keeps
-                the caller's order.
+                the caller's order. A tile larger than the grid on an axis is clipped to it.
             device: where the layout's tensors live.
 
+        Raises:
+            UserError: a bad argument, naming it, its value and what is allowed; also a grid whose
+                ``ceil(N / block_q) * ceil(N / block_k)`` tiles exceed ``MAX_LAYOUT_TILES``.
+
         Example:
+            >>> from diffattn import Radial, VideoGrid
             >>> layout = Radial().layout(VideoGrid(21, 30, 52), block_size=128)
-            >>> layout.density < 0.5
+            >>> layout.density < 0.6
             True
         """
         self.validate_grid(grid)
-        block_q = check_block_size("block_q", block_size if block_q is None else block_q)
-        block_k = check_block_size("block_k", block_size if block_k is None else block_k, (32, 64, 128, 256))
+        # Errors name the argument the bad value came from.
+        q_name, k_name = ("block_size" if b is None else name for b, name in ((block_q, "block_q"), (block_k, "block_k")))
+        block_q = check_block_size(q_name, block_size if block_q is None else block_q)
+        block_k = check_block_size(k_name, block_size if block_k is None else block_k, (32, 64, 128, 256))
         tile_shape = check_tile_shape(tile_shape)
         if tile_shape is not None and not self.supports_permutation:
-            raise ValueError(
+            raise UserError(
                 f"tile_shape={tile_shape} is not supported by {type(self).__name__}: its blocks are already "
-                "aligned to the token order; use tile_shape=None"
+                "aligned to the token order; allowed: tile_shape=None"
             )
-        return _cached_layout(self, grid, block_q, block_k, tile_shape, str(torch.device(device)))
+        if tile_shape is not None:
+            tile_shape = clip_tile_shape(tile_shape, grid)
+        n = grid.num_tokens
+        tiles = -(-n // block_q) * -(-n // block_k)
+        if tiles > MAX_LAYOUT_TILES:
+            raise UserError(
+                f"grid has N={n} tokens: {tiles} tiles of {block_q}x{block_k}, more than a layout can hold "
+                f"({MAX_LAYOUT_TILES}); allowed: ceil(N/block_q)*ceil(N/block_k) <= {MAX_LAYOUT_TILES} "
+                "(a larger block size, or a smaller grid)"
+            )
+        return _cached_layout(self, grid, block_q, block_k, tile_shape, _check_device(device))
+
+
+def _check_device(device: object) -> str:
+    """The canonical name of an available torch device, else :class:`UserError`."""
+    try:
+        name = torch.device(device)
+        torch.empty(0, device=name)
+    except (RuntimeError, TypeError, AssertionError) as error:  # torch's own "no such device" errors
+        raise UserError(f"device must be an available torch device such as 'cpu' or 'cuda:0'; got {device!r} ({error})") from None
+    return str(name)
 
 
 @lru_cache(maxsize=_LAYOUT_CACHE_SIZE)

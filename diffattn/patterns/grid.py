@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from ..errors import UserError
 from ._checks import check_choice, check_positive_int
 
 TextPosition = Literal["end", "start"]
@@ -47,10 +48,12 @@ class VideoGrid:
     text_position: TextPosition = "end"
 
     def __post_init__(self) -> None:
-        check_positive_int("VideoGrid.frames", self.frames)
-        check_positive_int("VideoGrid.height", self.height)
-        check_positive_int("VideoGrid.width", self.width)
-        check_positive_int("VideoGrid.text_tokens", self.text_tokens, allow_zero=True)
+        # Stored as plain ints so that equal grids hash equally (numpy integers are accepted).
+        for name in ("frames", "height", "width"):
+            object.__setattr__(self, name, check_positive_int(f"VideoGrid.{name}", getattr(self, name)))
+        object.__setattr__(
+            self, "text_tokens", check_positive_int("VideoGrid.text_tokens", self.text_tokens, allow_zero=True)
+        )
         check_choice("VideoGrid.text_position", self.text_position, _TEXT_POSITIONS)
 
     @property
@@ -93,10 +96,20 @@ def check_tile_shape(tile_shape: tuple[int, int, int] | None) -> tuple[int, int,
     if tile_shape is None:
         return None
     if not isinstance(tile_shape, (tuple, list)) or len(tile_shape) != 3:
-        raise ValueError(f"tile_shape must be a (t, h, w) tuple of 3 positive ints or None, got {tile_shape!r}")
-    for axis, size in zip("thw", tile_shape):
-        check_positive_int(f"tile_shape[{axis}]", size)
-    return (int(tile_shape[0]), int(tile_shape[1]), int(tile_shape[2]))
+        raise UserError(f"tile_shape must be a (t, h, w) tuple of 3 positive ints or None, got {tile_shape!r}")
+    t, h, w = (check_positive_int(f"tile_shape[{axis}]", size) for axis, size in zip("thw", tile_shape))
+    return (t, h, w)
+
+
+def clip_tile_shape(tile_shape: tuple[int, int, int], grid: VideoGrid) -> tuple[int, int, int]:
+    """``tile_shape`` clipped to ``grid`` per axis (the same tile-major order, smaller numbers).
+
+    Example:
+        >>> clip_tile_shape((1, 8, 16), VideoGrid(1, 4, 40))
+        (1, 4, 16)
+    """
+    t, h, w = (min(size, length) for size, length in zip(tile_shape, grid.shape))
+    return (t, h, w)
 
 
 class VideoOrder:
@@ -111,7 +124,9 @@ class VideoOrder:
     def __init__(self, grid: VideoGrid, tile_shape: tuple[int, int, int] | None = None) -> None:
         self.grid = grid
         self.is_raster = tile_shape is None
-        self.tile_shape = (1, 1, grid.width) if tile_shape is None else check_tile_shape(tile_shape)
+        tile = (1, 1, grid.width) if tile_shape is None else check_tile_shape(tile_shape)
+        # A tile larger than the grid on an axis gives the same order as one the axis' length.
+        self.tile_shape = clip_tile_shape(tile, grid)
 
     def raster_index(self) -> torch.Tensor:
         """int64 ``[V]``: raster video index of the token at each kernel video position."""

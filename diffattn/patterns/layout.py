@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Pattern
     from .grid import VideoGrid
@@ -45,9 +47,9 @@ class BlockLayout:
         kv_indices: int32 ``[Hl, Mq, max_kv]``: visited key-block indices, ascending; entries
             past ``kv_counts`` are 0 and must not be read.
         kv_mask_ids: int32 ``[Hl, Mq, max_kv]``: ``-1`` for a full tile, else the row of
-            ``masks`` that holds the tile's element mask.
-        masks: int32 ``[P, block_q, block_k // 32]``: packed element masks of partial tiles.
-            Bits for query or key positions ``>= N`` are 0.
+            ``masks`` that holds the tile's element mask (tiles with equal masks share a row).
+        masks: int32 ``[U, block_q, block_k // 32]``: the distinct packed element masks of the
+            partial tiles, each stored once. Bits for query or key positions ``>= N`` are 0.
         permutation: int64 ``[N]`` or None: the kernel's token ``p`` is the caller's token
             ``permutation[p]`` (tile-major reordering of the video tokens).
         allowed_pairs: allowed (query, key) pairs per head-layout, as Python ints.
@@ -59,7 +61,7 @@ class BlockLayout:
         >>> from diffattn import VideoGrid, Neighborhood
         >>> layout = Neighborhood(kernel_size=(3, 5, 5)).layout(VideoGrid(4, 8, 8), block_size=64)
         >>> layout.kv_counts.shape, round(layout.density, 3)
-        (torch.Size([1, 4]), 0.551)
+        (torch.Size([1, 4]), 0.293)
     """
 
     num_tokens: int
@@ -121,7 +123,33 @@ class BlockLayout:
 
     @property
     def num_partial_tiles(self) -> int:
+        """Visited tiles that carry an element mask (all heads)."""
+        slots = torch.arange(self.max_kv_blocks, device=self.device)
+        valid = slots[None, None, :] < self.kv_counts[..., None]
+        return int(((self.kv_mask_ids >= 0) & valid).sum())
+
+    @property
+    def num_masks(self) -> int:
+        """Distinct packed masks stored (``<= num_partial_tiles``: equal masks are stored once)."""
         return int(self.masks.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the layout holds (tile lists, masks, permutation).
+
+        The ``transposed`` view that backward kernels derive on first use is not counted (about
+        the size of ``kv_indices`` and ``kv_mask_ids`` again).
+
+        Example:
+            >>> from diffattn import Neighborhood, VideoGrid
+            >>> layout = Neighborhood(kernel_size=(1, 3, 3)).layout(VideoGrid(2, 8, 8), block_size=32)
+            >>> layout.nbytes == sum(t.nbytes for t in (layout.kv_counts, layout.kv_indices, layout.kv_mask_ids, layout.masks))
+            True
+        """
+        tensors = [self.kv_counts, self.kv_indices, self.kv_mask_ids, self.masks]
+        if self.permutation is not None:
+            tensors.append(self.permutation)
+        return sum(int(t.nbytes) for t in tensors)
 
     @property
     def num_visited_tiles(self) -> int:
@@ -130,7 +158,8 @@ class BlockLayout:
     def __repr__(self) -> str:
         return (
             f"BlockLayout(N={self.num_tokens}, block=({self.block_q}, {self.block_k}), heads={self.num_heads}, "
-            f"tiles={self.num_visited_tiles} ({self.num_partial_tiles} partial), density={self.density:.4f}, "
+            f"tiles={self.num_visited_tiles} ({self.num_partial_tiles} partial, {self.num_masks} masks), "
+            f"density={self.density:.4f}, "
             f"tile_density={self.tile_density:.4f}, permuted={self.permutation is not None}, device={self.device})"
         )
 
@@ -237,24 +266,29 @@ class BlockLayout:
         """Combine single-head layouts (same N, block sizes and permutation) into a per-head one.
 
         Example:
-            >>> per_head = BlockLayout.stack([dense_layout, local_layout])   # head 0, head 1
+            >>> from diffattn import Dense, Neighborhood, VideoGrid
+            >>> grid = VideoGrid(2, 8, 8)
+            >>> dense_layout = Dense().layout(grid, block_size=32)
+            >>> local_layout = Neighborhood(kernel_size=(1, 3, 3)).layout(grid, block_size=32)
+            >>> BlockLayout.stack([dense_layout, local_layout]).num_heads  # head 0, head 1
+            2
         """
         if not layouts:
-            raise ValueError("layouts must be a non-empty sequence of BlockLayout, got an empty one")
+            raise UserError("layouts must be a non-empty sequence of BlockLayout, got an empty one")
         first = layouts[0]
         for i, lay in enumerate(layouts):
             if not isinstance(lay, BlockLayout):
-                raise ValueError(f"layouts[{i}] must be a BlockLayout, got {type(lay).__name__}")
+                raise UserError(f"layouts[{i}] must be a BlockLayout, got {type(lay).__name__}")
             same = (lay.num_tokens, lay.block_q, lay.block_k) == (first.num_tokens, first.block_q, first.block_k)
             if not same:
-                raise ValueError(
+                raise UserError(
                     f"layouts[{i}] has (N, block_q, block_k) = {(lay.num_tokens, lay.block_q, lay.block_k)}, "
                     f"layouts[0] has {(first.num_tokens, first.block_q, first.block_k)}; they must match"
                 )
             if (lay.permutation is None) != (first.permutation is None) or (
                 lay.permutation is not None and not torch.equal(lay.permutation, first.permutation.to(lay.device))
             ):
-                raise ValueError(f"layouts[{i}] has a different token permutation than layouts[0]")
+                raise UserError(f"layouts[{i}] has a different token permutation than layouts[0]")
         device = first.device
         max_kv = max(lay.max_kv_blocks for lay in layouts)
         counts, indices, mask_ids, masks, allowed = [], [], [], [], []
@@ -267,7 +301,7 @@ class BlockLayout:
             ids = torch.where(ids >= 0, ids + offset, ids)
             mask_ids.append(torch.nn.functional.pad(ids, (0, pad), value=-1))
             masks.append(lay.masks.to(device))
-            offset += lay.num_partial_tiles
+            offset += lay.num_masks
             allowed.extend(lay.allowed_pairs)
         return cls(
             num_tokens=first.num_tokens,
@@ -351,7 +385,6 @@ def build_block_layout(
     kv_indices[0, q_idx, slot] = k_idx.to(torch.int32)
     is_partial = ~full[q_idx, k_idx]
     partial_q, partial_k = q_idx[is_partial], k_idx[is_partial]
-    kv_mask_ids[0, q_idx[is_partial], slot[is_partial]] = torch.arange(partial_q.numel(), dtype=torch.int32)
 
     # Kernel position -> caller's token index.
     permutation = None
@@ -359,7 +392,8 @@ def build_block_layout(
         permutation = torch.arange(n)
         off = grid.video_offset
         permutation[off : off + grid.video_tokens] = order.raster_index() + off
-    masks = _partial_tile_masks(pattern, grid, permutation, partial_q, partial_k, block_q, block_k)
+    tile_mask_ids, masks = _shared_partial_masks(pattern, grid, permutation, partial_q, partial_k, block_q, block_k)
+    kv_mask_ids[0, q_idx[is_partial], slot[is_partial]] = tile_mask_ids
     return BlockLayout(
         num_tokens=n,
         block_q=block_q,
@@ -373,7 +407,7 @@ def build_block_layout(
     )
 
 
-def _partial_tile_masks(
+def _shared_partial_masks(
     pattern: "Pattern",
     grid: "VideoGrid",
     permutation: torch.Tensor | None,
@@ -381,8 +415,125 @@ def _partial_tile_masks(
     tile_k: torch.Tensor,
     block_q: int,
     block_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct packed masks of the partial tiles, and each tile's row among them.
+
+    Returns ``(mask_ids int32 [P], masks int32 [U, block_q, block_k // 32])``, ``U <= P``.
+
+    A tile's mask is a function of what its query block and its key block hold (per token: text,
+    padding, or the pattern's feature values). Tiles are first grouped by that pair of block
+    *signatures* and one mask is built per group (a 3-D window repeats the same few block
+    contents all over the video); the built masks are then merged by content (the same cut of a
+    window in other places). A factor that allows every pair of a tile (e.g. the frame axis of a
+    tile well inside the temporal window) is left out of that tile's signatures, so tiles cut
+    alike by the other factors share one group. The per-tile mask tensor is never built: peak
+    memory is one chunk of masks plus the distinct ones.
+    """
+    num_tiles = tile_q.numel()
+    words = block_k // MASK_WORD_BITS
+    if num_tiles == 0:
+        return torch.zeros(0, dtype=torch.int32), torch.zeros(0, block_q, words, dtype=torch.int32)
+    factors = _constraining_factors(pattern, grid)
+    q_video = _kernel_video_index(grid, permutation, block_q)
+    k_video = _kernel_video_index(grid, permutation, block_k)
+    # Bit f of `idle`: factor f allows every (video query, video key) pair of the tile.
+    idle = torch.zeros(num_tiles, dtype=torch.int64)
+    for bit, (feature, table) in enumerate(factors):
+        idle |= _factor_allows_whole_tile(feature, table, q_video, k_video, tile_q, tile_k).long() << bit
+    pair = torch.zeros(num_tiles, dtype=torch.int64)
+    for subset in torch.unique(idle).tolist():
+        used = [f for bit, f in enumerate(factors) if not subset >> bit & 1]
+        q_signature = _block_signatures(q_video, used, block_q)
+        k_signature = _block_signatures(k_video, used, block_k)
+        chosen = idle == subset
+        pair[chosen] = ((subset << 20 | q_signature[tile_q[chosen]]) << 20) | k_signature[tile_k[chosen]]
+    groups, group_of_tile = torch.unique(pair, return_inverse=True)
+    # One tile per group builds the group's mask (any member would do: they are all equal).
+    representative = torch.empty(groups.numel(), dtype=torch.int64).scatter_(
+        0, group_of_tile, torch.arange(num_tiles)
+    )
+    distinct: dict[bytes, int] = {}
+    kept: list[np.ndarray] = []
+    mask_of_group = torch.empty(groups.numel(), dtype=torch.int32)
+    chunks = _partial_tile_masks(
+        grid, factors, permutation, tile_q[representative], tile_k[representative], block_q, block_k
+    )
+    for start, chunk in chunks:
+        for offset, mask in enumerate(chunk.numpy()):
+            key = mask.tobytes()
+            mask_id = distinct.get(key)
+            if mask_id is None:
+                mask_id = distinct[key] = len(kept)
+                kept.append(mask)
+            mask_of_group[start + offset] = mask_id
+    masks = torch.from_numpy(np.stack(kept))
+    return mask_of_group[group_of_tile], masks
+
+
+def _constraining_factors(pattern: "Pattern", grid: "VideoGrid") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The pattern's factors minus those whose table is all True (e.g. a full-axis window): they
+    constrain nothing."""
+    return [(feature, table) for feature, table in pattern.video_factors(grid) if not bool(table.all())]
+
+
+def _kernel_video_index(grid: "VideoGrid", permutation: torch.Tensor | None, block: int) -> torch.Tensor:
+    """int64 ``[ceil(N / block), block]``: raster video index of each kernel position, ``-1`` for
+    a text token and ``-2`` for padding past ``N``."""
+    n = grid.num_tokens
+    positions = torch.arange(-(-n // block) * block)
+    token = positions.clamp(max=n - 1)
+    video = grid.video_index_of(permutation[token] if permutation is not None else token)
+    return torch.where(positions < n, video, torch.full_like(video, -2)).view(-1, block)
+
+
+def _block_signatures(video: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]], block: int) -> torch.Tensor:
+    """int64 ``[blocks]``: equal ids for blocks (rows of :func:`_kernel_video_index`) whose tokens
+    are, one by one, of the same kind (video, text or padding) with the same values of ``factors``."""
+    kind = video.clamp(min=-2, max=0)  # 0 video, -1 text, -2 padding
+    columns = [kind] + [torch.where(video >= 0, feature[video.clamp(min=0)], 0) for feature, _ in factors]
+    per_block = torch.stack(columns, -1).view(video.shape[0], -1)
+    return torch.unique(per_block, dim=0, return_inverse=True)[1]
+
+
+def _factor_allows_whole_tile(
+    feature: torch.Tensor,
+    table: torch.Tensor,
+    q_video: torch.Tensor,
+    k_video: torch.Tensor,
+    tile_q: torch.Tensor,
+    tile_k: torch.Tensor,
 ) -> torch.Tensor:
-    """Packed element masks of the partial tiles, built word-wise from the pattern's factors.
+    """bool ``[P]``: whether ``table`` allows every pair of feature values of the tile's video
+    queries and video keys (computed per distinct pair of block value sets)."""
+    values = table.shape[0]
+
+    def value_sets(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        present = torch.zeros(video.shape[0], values + 1, dtype=torch.bool)
+        present.scatter_(1, torch.where(video >= 0, feature[video.clamp(min=0)], values), True)
+        sets, set_of_block = torch.unique(present[:, :values], dim=0, return_inverse=True)
+        return sets.double(), set_of_block
+
+    q_sets, q_set_of_block = value_sets(q_video)
+    k_sets, k_set_of_block = value_sets(k_video)
+    pair = q_set_of_block[tile_q] * k_sets.shape[0] + k_set_of_block[tile_k]
+    pairs, pair_of_tile = torch.unique(pair, return_inverse=True)
+    # Refused (query value, key value) pairs of a tile: q_set^T (~table) k_set.
+    refused_per_key = q_sets @ (~table).double()  # [Sq, values]
+    refused = (refused_per_key[pairs // k_sets.shape[0]] * k_sets[pairs % k_sets.shape[0]]).sum(1)
+    return (refused == 0)[pair_of_tile]
+
+
+def _partial_tile_masks(
+    grid: "VideoGrid",
+    factors: list[tuple[torch.Tensor, torch.Tensor]],
+    permutation: torch.Tensor | None,
+    tile_q: torch.Tensor,
+    tile_k: torch.Tensor,
+    block_q: int,
+    block_k: int,
+):
+    """Packed element masks of tiles, built word-wise from the pattern's factors, yielded as
+    ``(first tile, int32 [chunk, block_q, block_k // 32])`` chunks.
 
     For each factor ``(feature, table)``, each key block ``kb`` and each feature value ``c``, the
     bits ``table[c, feature[key j of kb]]`` are packed once into ``block_k / 32`` words. A tile row
@@ -393,25 +544,15 @@ def _partial_tile_masks(
     n = grid.num_tokens
     num_tiles = tile_q.numel()
     words = block_k // MASK_WORD_BITS
-    if num_tiles == 0:
-        return torch.zeros(0, block_q, words, dtype=torch.int32)
     to_token = (lambda pos: permutation[pos]) if permutation is not None else (lambda pos: pos)
 
-    # Key side: the distinct key blocks of partial tiles.
+    # Key side: the distinct key blocks of the tiles.
     key_blocks, tile_key_slot = torch.unique(tile_k, return_inverse=True)
     k_pos = key_blocks[:, None] * block_k + torch.arange(block_k)  # [K', bk]
     k_in = k_pos < n
     k_vid = grid.video_index_of(to_token(k_pos.clamp(max=n - 1)))
     k_text = (k_vid < 0) & k_in
-    # Query side: the rows of every partial tile.
-    q_pos = tile_q[:, None] * block_q + torch.arange(block_q)  # [P, bq]
-    q_in = q_pos < n
-    q_vid = grid.video_index_of(to_token(q_pos.clamp(max=n - 1)))
-    q_text = q_vid < 0
-    any_q_text = bool(q_text.any())
 
-    # Factors whose table is all True (e.g. a full-axis window) constrain nothing: skip them.
-    factors = [(feature, table) for feature, table in pattern.video_factors(grid) if not bool(table.all())]
     # Per factor: [K' * L, words] packed key bits for every (key block, query feature value).
     packed_factors = []
     for feature, table in factors:
@@ -425,18 +566,19 @@ def _partial_tile_masks(
         packed_factors.append((feature, table.shape[0], per_value.view(-1, words)))
     key_in_range = pack_tile_masks(k_in[:, None, :])[:, 0]  # [K', words]
 
-    out = torch.empty(num_tiles, block_q, words, dtype=torch.int32)
     for start in range(0, num_tiles, _MASK_CHUNK_TILES):
         stop = min(start + _MASK_CHUNK_TILES, num_tiles)
+        # Query side: the rows of this chunk's tiles.
+        q_pos = tile_q[start:stop, None] * block_q + torch.arange(block_q)  # [c, bq]
+        q_in = q_pos < n
+        q_vid = grid.video_index_of(to_token(q_pos.clamp(max=n - 1)))
+        q_text = q_vid < 0
         slot = tile_key_slot[start:stop]
         chunk = key_in_range[slot][:, None, :].expand(-1, block_q, -1).clone()
-        q_vid_chunk = q_vid[start:stop].clamp(min=0)
         for feature, num_values, per_value in packed_factors:
-            flat = (slot[:, None] * num_values + feature[q_vid_chunk]).reshape(-1)
+            flat = (slot[:, None] * num_values + feature[q_vid.clamp(min=0)]).reshape(-1)
             rows = per_value.index_select(0, flat).view(stop - start, block_q, words)
-            if any_q_text:  # text queries attend every key
-                rows.masked_fill_(q_text[start:stop, :, None], -1)
+            rows.masked_fill_(q_text[:, :, None], -1)  # text queries attend every key
             chunk &= rows
-        chunk.masked_fill_(~q_in[start:stop, :, None], 0)
-        out[start:stop] = chunk
-    return out
+        chunk.masked_fill_(~q_in[:, :, None], 0)
+        yield start, chunk

@@ -16,6 +16,20 @@ Each axis (t, h, w) is treated independently and the 3-D rule is the AND of the 
 
 ``kernel_size`` equal to the axis length (or ``None``) means the whole axis. This is the mask of
 ``natten.na3d(q, k, v, kernel_size, stride, dilation, is_causal)``.
+
+**Windows that do not fit.** NATTEN requires ``kernel_size * dilation <= length`` on every axis
+and refuses anything else. diffattn instead fits the window to the axis, per axis, so a preset
+runs at every resolution and length (a 1-frame call, a 64 px preview):
+
+1. ``kernel = min(kernel_size, length)``: a window larger than its axis covers the whole axis
+   (the call is dense along it);
+2. ``dilation = min(dilation, length // kernel)``: the largest dilation that keeps every query's
+   window inside the axis (each query still sees ``kernel`` keys, spread as wide as the axis
+   allows; a full-axis kernel has dilation 1);
+3. ``stride = min(stride, kernel)``.
+
+The result is exactly NATTEN's mask with these fitted parameters (:meth:`Neighborhood.fitted`).
+Axes that already fit are untouched. ``Neighborhood(..., strict=True)`` keeps NATTEN's refusal.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from functools import lru_cache
 
 import torch
 
+from ..errors import UserError
 from ._checks import check_per_axis
 from ._separable import separable_prefix_pair_counts
 from .base import Pattern
@@ -69,24 +84,32 @@ class Neighborhood(Pattern):
 
     Args:
         kernel_size: window per axis (int or ``(t, h, w)``); ``None`` on an axis = whole axis.
-            Must satisfy ``kernel_size * dilation <= axis length`` for the grid.
+            NATTEN's rule is ``kernel_size * dilation <= axis length``; on an axis where it does
+            not hold, the window is fitted to the axis (see :meth:`fitted`): a kernel at least
+            the axis length covers the whole axis, and dilation shrinks until the window fits.
         stride: queries per shared window per axis (``1 <= stride <= kernel_size``).
         dilation: dilation per axis.
         causal: per-axis causal masking (keys at or before the query on that axis).
+        strict: refuse (:class:`~diffattn.errors.UserError`) a grid on which the window does not
+            fit, as NATTEN does, instead of fitting it.
 
     A FreeSwim inward window is ``Neighborhood(kernel_size=(None, kh, kw))``; 2-D images use
-    ``frames=1`` and a kernel of 1 (or None) on t.
+    ``frames=1`` (any kernel on t then means the single frame).
 
     Example:
+        >>> from diffattn import VideoGrid
         >>> p = Neighborhood(kernel_size=(3, 7, 7))
         >>> p.layout(VideoGrid(8, 16, 16), block_size=64, tile_shape=(1, 8, 8)).density
-        0.28...
+        0.0717...
+        >>> p.fitted(VideoGrid(1, 5, 16)).kernel_size  # a 1-frame call, 5 rows: dense on t and h
+        (1, 5, 7)
     """
 
     kernel_size: int | Triple | tuple = 7
     stride: int | Triple = 1
     dilation: int | Triple = 1
     causal: bool | tuple[bool, bool, bool] = False
+    strict: bool = False
 
     def __post_init__(self) -> None:
         kernel = check_per_axis("Neighborhood.kernel_size", self.kernel_size, int, allow_none=True)
@@ -95,7 +118,9 @@ class Neighborhood(Pattern):
         causal = check_per_axis("Neighborhood.causal", self.causal, bool)
         for axis, k, s in zip("thw", kernel, stride):
             if k is not None and s > k:
-                raise ValueError(f"Neighborhood.stride[{axis}]={s} must be <= kernel_size[{axis}]={k}")
+                raise UserError(f"Neighborhood.stride[{axis}]={s} must be <= kernel_size[{axis}]={k}")
+        if not isinstance(self.strict, bool):
+            raise UserError(f"Neighborhood.strict must be a bool, got {self.strict!r} ({type(self.strict).__name__})")
         object.__setattr__(self, "kernel_size", kernel)
         object.__setattr__(self, "stride", stride)
         object.__setattr__(self, "dilation", dilation)
@@ -103,16 +128,43 @@ class Neighborhood(Pattern):
 
     def validate_grid(self, grid: VideoGrid) -> None:
         super().validate_grid(grid)
+        if not self.strict:
+            return
         for axis, k, d, size in zip(("t (frames)", "h (height)", "w (width)"), self.kernel_size, self.dilation, grid.shape):
             if k is not None and k * d > size:
-                raise ValueError(
+                raise UserError(
                     f"Neighborhood kernel_size*dilation on axis {axis} is {k}*{d}={k * d}, larger than the grid's "
-                    f"{size} tokens; allowed: kernel_size*dilation <= {size} (or kernel_size=None for the whole axis)"
+                    f"{size} tokens; allowed with strict=True: kernel_size*dilation <= {size} (or kernel_size=None "
+                    "for the whole axis; strict=False fits the window to the axis)"
                 )
 
+    def fitted(self, grid: VideoGrid) -> "Neighborhood":
+        """The pattern NATTEN would run on ``grid``: each axis' window fitted to the axis.
+
+        Per axis of length ``L`` with a kernel ``k`` (``None`` stays the whole axis):
+        ``k' = min(k, L)``, ``dilation' = min(dilation, L // k')``, ``stride' = min(stride, k')``,
+        so ``k' * dilation' <= L`` always holds. Equal to ``self`` when every axis fits.
+
+        Example:
+            >>> from diffattn import VideoGrid
+            >>> Neighborhood(kernel_size=(3, 3, 9), dilation=(1, 4, 1)).fitted(VideoGrid(2, 10, 5))
+            Neighborhood(kernel_size=(2, 3, 5), stride=(1, 1, 1), dilation=(1, 3, 1), causal=(False, False, False), strict=False)
+        """
+        self.validate_grid(grid)
+        kernels, strides, dilations = [], [], []
+        for k, s, d, length in zip(self.kernel_size, self.stride, self.dilation, grid.shape):
+            if k is None:
+                kernels.append(None), strides.append(s), dilations.append(d)
+                continue
+            k = min(k, length)
+            kernels.append(k), strides.append(min(s, k)), dilations.append(min(d, length // k))
+        fitted = Neighborhood(tuple(kernels), tuple(strides), tuple(dilations), self.causal, self.strict)
+        return self if fitted == self else fitted
+
     def axis_tables(self, grid: VideoGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The per-axis rule tables for ``grid`` (bool ``[T, T]``, ``[H, H]``, ``[W, W]``)."""
-        return _axis_tables(self, grid.shape)
+        """The per-axis rule tables for ``grid`` (bool ``[T, T]``, ``[H, H]``, ``[W, W]``), of the
+        window fitted to the grid."""
+        return _axis_tables(self.fitted(grid), grid.shape)
 
     def video_factors(self, grid: VideoGrid) -> list[tuple[torch.Tensor, torch.Tensor]]:
         coordinates = grid.coordinates(torch.arange(grid.video_tokens))

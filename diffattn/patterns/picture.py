@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_write
+from ..errors import UserError
 from .grid import VideoGrid
 from .layout import BlockLayout
 
@@ -20,8 +21,8 @@ _FRAME_LINE = np.array([215, 215, 215], dtype=np.uint8)
 
 def tile_fill(layout: BlockLayout, head: int = 0) -> torch.Tensor:
     """float64 ``[Mq, Mk]``: allowed fraction of each tile's in-range area (0 for skipped tiles)."""
-    if not 0 <= head < layout.num_heads:
-        raise ValueError(f"head must be in [0, {layout.num_heads}), got {head}")
+    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < layout.num_heads:
+        raise UserError(f"head must be in [0, {layout.num_heads}), got {head!r}")
     n, bq, bk = layout.num_tokens, layout.block_q, layout.block_k
     fill = torch.zeros(layout.num_q_blocks, layout.num_k_blocks, dtype=torch.float64)
     counts = layout.kv_counts[head].cpu()
@@ -74,13 +75,17 @@ def save_layout_png(
     """Write :func:`layout_image` to ``path`` as a PNG, atomically (temp file + rename).
 
     Example:
+        >>> import tempfile
+        >>> from diffattn import Radial, VideoGrid
         >>> grid = VideoGrid(21, 30, 52)
-        >>> save_layout_png(Radial().layout(grid), "radial.png", grid)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_layout_png(Radial().layout(grid), f"{folder}/radial.png", grid).name
+        'radial.png'
     """
     from PIL import Image
 
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise ValueError(f"path must end in .png, got {str(path)!r}")
+        raise UserError(f"path must end in .png, got {str(path)!r}")
     image = Image.fromarray(layout_image(layout, grid, head, max_pixels))
     return atomic_write(path, lambda handle: image.save(handle, format="PNG"))

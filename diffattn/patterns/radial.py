@@ -20,15 +20,21 @@ The pattern is *defined at block granularity*: video tokens are cut into blocks 
 ``block_size`` (over the video index, so text tokens before the video do not shift them), and a
 block pair is allowed when the rule above allows any token pair inside it. The token mask is that
 block-quantized mask; text tokens are dense.
+
+**Small calls.** Radial never refuses a grid: a call with at most ``dense_frame_distance + 1``
+frames (a 1-frame image, a 2-frame preview) is dense, and so is any video that fits in one block;
+a ``sink_frames`` or ``dense_frame_distance`` beyond the frame count means every frame.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
+from ..errors import UserError
 from ._checks import check_block_size, check_positive_int
 from .base import Pattern
 from .grid import VideoGrid, VideoOrder
@@ -56,8 +62,9 @@ class Radial(Pattern):
         block_size: quantisation block in video tokens; use the kernel's block size.
 
     Example:
+        >>> from diffattn import VideoGrid
         >>> Radial(decay=1.0).layout(VideoGrid(21, 30, 52)).density
-        0.3...
+        0.54...
     """
 
     decay: float = 1.0
@@ -68,11 +75,11 @@ class Radial(Pattern):
     supports_permutation = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not self.decay > 0:
-            raise ValueError(f"Radial.decay must be a number > 0, got {self.decay!r}")
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0 < self.decay < math.inf:
+            raise UserError(f"Radial.decay must be a finite number > 0, got {self.decay!r} ({type(self.decay).__name__})")
         object.__setattr__(self, "decay", float(self.decay))
-        check_positive_int("Radial.sink_frames", self.sink_frames, allow_zero=True)
-        check_positive_int("Radial.dense_frame_distance", self.dense_frame_distance, allow_zero=True)
+        for name in ("sink_frames", "dense_frame_distance"):
+            object.__setattr__(self, name, check_positive_int(f"Radial.{name}", getattr(self, name), allow_zero=True))
         check_block_size("Radial.block_size", self.block_size, (32, 64, 128, 256))
 
     # ---------------------------------------------------------------- the unquantised rule
@@ -130,8 +137,9 @@ def _block_mask(pattern: Radial, grid: VideoGrid) -> torch.Tensor:
     gap = torch.maximum(lo[None, :] - hi[:, None], lo[:, None] - hi[None, :]).clamp(min=0)
     half_width, kept = pattern.band(grid, distance)
     allowed = (
-        (distance <= pattern.dense_frame_distance)
-        | (frame[None, :] < pattern.sink_frames)
+        # Clamped to the frame count: a huge setting means "all frames" and must fit in int64.
+        (distance <= min(pattern.dense_frame_distance, grid.frames))
+        | (frame[None, :] < min(pattern.sink_frames, grid.frames))
         | (kept & (gap.double() <= half_width))
     )
     flat = torch.zeros(num_blocks * num_blocks, dtype=torch.int64)

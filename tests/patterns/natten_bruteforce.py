@@ -48,3 +48,15 @@ def natten_token_mask(shape, kernel_size, stride, dilation, causal, text_tokens=
     off = text_tokens if text_position == "start" else 0
     full[off : off + video, off : off + video] = mask
     return full
+
+
+def fit_axis(length: int, kernel: int | None, stride: int, dilation: int) -> tuple[int | None, int, int]:
+    """diffattn's documented rule for a window that does not fit, stated as a search: the kernel
+    shrinks to the axis, then the dilation steps down until NATTEN accepts the window."""
+    if kernel is None:
+        return None, stride, dilation
+    while kernel > length:
+        kernel -= 1
+    while kernel * dilation > length:
+        dilation -= 1
+    return kernel, min(stride, kernel), dilation

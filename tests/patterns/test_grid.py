@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffattn import VideoGrid
+from diffattn.errors import UserError
 from diffattn.patterns import VideoOrder
 
 
@@ -19,7 +20,7 @@ from diffattn.patterns import VideoOrder
     ],
 )
 def test_bad_grid_raises_value_error_naming_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(UserError, match=field):
         VideoGrid(**kwargs)
 
 

@@ -2,6 +2,9 @@ import pytest
 import torch
 
 from diffattn import BlockLayout, Dense, Neighborhood, Radial, VideoGrid
+from diffattn.errors import UserError
+
+from .reference_rows import layout_rows, layout_rows_in_caller_order, reference_rows
 
 GRIDS = [
     VideoGrid(3, 5, 7, text_tokens=5),  # N = 110: not a block multiple
@@ -41,7 +44,7 @@ def test_layout_structure_invariants():
         row = layout.kv_indices[0, qb, : layout.kv_counts[0, qb]].tolist()
         assert row == sorted(set(row))
     # Bits for keys beyond N are zero in every packed mask.
-    tiles = layout.tile_masks(torch.arange(layout.num_partial_tiles))
+    tiles = layout.tile_masks(torch.arange(layout.num_masks))
     last_k_block = layout.kv_indices[0][layout.kv_mask_ids[0] >= 0]
     ids = layout.kv_mask_ids[0][layout.kv_mask_ids[0] >= 0]
     for mask_id, kb in zip(ids.tolist(), last_k_block.tolist()):
@@ -84,12 +87,12 @@ def test_per_head_layout_from_stack():
 
 def test_stack_refuses_mismatched_layouts():
     grid = VideoGrid(3, 5, 7)
-    with pytest.raises(ValueError, match="must match"):
+    with pytest.raises(UserError, match="must match"):
         BlockLayout.stack([Dense().layout(grid, 32), Dense().layout(grid, 64)])
-    with pytest.raises(ValueError, match="permutation"):
+    with pytest.raises(UserError, match="permutation"):
         p = Neighborhood(kernel_size=3)
         BlockLayout.stack([p.layout(grid, 32), p.layout(grid, 32, tile_shape=(1, 5, 7))])
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(UserError, match="non-empty"):
         BlockLayout.stack([])
 
 
@@ -106,20 +109,45 @@ def test_layouts_are_cached_per_grid_and_block_size():
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        (dict(block_size=100), "block_q"),
+        (dict(block_size=100), "block_size"),
+        (dict(block_q=100), "block_q"),
         (dict(block_q=64, block_k=16), "block_k"),
         (dict(tile_shape=(1, 0, 4)), r"tile_shape\[h\]"),
         (dict(tile_shape=(1, 4)), "tile_shape"),
     ],
 )
 def test_bad_layout_arguments(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(UserError, match=needle):
         Neighborhood(kernel_size=3).layout(VideoGrid(4, 8, 8), **kwargs)
 
 
 def test_token_mask_refuses_real_sizes():
-    with pytest.raises(ValueError, match="N=32760"):
+    with pytest.raises(UserError, match="N=32760"):
         Dense().token_mask(VideoGrid(21, 30, 52))
+
+
+def test_identical_masks_are_stored_once():
+    grid = VideoGrid(6, 20, 36, text_tokens=9)
+    layout = Neighborhood(kernel_size=(None, 7, 11)).layout(grid, block_size=64, tile_shape=(1, 4, 16))
+    assert torch.equal(layout.token_mask(), Neighborhood(kernel_size=(None, 7, 11)).token_mask(grid))
+    flat = layout.masks.flatten(1)
+    assert torch.unique(flat, dim=0).shape[0] == layout.num_masks  # no mask stored twice
+    assert layout.num_masks * 4 < layout.num_partial_tiles  # and far fewer than the tiles
+    used = layout.kv_mask_ids[layout.kv_mask_ids >= 0].unique()
+    assert torch.equal(used, torch.arange(layout.num_masks, dtype=torch.int32))  # every stored mask is used
+    assert layout.nbytes == sum(
+        t.nbytes for t in (layout.kv_counts, layout.kv_indices, layout.kv_mask_ids, layout.masks, layout.permutation)
+    )
+
+
+def test_hunyuan_720p_freeswim_window_layout_is_lean():
+    # Issue 24: this layout held 579k partial tiles, one 2 KiB mask each (1.1 GB).
+    grid = VideoGrid(33, 45, 80, text_tokens=256)
+    pattern = Neighborhood(kernel_size=(None, 23, 41))
+    layout = pattern.layout(grid, block_size=128, tile_shape=(1, 8, 16))
+    assert layout.num_partial_tiles > 500_000 and layout.nbytes < 64 * 2**20
+    tokens = [0, 4321, 60_000, grid.video_tokens - 1, grid.num_tokens - 1]
+    assert torch.equal(layout_rows_in_caller_order(layout, tokens), reference_rows(pattern, grid, tokens))
 
 
 def test_large_layout_without_dense_mask():
@@ -130,16 +158,7 @@ def test_large_layout_without_dense_mask():
     rows = torch.tensor([0, 777, 16000, 32759])
     cols = torch.arange(grid.num_tokens)
     expected = pattern.video_allowed(grid, rows[:, None], cols[None, :])
-    # Reconstruct just those rows from the layout tiles.
-    for r, want in zip(rows.tolist(), expected):
-        qb, off = divmod(r, layout.block_q)
-        got = torch.zeros(grid.num_tokens, dtype=torch.bool)
-        count = int(layout.kv_counts[0, qb])
-        tiles = layout.tile_masks(layout.kv_mask_ids[0, qb, :count])
-        for slot, kb in enumerate(layout.kv_indices[0, qb, :count].tolist()):
-            seg = slice(kb * layout.block_k, min((kb + 1) * layout.block_k, grid.num_tokens))
-            got[seg] = tiles[slot, off, : seg.stop - seg.start]
-        assert torch.equal(got, want)
+    assert torch.equal(layout_rows(layout, rows.tolist()), expected)
     # A separable rule's pair count is the product of its per-axis counts (Kronecker product).
     per_axis = [int(table.sum()) for table in pattern.axis_tables(grid)]
     assert layout.allowed_pairs[0] == per_axis[0] * per_axis[1] * per_axis[2]

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from diffattn import Dense, Neighborhood, Radial, VideoGrid
+from diffattn.errors import UserError
 from diffattn.patterns.__main__ import main
 from diffattn.patterns.picture import layout_image, save_layout_png, tile_fill
 
@@ -42,7 +43,7 @@ def test_save_png_writes_a_png_and_refuses_other_suffixes(tmp_path):
     layout = Dense().layout(VideoGrid(2, 4, 4), block_size=32)
     path = save_layout_png(layout, tmp_path / "sub" / "dense.png")
     assert Image.open(path).format == "PNG"
-    with pytest.raises(ValueError, match=r"\.png"):
+    with pytest.raises(UserError, match=r"\.png"):
         save_layout_png(layout, tmp_path / "dense.jpg")
     assert [p.name for p in (tmp_path).iterdir()] == ["sub"]  # no stray temp file
 
@@ -55,12 +56,14 @@ def test_command_prints_density_and_writes_picture(tmp_path, capsys):
     assert code == 0 and out.exists()
     expected = Neighborhood(kernel_size=(3, 5, 5)).layout(VideoGrid(4, 8, 16), 32, tile_shape=(1, 4, 8)).density
     assert f"density      {expected:.4f}" in text
+    layout = Neighborhood(kernel_size=(3, 5, 5)).layout(VideoGrid(4, 8, 16), 32, tile_shape=(1, 4, 8))
+    assert f"({layout.nbytes} bytes" in text and f"masks        {layout.num_masks} distinct" in text
 
 
 def test_command_bad_input_exits_2_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "diffattn.patterns", "neighborhood", "--frames", "2", "--kernel-size", "3,3,3",
-         "--out", str(tmp_path / "x.png")],
+         "--strict", "--out", str(tmp_path / "x.png")],
         capture_output=True, text=True,
     )
     assert result.returncode == 2

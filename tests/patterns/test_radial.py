@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffattn import Radial, VideoGrid
+from diffattn.errors import UserError
 
 
 def ideal_token_rule(grid: VideoGrid, pattern: Radial) -> torch.Tensor:
@@ -107,10 +108,30 @@ def test_density_falls_as_videos_get_longer():
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(UserError, match=needle):
         Radial(**kwargs)
 
 
 def test_radial_refuses_a_token_permutation():
-    with pytest.raises(ValueError, match="tile_shape"):
+    with pytest.raises(UserError, match="tile_shape"):
         Radial().layout(VideoGrid(4, 8, 8), block_size=64, tile_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "grid", [VideoGrid(1, 1, 1), VideoGrid(1, 30, 52), VideoGrid(2, 1, 1, text_tokens=3), VideoGrid(2, 45, 80)]
+)
+@pytest.mark.parametrize("pattern", [Radial(), Radial(decay=0.5, dense_frame_distance=1), Radial(block_size=32)])
+def test_fewer_frames_than_the_dense_distance_is_dense(grid, pattern):
+    # Every frame distance of a 1- or 2-frame call is <= dense_frame_distance (1).
+    layout = pattern.layout(grid, block_size=pattern.block_size)
+    assert layout.density == 1.0 and layout.num_partial_tiles == 0
+
+
+@pytest.mark.parametrize("grid", [VideoGrid(3, 1, 1), VideoGrid(5, 2, 3, text_tokens=4), VideoGrid(9, 1, 2)])
+def test_tiny_grids_are_the_block_quantised_rule(grid):
+    pattern = Radial(block_size=32, sink_frames=0, dense_frame_distance=0)
+    expected = quantise_any(ideal_token_rule(grid, pattern), pattern.block_size)
+    n, off = grid.num_tokens, grid.video_offset
+    full = torch.ones(n, n, dtype=torch.bool)
+    full[off : off + grid.video_tokens, off : off + grid.video_tokens] = expected
+    assert torch.equal(pattern.layout(grid, block_size=32).token_mask(), full)
