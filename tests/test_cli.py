@@ -265,7 +265,7 @@ def test_eval_embedded_writes_report_and_contact_sheet(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ({"--report": "{tmp}/eval.txt"}, "--report must be a .json path"),
     ({"--size": "70"}, "--height must be a positive multiple of 8"),
-    ({"--num-captions": "0"}, "--num-captions must be a positive integer"),
+    ({"--num-captions": "0"}, "--num-captions must be an int >= 1, got 0"),
     ({"--model": "{tmp}"}, "no embedded model"),
     ({"--preset": "no-such-preset"}, "unknown preset"),
 ])

@@ -27,10 +27,7 @@ OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # Modules whose examples do not run yet (they use names they do not define, e.g. ``pipe``, or show
 # no output for a value they return). Each is xfail(strict=True): fixing a module's examples makes
 # its test fail until its name leaves this set, so the set only shrinks.
-NOT_RUNNING_YET = {
-    "diffattn.patterns.base", "diffattn.patterns.layout", "diffattn.patterns.neighborhood",
-    "diffattn.patterns.picture", "diffattn.patterns.radial",
-}
+NOT_RUNNING_YET: set[str] = set()
 # Not run at all until fixed: the module example generates a full-size video (25 steps, ~90 s on 2 cores).
 TOO_SLOW_YET = {"diffattn.pipelines.embedded"}
 
