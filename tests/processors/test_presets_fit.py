@@ -14,7 +14,8 @@ import torch
 
 from diffattn import VideoGrid
 from diffattn.adapters import ADAPTERS, apply, remove, sparsity_state
-from diffattn.processors.presets import default_grid, families, list_presets, preset_layout
+from diffattn.adapters import family_default_grid as default_grid
+from diffattn.processors.presets import families, list_presets, preset_layout
 
 from ..patterns.reference_rows import layout_rows_in_caller_order, reference_rows
 
