@@ -6,10 +6,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..patterns import Pattern
-from ..patterns._checks import check_block_size, check_positive_int
+from ..kernels.backends import check_backend_name, check_config_block_size
+from ..patterns._checks import check_positive_int
 from ..patterns.grid import check_tile_shape
-
-BACKENDS = ("auto", "cpu", "triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -22,7 +21,9 @@ class SparsityConfig:
             the end) and/or ``fnmatch`` filters on attention module names (e.g. ``"blocks.0.*"``).
         dense_steps: the first denoising steps that stay dense (warm-up).
         dense_last_steps: the last denoising steps that stay dense.
-        block_size: kernel tile size (64 or 128 for real models).
+        block_size: kernel tile size (64 or 128 for real models); one the backend runs
+            (``"auto"``: one every backend it may pick runs, see
+            :func:`diffattn.kernels.backends.config_block_sizes`).
         tile_shape: ``(t, h, w)`` tile-major token permutation for local patterns, or None.
         backend: ``"auto"`` (Triton on CUDA, the CPU path on CPU), ``"cpu"``, ``"triton"`` or
             ``"reference"``.
@@ -58,11 +59,10 @@ class SparsityConfig:
         object.__setattr__(self, "dense_layers", tuple(layers))
         check_positive_int("SparsityConfig.dense_steps", self.dense_steps, allow_zero=True)
         check_positive_int("SparsityConfig.dense_last_steps", self.dense_last_steps, allow_zero=True)
-        check_block_size("SparsityConfig.block_size", self.block_size, (32, 64, 128, 256))
+        check_backend_name("SparsityConfig.backend", self.backend)
+        check_config_block_size("SparsityConfig.block_size", self.block_size, self.backend)
         if self.tile_shape is not None:
             object.__setattr__(self, "tile_shape", check_tile_shape(self.tile_shape))
-        if self.backend not in BACKENDS:
-            raise ValueError(f"SparsityConfig.backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
 
     def with_overrides(self, **overrides: Any) -> "SparsityConfig":
         """A copy with some fields replaced (unknown names are a ValueError)."""
