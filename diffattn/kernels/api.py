@@ -227,8 +227,9 @@ def block_sparse_attention(
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.numel() == 0:  # B == 0 or H == 0: nothing to attend
-        out = torch.zeros_like(q)
-        return (out, torch.zeros(q.shape[:-1], dtype=torch.float32, device=q.device)) if return_lse else out
+        # Empty, but still a function of q, k and v, so that backward() works as for any size.
+        out = q * 0 + k * 0 + v * 0
+        return (out, out.float().sum(-1)) if return_lse else out
 
     if resolved == "reference":
         # token_mask() is already in the caller's order: no permutation round trip needed.
