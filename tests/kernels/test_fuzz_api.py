@@ -99,7 +99,7 @@ def test_shapes(layout_name, backend, q_shape, n, d, change, rank4):
     if change != "none" and len(shape) == 4:
         shapes[change][3] += 1
     q, k, v = (torch.randn(*shapes[name]) for name in "qkv")
-    heads = shape[1] if len(shape) == 4 else None
+    heads, n, d = shape[1:] if len(shape) == 4 else (None, None, None)
     valid = (
         len(shape) == 4 and change == "none" and n == N and d >= 1 and layout.num_heads in (1, heads)
     )
