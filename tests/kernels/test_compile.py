@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 import diffattn.kernels.backends as backends
 from diffattn import BlockLayout, Neighborhood, VideoGrid
+from diffattn.errors import UserError
 from diffattn.kernels import block_sparse_attention
 from diffattn.kernels.op import _layout_args
 
@@ -146,3 +147,12 @@ def test_layers_compiled_one_by_one_share_one_graph():
     assert_same(eager, module_outputs_and_grads(stack, x))
     assert counter.frame_count == 1 and graph_breaks() == 0
     assert not counters["recompiles"]
+
+
+def test_refused_inputs_still_name_every_reason_when_compiled():
+    q = torch.randn(1, 2, N, 32, dtype=torch.float64)
+    reason = "dtype=float64 is not supported by backend='cpu'; allowed: float16, bfloat16, float32"
+    with pytest.raises(UserError, match=reason):  # the graph breaks at the raise; eager raises it
+        torch.compile(lambda x: block_sparse_attention(x, x, x, LAYOUT), backend="aot_eager")(q)
+    with pytest.raises(Exception, match=reason):  # fullgraph: dynamo's error carries the message
+        torch.compile(lambda x: block_sparse_attention(x, x, x, LAYOUT), backend="aot_eager", fullgraph=True)(q)
