@@ -1,18 +1,24 @@
-"""Attention kernels: the dispatching entry point, the exact masked reference and the CPU path.
+"""Attention kernels: the dispatching entry point, the backend registry, the exact masked
+reference and the CPU path.
 
 Torch only at import time: the Triton kernels (``triton_*.py``) are imported lazily by the
 dispatcher the first time ``backend="triton"`` is used.
 """
 
-from .api import BACKENDS, SUPPORTED_DTYPES, block_sparse_attention, support_problems
+from .api import block_sparse_attention, support_problems
+from .backends import BACKEND_NAMES, BACKENDS, Backend, backends_on, resolve_backend, triton_interpreter
 from .cpu import cpu_block_sparse_attention
 from .reference import masked_attention_reference
 
 __all__ = [
     "BACKENDS",
-    "SUPPORTED_DTYPES",
+    "BACKEND_NAMES",
+    "Backend",
+    "backends_on",
     "block_sparse_attention",
     "cpu_block_sparse_attention",
     "masked_attention_reference",
+    "resolve_backend",
     "support_problems",
+    "triton_interpreter",
 ]

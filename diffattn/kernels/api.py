@@ -1,6 +1,7 @@
 """The one public entry point for block-sparse attention: validation, permutation and dispatch.
 
-Backends work in *kernel token order* (``layout.permutation`` applied) on validated inputs:
+Backends (declared with their capabilities in :mod:`diffattn.kernels.backends`) work in *kernel
+token order* (``layout.permutation`` applied) on validated inputs:
 
 * ``"triton"``: the block-sparse FlashAttention kernels (CUDA tensors; CPU tensors only under
   ``TRITON_INTERPRET=1``). Imported lazily: ``import diffattn`` never imports Triton.
@@ -10,12 +11,15 @@ Backends work in *kernel token order* (``layout.permutation`` applied) on valida
 * ``"auto"``: ``"triton"`` for CUDA tensors, ``"cpu"`` for CPU tensors. The choice depends on the
   tensors' device only, never on whether Triton happens to import: launching a compiled Triton
   kernel on CPU tensors fails.
+
+``"cpu"`` and ``"triton"`` run through the custom op ``diffattn::block_sparse_attention``
+(:mod:`diffattn.kernels.op`), so ``torch.compile(..., fullgraph=True)`` traces a call without a
+graph break; the checks here then run once, while tracing.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from typing import Any
 
@@ -23,29 +27,30 @@ import torch
 
 from ..errors import UserError
 from ..patterns.layout import BlockLayout
-from .cpu import cpu_block_sparse_attention
+from .backends import BACKENDS, resolve_backend
+from .op import attention_op
 from .reference import masked_attention_reference
 
-BACKENDS = ("auto", "cpu", "triton", "reference")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# dtypes some backend accepts (checked even when the backend name is wrong, so that every
+# reason is listed at once).
+_ANY_BACKEND_DTYPES = tuple(dict.fromkeys(d for b in BACKENDS.values() for d in b.dtypes))
 
 # Layouts moved to the inputs' device, per source layout: moving on every call would defeat the
 # per-layout caches (CPU plans, Triton metadata) that key on the layout object.
 _MOVED: "weakref.WeakKeyDictionary[BlockLayout, dict[str, BlockLayout]]" = weakref.WeakKeyDictionary()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"shape={tuple(x.shape)} ({x.dtype}, {x.device})"
     if isinstance(x, BlockLayout):
+        short = f"BlockLayout(N={x.num_tokens}, block=({x.block_q}, {x.block_k}), heads={x.num_heads}, device={x.device})"
+        if torch.compiler.is_compiling():  # the statistics in repr() are tensor reductions
+            return short
         try:
             return repr(x)
         except Exception:  # e.g. a layout on the meta device cannot compute its statistics
-            return f"BlockLayout(N={x.num_tokens}, block=({x.block_q}, {x.block_k}), heads={x.num_heads}, device={x.device})"
+            return short
     return f"{type(x).__name__} {x!r}"
 
 
@@ -70,9 +75,6 @@ def _input_problems(q: Any, k: Any, v: Any, layout: Any, scale: Any, return_lse:
     for name, x in tensors.items():
         if x.dim() != 4:
             problems.append(f"{name} must have 4 dimensions [B, H, N, D], got {x.dim()} (shape {tuple(x.shape)})")
-        if x.dtype not in SUPPORTED_DTYPES:
-            allowed = ", ".join(_dtype_name(d) for d in SUPPORTED_DTYPES)
-            problems.append(f"{name}.dtype={_dtype_name(x.dtype)} is not supported; allowed: {allowed}")
     if k.shape != q.shape or v.shape != q.shape:
         problems.append(
             f"q, k and v must have the same shape [B, H, N, D]; got q={tuple(q.shape)}, k={tuple(k.shape)}, "
@@ -96,45 +98,32 @@ def _input_problems(q: Any, k: Any, v: Any, layout: Any, scale: Any, return_lse:
     return problems
 
 
-def _backend_problems(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                      device: torch.device) -> list[str]:
-    """Reasons the chosen backend cannot run on the inputs' device."""
-    if backend == "cpu" and device.type != "cpu":
-        return [f"backend='cpu' needs CPU tensors, got tensors on {device}; use backend='auto' or 'triton'"]
-    if backend == "triton" and device.type != "cuda":
-        if device.type != "cpu":
-            return [f"backend='triton' needs CUDA tensors, got tensors on {device}"]
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return [
-                "backend='triton' needs CUDA tensors, got CPU tensors; on a CPU it only runs under the "
-                "Triton interpreter (set TRITON_INTERPRET=1 before importing triton), else use backend='cpu'"
-            ]
-    return []
+def _table_problems(backend: str | None, q: Any, layout: Any) -> list[str]:
+    """What the backend's capabilities table refuses (device, dtype, head dim, block sizes).
+
+    With an unknown backend only the dtype is checked, against what any backend accepts.
+    """
+    if not isinstance(q, torch.Tensor):
+        return []
+    if backend is None:
+        if q.dtype in _ANY_BACKEND_DTYPES:
+            return []
+        allowed = ", ".join(str(d).replace("torch.", "") for d in _ANY_BACKEND_DTYPES)
+        return [f"dtype={str(q.dtype).replace('torch.', '')} is not supported by any backend; allowed: {allowed}"]
+    head_dim = int(q.shape[-1]) if q.dim() == 4 and q.shape[-1] > 0 else None
+    is_layout = isinstance(layout, BlockLayout)
+    block_q, block_k = (layout.block_q, layout.block_k) if is_layout else (None, None)
+    return BACKENDS[backend].problems(q.device, q.dtype, head_dim, block_q, block_k)
 
 
 def _triton_problems(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> list[str]:
-    """The Triton kernels' own reasons (imported lazily: Triton is slow to import, maybe absent)."""
+    """The Triton backend's own reasons beyond the table (imported lazily: Triton is slow to
+    import, maybe absent)."""
     try:
         from . import triton_attention
     except Exception as exc:  # ImportError, or Triton failing to initialise
         return [f"backend='triton' is unavailable: importing diffattn.kernels.triton_attention failed ({exc!r})"]
     return list(triton_attention.triton_support_problems(q, k, v, layout))
-
-
-def _resolve_backend(backend: Any, device: torch.device) -> tuple[str | None, list[str]]:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        allowed = ", ".join(repr(b) for b in BACKENDS)
-        return None, [f"backend={backend!r} is unknown; allowed: {allowed}"]
-    if backend != "auto":
-        return backend, []
-    if device.type == "cuda":
-        return "triton", []
-    if device.type == "cpu":
-        return "cpu", []
-    return None, [
-        f"backend='auto' has no kernel for tensors on {device} (auto picks 'triton' for CUDA, 'cpu' for CPU); "
-        "pass backend='reference' explicitly (dense, O(N^2) memory)"
-    ]
 
 
 def _raise(problems: list[str], backend: Any, q: Any, k: Any, v: Any, layout: Any) -> None:
@@ -165,12 +154,10 @@ def _check(q: Any, k: Any, v: Any, layout: Any, scale: Any, return_lse: Any, bac
     """(resolved backend, every reason the call would be refused); no reasons means it runs."""
     problems = _input_problems(q, k, v, layout, scale, return_lse)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    resolved, backend_problems = _resolve_backend(backend, device)
-    problems += backend_problems
-    if not problems and resolved is not None:
-        problems = _backend_problems(resolved, q, k, v, layout, device)
-        if not problems and resolved == "triton":
-            problems = _triton_problems(q, k, v, _layout_on(layout, device))
+    resolved, backend_problems = resolve_backend(backend, device)
+    problems += backend_problems + _table_problems(resolved, q, layout)
+    if not problems and resolved == "triton":
+        problems = _triton_problems(q, k, v, _layout_on(layout, device))
     return resolved, problems
 
 
@@ -188,7 +175,7 @@ def support_problems(
         >>> layout = Dense().layout(VideoGrid(1, 4, 4), block_size=32)
         >>> q = torch.randn(1, 1, 16, 8, dtype=torch.float64)
         >>> support_problems(q, q, q, layout)
-        ['q.dtype=float64 is not supported; allowed: float16, bfloat16, float32', 'k.dtype=float64 is not supported; allowed: float16, bfloat16, float32', 'v.dtype=float64 is not supported; allowed: float16, bfloat16, float32']
+        ["dtype=float64 is not supported by backend='cpu'; allowed: float16, bfloat16, float32"]
     """
     return _check(q, k, v, layout, None, False, backend)[1]
 
@@ -221,7 +208,8 @@ def block_sparse_attention(
         give ``out = 0`` and ``lse = -inf`` (never NaN). Differentiable on every backend.
 
     Raises:
-        ValueError: listing every reason the inputs or the backend are not supported.
+        UserError: listing every reason the inputs or the backend are not supported (the
+            backends' capabilities: :data:`diffattn.kernels.backends.BACKENDS`).
 
     Example:
         >>> from diffattn import Neighborhood, VideoGrid
@@ -239,21 +227,18 @@ def block_sparse_attention(
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.numel() == 0:  # B == 0 or H == 0: nothing to attend
-        out = torch.zeros_like(q)
-        return (out, torch.zeros(q.shape[:-1], dtype=torch.float32, device=q.device)) if return_lse else out
+        # Empty, but still a function of q, k and v, so that backward() works as for any size.
+        out = q * 0 + k * 0 + v * 0
+        return (out, out.float().sum(-1)) if return_lse else out
 
     if resolved == "reference":
         # token_mask() is already in the caller's order: no permutation round trip needed.
         return masked_attention_reference(q, k, v, layout.token_mask(), scale=scale, return_lse=return_lse)
 
     qk, kk, vk = (layout.permute_tokens(x) for x in (q, k, v))
-    if resolved == "cpu":
-        result = cpu_block_sparse_attention(qk, kk, vk, layout, scale, return_lse)
-    else:
-        from .triton_attention import triton_block_sparse_attention
-
-        result = triton_block_sparse_attention(qk, kk, vk, layout, scale, return_lse)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    want_lse = return_lse or (needs_grad and BACKENDS[resolved].backward_needs_lse)
+    out, lse = attention_op(qk, kk, vk, layout, scale, want_lse, resolved)
     if return_lse:
-        out, lse = result
         return layout.unpermute_tokens(out), layout.unpermute_tokens(lse, dim=-1)
-    return layout.unpermute_tokens(result)
+    return layout.unpermute_tokens(out)

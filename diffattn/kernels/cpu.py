@@ -31,7 +31,6 @@ import itertools
 import math
 import os
 import threading
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -39,6 +38,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..patterns.layout import BlockLayout
+from ._cache import cached_per_layout
 
 # Finite stand-in for -inf: exp(-1e30 - max) == 0 exactly in float32, and a row whose every score
 # is masked gives a finite (uniform) softmax instead of NaN, which is then zeroed explicitly.
@@ -90,18 +90,12 @@ class _Plan:
     computed_pairs: int  # (query, key) scores computed per head-layout (mean), padding included
 
 
-_PLANS: "weakref.WeakKeyDictionary[BlockLayout, _Plan]" = weakref.WeakKeyDictionary()
-_PLANS_LOCK = threading.Lock()
+_PLANS: dict[tuple, _Plan] = {}
 
 
 def _plan(layout: BlockLayout) -> _Plan:
-    """Bucket the layout's query blocks and prepare masks (cached per layout object)."""
-    with _PLANS_LOCK:
-        plan = _PLANS.get(layout)
-        if plan is None:
-            plan = _build_plan(layout)
-            _PLANS[layout] = plan
-        return plan
+    """Bucket the layout's query blocks and prepare masks (cached per layout tensors)."""
+    return cached_per_layout(_PLANS, layout, lambda: _build_plan(layout))
 
 
 def computed_pairs(layout: BlockLayout) -> int:
@@ -306,7 +300,9 @@ class _Rows:
         """``[H * B, length, ...]`` -> ``[B, H, n, ...]`` in ``dtype``, contiguous."""
         tail = x.shape[2:]
         view = x.view(self.heads, self.batch, x.shape[1], *tail)[:, :, :n].transpose(0, 1)
-        return view.to(dtype=dtype, memory_format=torch.contiguous_format)
+        # .to() returns the view itself when the dtype already matches, whatever memory_format
+        # says; the custom op promises contiguous outputs.
+        return view.to(dtype=dtype).contiguous()
 
     def __call__(self, x: torch.Tensor, h: int, block: int | None = None) -> torch.Tensor:
         """Rows of head-layout ``h``: ``[R, length, ...]`` or ``[R, length / block, block, ...]``."""
@@ -563,20 +559,19 @@ def _backward(
     return rows.store(dq, n, q.dtype), rows.store(dk, n, k.dtype), rows.store(dv, n, v.dtype)
 
 
-class _BlockSparseCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, scale, return_lse):  # type: ignore[override]
-        out, lse = _forward(q, k, v, layout, scale, return_lse)
-        ctx.save_for_backward(q, k, v, out)
-        ctx.layout, ctx.scale, ctx.return_lse = layout, scale, return_lse
-        return (out, lse) if return_lse else out
+def kernel_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float, want_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The custom op's forward on this backend (kernel order, validated inputs): ``out, lse``."""
+    return _forward(q, k, v, layout, scale, want_lse)
 
-    @staticmethod
-    def backward(ctx, *grads):  # type: ignore[override]
-        q, k, v, out = ctx.saved_tensors
-        grad_lse = grads[1] if ctx.return_lse else None
-        dq, dk, dv = _backward(q, k, v, out, grads[0], grad_lse, ctx.layout, ctx.scale)
-        return dq, dk, dv, None, None, None
+
+def kernel_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, layout: BlockLayout, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The custom op's backward on this backend: ``dq, dk, dv`` (recomputes, ``lse`` unused)."""
+    return _backward(q, k, v, out, grad_out, grad_lse, layout, scale)
 
 
 def cpu_block_sparse_attention(
@@ -610,4 +605,7 @@ def cpu_block_sparse_attention(
         >>> cpu_block_sparse_attention(q, k, v, layout, 0.125).shape
         torch.Size([1, 2, 128, 64])
     """
-    return _BlockSparseCPU.apply(q, k, v, layout, float(scale), bool(return_lse))
+    from .op import attention_op
+
+    out, lse = attention_op(q, k, v, layout, scale, return_lse, "cpu")
+    return (out, lse) if return_lse else out

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ..errors import UserError
+
 
 def masked_attention_reference(
     q: torch.Tensor,
@@ -43,14 +45,14 @@ def masked_attention_reference(
         torch.Size([1, 2, 16, 8])
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
+        raise UserError(
             f"q, k, v must all have shape [B, H, N, D]; got q={tuple(q.shape)}, k={tuple(k.shape)}, v={tuple(v.shape)}"
         )
     _, heads, n, dim = q.shape
     if mask.dtype != torch.bool or mask.shape[-2:] != (n, n) or mask.dim() not in (2, 3):
-        raise ValueError(f"mask must be bool [N, N] or [H, N, N] with N={n}; got {mask.dtype} {tuple(mask.shape)}")
+        raise UserError(f"mask must be bool [N, N] or [H, N, N] with N={n}; got {mask.dtype} {tuple(mask.shape)}")
     if mask.dim() == 3 and mask.shape[0] not in (1, heads):
-        raise ValueError(f"mask has {mask.shape[0]} heads; q has H={heads} (allowed: 1 or {heads})")
+        raise UserError(f"mask has {mask.shape[0]} heads; q has H={heads} (allowed: 1 or {heads})")
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
     mask = mask.to(q.device)
     if mask.dim() == 3:

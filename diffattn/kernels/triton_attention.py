@@ -20,14 +20,15 @@ The split is computed once per (layout, device) and cached on the layout object 
 from __future__ import annotations
 
 import math
-import os
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..patterns.layout import MASK_WORD_BITS, BlockLayout
+from ._cache import cached_per_layout
+from .backends import BACKENDS, triton_interpreter
 
 try:
     import triton as _triton  # noqa: F401  (only probed here; kernels import it themselves)
@@ -36,11 +37,9 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the platform
     _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: Head dims the kernels handle; 80 and 96 run padded to 128 with masked loads.
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
-SUPPORTED_BLOCK_Q = (16, 32, 64, 128)
-SUPPORTED_BLOCK_K = (32, 64, 128)
+#: This backend's capabilities (dtypes, head dims, block sizes, devices): the registry's entry.
+#: Head dims 80 and 96 run padded to 128 with masked loads.
+CAPABILITIES = BACKENDS["triton"]
 # CUDA caps grid dimension y (our B * H axis) at 65535.
 _MAX_GRID_Y = 65535
 # Rows per program of the small delta kernel.
@@ -70,7 +69,7 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_d: int, elem_byte
     elif kind == "dkdv":
         rows = 2 * block_n + stages * 2 * block_m
     else:
-        raise ValueError(f"kind must be 'fwd', 'dq' or 'dkdv', got {kind!r}")
+        raise UserError(f"kind must be 'fwd', 'dq' or 'dkdv', got {kind!r}")
     return elem_bytes * block_d * rows + _SMEM_SLACK
 
 
@@ -91,18 +90,15 @@ def shared_memory_limit(device: torch.device) -> int | None:
 
 
 # ------------------------------------------------------------------------------------ support
-def _interpret_mode() -> bool:
-    """Whether launches go through Triton's interpreter.
-
-    Once the kernel modules are imported their mode is fixed (``triton.jit`` picks interpreter or
-    compiler at definition time); before that, the environment decides.
-    """
-    import sys
-
-    fwd = sys.modules.get(__package__ + ".triton_fwd")
-    if fwd is not None:
-        return bool(fwd.INTERPRET)
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+# Under torch.compile the GPU's facts are read once, while tracing (dynamo does not trace the
+# CUDA driver queries; a device's facts never change).
+@torch.compiler.assume_constant_result
+def _gpu_facts(device: str) -> tuple[int, str, int | None]:
+    """(compute capability major, name, opt-in shared memory per block or None) of a CUDA device."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    major, _ = torch.cuda.get_device_capability(index)
+    return major, torch.cuda.get_device_name(index), shared_memory_limit(torch.device("cuda", index))
 
 
 def triton_support_problems(q: Any, k: Any, v: Any, layout: Any) -> list[str]:
@@ -133,24 +129,18 @@ def triton_support_problems(q: Any, k: Any, v: Any, layout: Any) -> list[str]:
         if t.device != q.device:
             problems.append(f"{name} is on {t.device}, q is on {q.device}; they must be on one device")
     batch, heads, n, d = q.shape
-    if q.dtype not in SUPPORTED_DTYPES:
-        problems.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
-    if d not in SUPPORTED_HEAD_DIMS:
-        problems.append(f"head dim {d} is not supported (one of {', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
     if batch * heads > _MAX_GRID_Y:
         problems.append(f"B * H = {batch * heads} exceeds the CUDA grid limit {_MAX_GRID_Y}")
-    interpret = _interpret_mode()
-    if q.device.type != "cuda" and not interpret:
-        problems.append(
-            f"tensors are on {q.device}, and Triton only runs there under its interpreter (TRITON_INTERPRET=1 "
-            "set before triton is imported)"
-        )
+    interpret = triton_interpreter()
     if interpret and q.dtype == torch.bfloat16:
-        problems.append("bfloat16 is not supported under TRITON_INTERPRET=1 (the interpreter's tl.dot gives wrong bf16 results)")
-    if q.device.type == "cuda" and not interpret and q.dtype == torch.bfloat16:
-        major, _ = torch.cuda.get_device_capability(q.device)
+        problems.append("dtype=bfloat16 is not supported under TRITON_INTERPRET=1 (the interpreter's tl.dot gives wrong "
+                        "bf16 results); allowed there: float16, float32")
+    on_gpu = q.device.type == "cuda" and not interpret
+    if on_gpu and q.dtype == torch.bfloat16:
+        major, gpu_name, _ = _gpu_facts(str(q.device))
         if major < 8:
-            problems.append(f"bfloat16 needs compute capability >= 8.0, {torch.cuda.get_device_name(q.device)} has {major}.x")
+            problems.append(f"dtype=bfloat16 needs compute capability >= 8.0, {gpu_name} has {major}.x; allowed there: "
+                            "float16, float32")
     if not isinstance(layout, BlockLayout):
         problems.append(f"layout must be a BlockLayout, got {type(layout).__name__}")
         return problems
@@ -158,13 +148,11 @@ def triton_support_problems(q: Any, k: Any, v: Any, layout: Any) -> list[str]:
         problems.append(f"layout is for N={layout.num_tokens} tokens, q has N={n}")
     if layout.num_heads not in (1, heads):
         problems.append(f"layout has {layout.num_heads} heads; it must be shared (1) or per head ({heads})")
-    if layout.block_q not in SUPPORTED_BLOCK_Q:
-        problems.append(f"layout.block_q={layout.block_q} is not supported (one of {', '.join(map(str, SUPPORTED_BLOCK_Q))})")
-    if layout.block_k not in SUPPORTED_BLOCK_K:
-        problems.append(f"layout.block_k={layout.block_k} is not supported (one of {', '.join(map(str, SUPPORTED_BLOCK_K))})")
-    if q.device.type == "cuda" and not interpret and d in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES:
+    table = CAPABILITIES.problems(q.device, q.dtype, d, layout.block_q, layout.block_k)
+    problems += table
+    if on_gpu and not table:
         # Even one pipeline stage must fit (fp32 with 128-wide blocks and D = 128 does not).
-        limit = shared_memory_limit(q.device)
+        limit = _gpu_facts(str(q.device))[2]
         kinds = ["fwd"] + (["dkdv", "dq"] if any(t.requires_grad for t in (q, k, v)) else [])
         block_d = _head_dim_meta(d)["BLOCK_D"]
         for kind in kinds:
@@ -209,7 +197,7 @@ class _KernelLayout:
     masks: torch.Tensor  # int32 [max(P, 1), block_q, block_k // 32], contiguous
 
 
-_KERNEL_LAYOUTS: "weakref.WeakKeyDictionary[BlockLayout, dict[str, _KernelLayout]]" = weakref.WeakKeyDictionary()
+_KERNEL_LAYOUTS: dict[tuple, _KernelLayout] = {}
 
 
 def _compact(selected: torch.Tensor, *lists: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -255,11 +243,11 @@ def _split_lists(
 
 
 def _kernel_layout(layout: BlockLayout, device: torch.device) -> _KernelLayout:
-    """The split tile lists of ``layout`` on ``device`` (cached per layout object and device)."""
-    per_device = _KERNEL_LAYOUTS.setdefault(layout, {})
-    key = str(device)
-    if key in per_device:
-        return per_device[key]
+    """The split tile lists of ``layout`` on ``device`` (cached per layout tensors and device)."""
+    return cached_per_layout(_KERNEL_LAYOUTS, layout, lambda: _build_kernel_layout(layout, device), str(device))
+
+
+def _build_kernel_layout(layout: BlockLayout, device: torch.device) -> _KernelLayout:
     lay = layout.to(device)
     n = lay.num_tokens
     last_q = lay.num_q_blocks - 1 if n % lay.block_q else None
@@ -270,9 +258,7 @@ def _kernel_layout(layout: BlockLayout, device: torch.device) -> _KernelLayout:
     masks = lay.masks.to(device=device, dtype=torch.int32).contiguous()
     if masks.shape[0] == 0:  # the kernels need a valid pointer even when no tile is partial
         masks = torch.full((1, lay.block_q, lay.block_k // MASK_WORD_BITS), -1, dtype=torch.int32, device=device)
-    result = _KernelLayout(rows=rows, cols=cols, masks=masks)
-    per_device[key] = result
-    return result
+    return _KernelLayout(rows=rows, cols=cols, masks=masks)
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -428,7 +414,8 @@ def _backward(
 
 # ------------------------------------------------------------------------------------ autograd
 class _TritonBlockSparseAttention(torch.autograd.Function):
-    """out, lse = attention(q, k, v) restricted to ``layout``; both outputs are differentiable."""
+    """out, lse = attention(q, k, v) restricted to ``layout`` with fixed launch configs (tests);
+    the dispatcher's path is the custom op (:mod:`.op`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, configs):  # type: ignore[override]
@@ -463,8 +450,26 @@ class _TritonBlockSparseAttention(torch.autograd.Function):
 
 def _check_scale(scale: Any) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
+        raise UserError(f"scale must be a finite float > 0, got {scale!r}")
     return float(scale)
+
+
+def kernel_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float, want_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The custom op's forward on this backend (kernel order, validated inputs): ``out, lse``."""
+    q, k, v = (_unit_stride_last(x) for x in (q, k, v))
+    out, lse = _forward(q, k, v, layout, scale, store_lse=want_lse)
+    return out, (lse if want_lse else None)
+
+
+def kernel_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, layout: BlockLayout, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The custom op's backward on this backend: ``dq, dk, dv`` (``lse`` from the forward)."""
+    q, k, v, grad_out = (_unit_stride_last(x) for x in (q, k, v, grad_out))
+    return _backward(grad_out, q, k, v, out, lse, grad_lse, layout, scale)  # type: ignore[return-value]
 
 
 def _attention(
@@ -478,16 +483,20 @@ def _attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`triton_block_sparse_attention` with optional fixed launch configs per kernel
     (``{"fwd" | "dkdv" | "dq": {"SPLIT": 2, "num_warps": 4, "num_stages": 1}}``) instead of the
-    autotuner, so tests can exercise every code path under the interpreter."""
+    autotuner, so tests can exercise every code path under the interpreter. Without configs it
+    runs through the ``diffattn::block_sparse_attention`` custom op, like the dispatcher."""
     problems = triton_support_problems(q, k, v, layout)
     if problems:
-        raise ValueError("inputs cannot run on the Triton backend: " + "; ".join(problems))
+        raise UserError("inputs cannot run on the Triton backend: " + "; ".join(problems))
     scale = _check_scale(scale)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if needs_grad:
+    if configs is None:
+        from .op import attention_op
+
+        out, lse = attention_op(q, k, v, layout, scale, return_lse or needs_grad, "triton")
+    elif needs_grad:
         out, lse = _TritonBlockSparseAttention.apply(q, k, v, layout, scale, configs)
     else:
-        configs = configs or {}
         q, k, v = (_unit_stride_last(x) for x in (q, k, v))
         out, lse = _forward(q, k, v, layout, scale, store_lse=return_lse, config=configs.get("fwd"))
     return (out, lse) if return_lse else out
@@ -512,10 +521,10 @@ def triton_block_sparse_attention(
         differentiable through the Triton backward kernels.
 
     Raises:
-        ValueError: if :func:`triton_support_problems` reports a problem, or ``scale`` is not a
+        UserError: if :func:`triton_support_problems` reports a problem, or ``scale`` is not a
             positive finite number.
     """
     return _attention(q, k, v, layout, scale, return_lse)
 
 
-__all__ = ["triton_block_sparse_attention", "triton_support_problems"]
+__all__ = ["CAPABILITIES", "kernel_backward", "kernel_forward", "triton_block_sparse_attention", "triton_support_problems"]

@@ -22,25 +22,14 @@ Softmax runs in base 2: scores are multiplied by ``scale * log2(e)`` once, ``exp
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    """Whether ``triton.jit`` produced interpreter functions (decided when the kernels were defined)."""
-    try:
-        from triton import knobs
-
-        return bool(knobs.runtime.interpret)
-    except (ImportError, AttributeError):  # pragma: no cover - older Triton
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+from .backends import triton_interpreter
 
 #: True when the kernels in this module run under Triton's CPU interpreter (``TRITON_INTERPRET=1``
-#: was set before this module was imported).
-INTERPRET: bool = _interpreting()
+#: was set before this module was imported): ``triton.jit`` below decides it now, once.
+INTERPRET: bool = triton_interpreter()
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)

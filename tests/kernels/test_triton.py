@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from diffattn import BlockLayout, Dense, Neighborhood, Radial, VideoGrid
+from diffattn.errors import UserError
 from diffattn.kernels.triton_attention import _attention, triton_block_sparse_attention, triton_support_problems
 from diffattn.patterns.layout import pack_tile_masks
 
@@ -406,7 +407,7 @@ def test_support_problems():
     def problems(x, lay=layout):
         return " | ".join(triton_support_problems(x, x, x, lay))
 
-    assert "head dim 48" in problems(torch.randn(1, 2, n, 48, device=DEVICE))
+    assert "head dim D=48 is not supported by backend='triton'; allowed: 16, 32, 64, 80, 96, 128" in problems(torch.randn(1, 2, n, 48, device=DEVICE))
     assert "float64" in problems(q.double())
     assert "N=110" in problems(torch.randn(1, 2, 100, 64, device=DEVICE))
     assert "layout has 3 heads" in problems(q, BlockLayout.stack([layout] * 3))
@@ -417,9 +418,9 @@ def test_support_problems():
     assert "k has shape" in " ".join(triton_support_problems(q, q[:, :1], q, layout))
     if not ON_CUDA:
         assert "bfloat16" in problems(q.bfloat16())
-    with pytest.raises(ValueError, match="head dim 48"):
+    with pytest.raises(UserError, match="D=48"):
         triton_block_sparse_attention(*(torch.randn(1, 1, n, 48),) * 3, layout, 0.1, False)
-    with pytest.raises(ValueError, match="scale"):
+    with pytest.raises(UserError, match="scale"):
         triton_block_sparse_attention(q, q, q, layout, -1.0, False)
 
 
