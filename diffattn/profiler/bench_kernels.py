@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from .._io import atomic_write_text
 from ..errors import UserError
 from ..kernels import block_sparse_attention
+from ..kernels.backends import resolve_backend
 from ..patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
 
 
@@ -88,21 +89,18 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MATH_SDPA_MAX_BYTES = 8 << 30
 
 
-# The backend timed as "ours" on each device type: the one place to change (or to read from the
-# kernel backend registry) when a device gets another kernel.
-KERNEL_BACKENDS = {"cuda": "triton", "cpu": "cpu"}
-
-
 def kernel_backend(device: torch.device) -> str:
-    """The ``block_sparse_attention`` backend the benchmark times on ``device``.
+    """The ``block_sparse_attention`` backend the benchmark times on ``device``: the one
+    ``backend="auto"`` picks there (:data:`diffattn.kernels.backends.AUTO_RULE`), as a user gets it.
 
     Example:
         >>> kernel_backend(torch.device("cuda", 0))
         'triton'
     """
-    if device.type not in KERNEL_BACKENDS:
-        raise UserError(f"--device {device.type!r} has no benchmarked kernel; allowed: {', '.join(KERNEL_BACKENDS)}")
-    return KERNEL_BACKENDS[device.type]
+    backend, problems = resolve_backend("auto", device)
+    if backend is None:
+        raise UserError(f"--device {device.type!r} has no benchmarked kernel: {'; '.join(problems)}")
+    return backend
 
 
 def patterns_for(shape: Shape) -> list[tuple[str, Pattern, tuple[int, int, int] | None]]:
