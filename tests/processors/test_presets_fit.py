@@ -57,32 +57,24 @@ def _pipeline_and_sizes(family):
     """The tiny pipeline of ``family`` and call arguments for its smallest and a larger size."""
     from ..adapters import test_ltx_video, tiny_cogvideox, tiny_flux, tiny_hunyuan_video, tiny_mochi, tiny_pipelines
 
-    if family == "wan":
-        make = tiny_pipelines.wan_call_kwargs
-        return tiny_pipelines.tiny_wan_pipeline(), [make(frames=1, height=16, width=16, steps=1),
-                                                     make(frames=13, height=96, width=80, steps=1)]
-    if family == "hunyuan_video":
-        make = tiny_hunyuan_video.hunyuan_video_call_kwargs
-        return tiny_hunyuan_video.tiny_hunyuan_video_pipeline(), [
-            make(frames=1, height=16, width=16, steps=1, negative_valid=None),
-            make(frames=13, height=96, width=80, steps=1, negative_valid=None),
-        ]
-    if family == "cogvideox":
-        make = tiny_cogvideox.cogvideox_call_kwargs
-        return tiny_cogvideox.tiny_cogvideox_pipeline(), [make(frames=1, height=16, width=16, steps=1),
-                                                          make(frames=13, height=96, width=80, steps=1)]
-    if family == "mochi":
-        make = tiny_mochi.mochi_call_kwargs
-        return tiny_mochi.tiny_mochi_pipeline(), [make(frames=1, height=16, width=16, steps=2, negative_valid=None),
-                                                  make(frames=13, height=96, width=80, steps=2, negative_valid=None)]
-    if family == "ltx_video":
-        make = test_ltx_video.ltx_call_kwargs
-        return test_ltx_video.tiny_ltx_pipeline(), [make(frames=1, height=32, width=32, steps=1),
-                                                    make(frames=9, height=64, width=64, steps=1)]
-    if family == "flux":
-        make = tiny_flux.flux_call_kwargs
-        return tiny_flux.tiny_flux_pipeline(), [make(height=16, width=16, steps=1), make(height=160, width=96, steps=1)]
-    raise AssertionError(family)
+    small, large = dict(frames=1, height=16, width=16), dict(frames=13, height=96, width=80)
+    one_step, no_negative = dict(steps=1), dict(negative_valid=None)
+    # family: (pipeline builder, call builder, smallest size, larger size, other call arguments)
+    table = {
+        "wan": (tiny_pipelines.tiny_wan_pipeline, tiny_pipelines.wan_call_kwargs, small, large, one_step),
+        "hunyuan_video": (tiny_hunyuan_video.tiny_hunyuan_video_pipeline, tiny_hunyuan_video.hunyuan_video_call_kwargs,
+                          small, large, dict(steps=1, **no_negative)),
+        "cogvideox": (tiny_cogvideox.tiny_cogvideox_pipeline, tiny_cogvideox.cogvideox_call_kwargs,
+                      small, large, one_step),
+        "mochi": (tiny_mochi.tiny_mochi_pipeline, tiny_mochi.mochi_call_kwargs,
+                  small, large, dict(steps=2, **no_negative)),
+        "ltx_video": (test_ltx_video.tiny_ltx_pipeline, test_ltx_video.ltx_call_kwargs,
+                      dict(frames=1, height=32, width=32), dict(frames=9, height=64, width=64), one_step),
+        "flux": (tiny_flux.tiny_flux_pipeline, tiny_flux.flux_call_kwargs,
+                 dict(height=16, width=16), dict(height=160, width=96), one_step),
+    }
+    build, make, first, second, common = table[family]
+    return build(), [make(**first, **common), make(**second, **common)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
