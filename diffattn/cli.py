@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=17)
     p.add_argument("--size", type=int, default=64, help="height = width in pixels (multiple of 8)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 25)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's; 7.0 for the embedded model (the best of 3, 5 and 7 on the tuning captions)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="default: the model's; 7.0 for the embedded model "
+                   "(the best of 3, 5 and 7 on the tuning captions)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the first video (video i uses seed + i)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--probes", action="store_true",
@@ -161,9 +163,9 @@ def cmd_presets(args) -> int:
 
 
 def cmd_mask(args) -> int:
+    from .adapters import ADAPTERS, family_default_grid
     from .patterns import VideoGrid
     from .patterns.picture import save_layout_png
-    from .adapters import ADAPTERS, family_default_grid
     from .processors.presets import families, load_preset, preset_layout
 
     if args.family not in families() or args.family not in {adapter.family for adapter in ADAPTERS}:
@@ -228,7 +230,8 @@ def cmd_eval_embedded(args) -> int:
     by = report["adherence_by_check"]
     print(f"adherence {report['adherence']:.3f} (present {by['present']:.3f}, shape {by['shape']:.3f}, "
           f"direction {by['direction']:.3f}; objects fully right {report['objects_fully_correct']:.3f})")
-    print(f"motion deviation {report['motion_deviation_px']:.2f} px (median {report['motion_deviation_px_median']:.2f}; "
+    print(f"motion deviation {report['motion_deviation_px']:.2f} px "
+          f"(median {report['motion_deviation_px_median']:.2f}; "
           f"detector on ground truth: {report['ground_truth']['motion_deviation_px']:.2f} px)")
     if args.probes:
         profile = report["denoising_profile"]

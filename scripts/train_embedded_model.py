@@ -41,7 +41,11 @@ if str(REPO) not in sys.path:
 
 from diffattn._io import atomic_path, atomic_write_text  # noqa: E402
 from diffattn.pipelines.embedded import (  # noqa: E402
-    EMBEDDED_DIR, EmbeddedModelConfig, EmbeddedVideoPipeline, build_components, encode_text,
+    EMBEDDED_DIR,
+    EmbeddedModelConfig,
+    EmbeddedVideoPipeline,
+    build_components,
+    encode_text,
 )
 from diffattn.pipelines.shapes import sample_batch  # noqa: E402
 
@@ -75,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "weights near-clean steps up to 1/this**2 times more")
     for field, default in EmbeddedModelConfig.__dataclass_fields__.items():
         if isinstance(default.default, bool):  # --stochastic-sampling / --no-stochastic-sampling
-            p.add_argument(f"--{field.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default.default)
+            p.add_argument(f"--{field.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                           default=default.default)
         else:
             p.add_argument(f"--{field.replace('_', '-')}", type=type(default.default), default=default.default)
     args = p.parse_args(argv)
@@ -267,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator()
     config = EmbeddedModelConfig(**{f: getattr(args, f) for f in EmbeddedModelConfig.__dataclass_fields__})
     components = build_components(config, seed=args.seed)
-    tokenizer, text_encoder, transformer = components["tokenizer"], components["text_encoder"], components["transformer"]
+    tokenizer, text_encoder, transformer = (
+        components["tokenizer"], components["text_encoder"], components["transformer"]
+    )
     models = {"transformer": transformer, "text_encoder": text_encoder}
     parameters = [p for model in models.values() for p in model.parameters()]
     decay = [p for p in parameters if p.ndim >= 2]

@@ -254,7 +254,8 @@ def test_eval_embedded_writes_report_and_contact_sheet(tmp_path):
     assert report.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "adherence" in result.stdout and "targets" in result.stdout
     profile = data["denoising_profile"]
-    assert len(profile["adherence"]) == len(profile["sigmas"]) == len(profile["x0_mse"]) and profile["num_captions"] == 2
+    assert len(profile["adherence"]) == len(profile["sigmas"]) == len(profile["x0_mse"])
+    assert profile["num_captions"] == 2
     assert "adherence by noise level: 0.05:" in result.stdout
     probe = data["caption_sensitivity"]
     assert set(probe["mean_abs_change"]) == {"colour", "shape", "direction"}

@@ -18,7 +18,6 @@ from ..processors.cogvideox import CogVideoXSparseAttnProcessor
 from .base import ModelAdapter, call_argument
 
 
-
 class CogVideoXAdapter(ModelAdapter):
     family = "cogvideox"
     processor_class = CogVideoXSparseAttnProcessor

@@ -20,7 +20,6 @@ from ..processors.flux import FluxSparseAttnProcessor
 from .base import ModelAdapter, call_argument
 
 
-
 class FluxAdapter(ModelAdapter):
     family = "flux"
     processor_class = FluxSparseAttnProcessor

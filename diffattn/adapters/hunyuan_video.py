@@ -23,7 +23,6 @@ from ..processors.hunyuan_video import HunyuanVideoSparseAttnProcessor
 from .base import ModelAdapter, call_argument
 
 
-
 class HunyuanVideoAdapter(ModelAdapter):
     family = "hunyuan_video"
     processor_class = HunyuanVideoSparseAttnProcessor

@@ -22,7 +22,6 @@ from ..processors.mochi import MochiSparseAttnProcessor
 from .base import ModelAdapter, call_argument
 
 
-
 class MochiAdapter(ModelAdapter):
     family = "mochi"
     processor_class = MochiSparseAttnProcessor

@@ -44,7 +44,8 @@ def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"shape={tuple(x.shape)} ({x.dtype}, {x.device})"
     if isinstance(x, BlockLayout):
-        short = f"BlockLayout(N={x.num_tokens}, block=({x.block_q}, {x.block_k}), heads={x.num_heads}, device={x.device})"
+        short = (f"BlockLayout(N={x.num_tokens}, block=({x.block_q}, {x.block_k}), heads={x.num_heads}, "
+                 f"device={x.device})")
         if torch.compiler.is_compiling():  # the statistics in repr() are tensor reductions
             return short
         try:
@@ -150,7 +151,9 @@ def _layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
     return per_device[key]
 
 
-def _check(q: Any, k: Any, v: Any, layout: Any, scale: Any, return_lse: Any, backend: Any) -> tuple[str | None, list[str]]:
+def _check(
+    q: Any, k: Any, v: Any, layout: Any, scale: Any, return_lse: Any, backend: Any
+) -> tuple[str | None, list[str]]:
     """(resolved backend, every reason the call would be refused); no reasons means it runs."""
     problems = _input_problems(q, k, v, layout, scale, return_lse)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")

@@ -29,7 +29,9 @@ from ..errors import UserError
 from ..patterns.layout import BlockLayout
 from .backends import BACKENDS
 
-_LAYOUT_ARGS = "Tensor kv_counts, Tensor kv_indices, Tensor kv_mask_ids, Tensor masks, int num_tokens, int block_q, int block_k"
+_LAYOUT_ARGS = (
+    "Tensor kv_counts, Tensor kv_indices, Tensor kv_mask_ids, Tensor masks, int num_tokens, int block_q, int block_k"
+)
 
 
 def _layout_args(layout: BlockLayout) -> tuple:
@@ -110,7 +112,9 @@ def _backward(ctx, grad_out, grad_lse):  # type: ignore[no-untyped-def]
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_lse = grad_lse if ctx.want_lse else None
-    dq, dk, dv = _backward_op(grad_out, grad_lse, q, k, v, out, lse, *layout_tensors, *ctx.sizes, ctx.scale, ctx.backend)
+    dq, dk, dv = _backward_op(
+        grad_out, grad_lse, q, k, v, out, lse, *layout_tensors, *ctx.sizes, ctx.scale, ctx.backend
+    )
     return (dq, dk, dv) + (None,) * 10
 
 

@@ -123,7 +123,8 @@ def triton_support_problems(q: Any, k: Any, v: Any, layout: Any) -> list[str]:
     for name in ("k", "v"):
         t = tensors[name]
         if tuple(t.shape) != tuple(q.shape):
-            problems.append(f"{name} has shape {tuple(t.shape)}, q has {tuple(q.shape)}; the Triton kernels need equal shapes")
+            problems.append(f"{name} has shape {tuple(t.shape)}, q has {tuple(q.shape)}; "
+                            "the Triton kernels need equal shapes")
         if t.dtype != q.dtype:
             problems.append(f"{name} has dtype {t.dtype}, q has {q.dtype}; they must match")
         if t.device != q.device:
@@ -133,8 +134,8 @@ def triton_support_problems(q: Any, k: Any, v: Any, layout: Any) -> list[str]:
         problems.append(f"B * H = {batch * heads} exceeds the CUDA grid limit {_MAX_GRID_Y}")
     interpret = triton_interpreter()
     if interpret and q.dtype == torch.bfloat16:
-        problems.append("dtype=bfloat16 is not supported under TRITON_INTERPRET=1 (the interpreter's tl.dot gives wrong "
-                        "bf16 results); allowed there: float16, float32")
+        problems.append("dtype=bfloat16 is not supported under TRITON_INTERPRET=1 "
+                        "(the interpreter's tl.dot gives wrong bf16 results); allowed there: float16, float32")
     on_gpu = q.device.type == "cuda" and not interpret
     if on_gpu and q.dtype == torch.bfloat16:
         major, gpu_name, _ = _gpu_facts(str(q.device))
@@ -527,4 +528,6 @@ def triton_block_sparse_attention(
     return _attention(q, k, v, layout, scale, return_lse)
 
 
-__all__ = ["CAPABILITIES", "kernel_backward", "kernel_forward", "triton_block_sparse_attention", "triton_support_problems"]
+__all__ = [
+    "CAPABILITIES", "kernel_backward", "kernel_forward", "triton_block_sparse_attention", "triton_support_problems",
+]

@@ -207,8 +207,10 @@ def bwd_dkdv_kernel(
     n_ok = offs_n < n_tokens
     d_ok = offs_d < HEAD_DIM
     start = (pid_n * BLOCK_N).to(tl.int64)
-    k = load_rows(K + b * stride_kb + h * stride_kh + start * stride_kn + offs_t[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, True, PAD_D)
-    v = load_rows(V + b * stride_vb + h * stride_vh + start * stride_vn + offs_t[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, True, PAD_D)
+    k = load_rows(K + b * stride_kb + h * stride_kh + start * stride_kn + offs_t[:, None] * stride_kn + offs_d[None, :],
+                  n_ok, d_ok, True, PAD_D)
+    v = load_rows(V + b * stride_vb + h * stride_vh + start * stride_vn + offs_t[:, None] * stride_vn + offs_d[None, :],
+                  n_ok, d_ok, True, PAD_D)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = dOut + b * stride_dob + h * stride_doh
     lse_base = Lse + pid_bh.to(tl.int64) * n_tokens
@@ -350,8 +352,11 @@ def bwd_dq_kernel(
     m_ok = offs_m < n_tokens
     d_ok = offs_d < HEAD_DIM
     start = (pid_m * BLOCK_M).to(tl.int64)
-    q = load_rows(Q + b * stride_qb + h * stride_qh + start * stride_qn + offs_t[:, None] * stride_qn + offs_d[None, :], m_ok, d_ok, True, PAD_D)
-    do = load_rows(dOut + b * stride_dob + h * stride_doh + start * stride_don + offs_t[:, None] * stride_don + offs_d[None, :], m_ok, d_ok, True, PAD_D)
+    q = load_rows(Q + b * stride_qb + h * stride_qh + start * stride_qn + offs_t[:, None] * stride_qn + offs_d[None, :],
+                  m_ok, d_ok, True, PAD_D)
+    do = load_rows(dOut + b * stride_dob + h * stride_doh + start * stride_don
+                   + offs_t[:, None] * stride_don + offs_d[None, :],
+                   m_ok, d_ok, True, PAD_D)
     stats = pid_bh.to(tl.int64) * n_tokens + offs_m
     lse2 = _lse_log2(tl.load(Lse + stats, mask=m_ok, other=float("inf")))
     delta = tl.load(Delta + stats, mask=m_ok, other=0.0)

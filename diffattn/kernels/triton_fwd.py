@@ -311,7 +311,8 @@ def prune_configs(kind: str, min_chunk: int = 32):
                 continue
             shaped.append(config)
         shaped = shaped or configs[:1]
-        fits = [c for c in shaped if limit is None or smem_estimate(kind, block_m, block_n, block_d, elem, c.num_stages) <= limit]
+        fits = [c for c in shaped
+                if limit is None or smem_estimate(kind, block_m, block_n, block_d, elem, c.num_stages) <= limit]
         pipelined = [c for c in fits if c.num_stages > 1]
         return pipelined or fits or [min(shaped, key=lambda c: c.num_stages)]
 

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-tokens", type=int, default=0)
     parser.add_argument("--text-position", default="end", choices=["end", "start"])
     parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--kernel-size", type=_triple(int), default=(3, 9, 9), help="neighborhood: t,h,w ('none' = full axis)")
+    parser.add_argument("--kernel-size", type=_triple(int), default=(3, 9, 9),
+                        help="neighborhood: t,h,w ('none' = full axis)")
     parser.add_argument("--stride", type=_triple(int), default=(1, 1, 1))
     parser.add_argument("--dilation", type=_triple(int), default=(1, 1, 1))
     parser.add_argument("--causal", type=_triple(bool), default=(False, False, False))
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pattern      {pattern}")
     print(f"grid         {grid.frames}x{grid.height}x{grid.width} + {grid.text_tokens} text = {grid.num_tokens} tokens")
     print(f"density      {layout.density:.4f}  (allowed pairs / N^2)")
-    print(f"tile density {layout.tile_density:.4f}  (pairs inside visited {layout.block_q}x{layout.block_k} tiles / N^2)")
+    print(f"tile density {layout.tile_density:.4f}  "
+          f"(pairs inside visited {layout.block_q}x{layout.block_k} tiles / N^2)")
     print(f"tiles        {layout.num_visited_tiles} visited, {layout.num_partial_tiles} partial")
     print(f"masks        {layout.num_masks} distinct partial-tile masks")
     print(f"memory       {layout.nbytes / 2**20:.2f} MiB ({layout.nbytes} bytes: tile lists, masks, permutation)")

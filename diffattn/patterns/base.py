@@ -124,7 +124,9 @@ class Pattern(abc.ABC):
         """
         self.validate_grid(grid)
         # Errors name the argument the bad value came from.
-        q_name, k_name = ("block_size" if b is None else name for b, name in ((block_q, "block_q"), (block_k, "block_k")))
+        q_name, k_name = (
+            "block_size" if b is None else name for b, name in ((block_q, "block_q"), (block_k, "block_k"))
+        )
         block_q = check_block_size(q_name, block_size if block_q is None else block_q)
         block_k = check_block_size(k_name, block_size if block_k is None else block_k, (32, 64, 128, 256))
         tile_shape = check_tile_shape(tile_shape)
@@ -152,7 +154,9 @@ def _check_device(device: object) -> str:
         name = torch.device(device)
         torch.empty(0, device=name)
     except (RuntimeError, TypeError, AssertionError) as error:  # torch's own "no such device" errors
-        raise UserError(f"device must be an available torch device such as 'cpu' or 'cuda:0'; got {device!r} ({error})") from None
+        raise UserError(
+            f"device must be an available torch device such as 'cpu' or 'cuda:0'; got {device!r} ({error})"
+        ) from None
     return str(name)
 
 

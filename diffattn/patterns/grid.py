@@ -87,7 +87,8 @@ class VideoGrid:
 
     def coordinates(self, video_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(t, h, w)`` of raster video indices."""
-        t, rest = torch.div(video_index, self.tokens_per_frame, rounding_mode="floor"), video_index % self.tokens_per_frame
+        t = torch.div(video_index, self.tokens_per_frame, rounding_mode="floor")
+        rest = video_index % self.tokens_per_frame
         return t, torch.div(rest, self.width, rounding_mode="floor"), rest % self.width
 
 

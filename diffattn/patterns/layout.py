@@ -143,7 +143,8 @@ class BlockLayout:
         Example:
             >>> from diffattn import Neighborhood, VideoGrid
             >>> layout = Neighborhood(kernel_size=(1, 3, 3)).layout(VideoGrid(2, 8, 8), block_size=32)
-            >>> layout.nbytes == sum(t.nbytes for t in (layout.kv_counts, layout.kv_indices, layout.kv_mask_ids, layout.masks))
+            >>> tensors = (layout.kv_counts, layout.kv_indices, layout.kv_mask_ids, layout.masks)
+            >>> layout.nbytes == sum(t.nbytes for t in tensors)
             True
         """
         tensors = [self.kv_counts, self.kv_indices, self.kv_mask_ids, self.masks]
@@ -366,7 +367,8 @@ def build_block_layout(
     qv, qt = _split_prefixes(grid, q_bounds)
     kv, kt = _split_prefixes(grid, k_bounds)
     video_pairs = pattern.video_prefix_pair_counts(grid, order, qv, kv).to(torch.float64)
-    prefix = video_pairs + qt[:, None].double() * k_bounds[None, :].double() + qv[:, None].double() * kt[None, :].double()
+    prefix = (video_pairs + qt[:, None].double() * k_bounds[None, :].double()
+              + qv[:, None].double() * kt[None, :].double())
     counts = prefix[1:, 1:] - prefix[:-1, 1:] - prefix[1:, :-1] + prefix[:-1, :-1]
     area = (q_bounds[1:] - q_bounds[:-1])[:, None].double() * (k_bounds[1:] - k_bounds[:-1])[None, :].double()
     counts = counts.round()
@@ -486,7 +488,9 @@ def _kernel_video_index(grid: "VideoGrid", permutation: torch.Tensor | None, blo
     return torch.where(positions < n, video, torch.full_like(video, -2)).view(-1, block)
 
 
-def _block_signatures(video: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]], block: int) -> torch.Tensor:
+def _block_signatures(
+    video: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]], block: int
+) -> torch.Tensor:
     """int64 ``[blocks]``: equal ids for blocks (rows of :func:`_kernel_video_index`) whose tokens
     are, one by one, of the same kind (video, text or padding) with the same values of ``factors``."""
     kind = video.clamp(min=-2, max=0)  # 0 video, -1 text, -2 padding

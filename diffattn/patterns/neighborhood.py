@@ -130,7 +130,8 @@ class Neighborhood(Pattern):
         super().validate_grid(grid)
         if not self.strict:
             return
-        for axis, k, d, size in zip(("t (frames)", "h (height)", "w (width)"), self.kernel_size, self.dilation, grid.shape):
+        axes = ("t (frames)", "h (height)", "w (width)")
+        for axis, k, d, size in zip(axes, self.kernel_size, self.dilation, grid.shape):
             if k is not None and k * d > size:
                 raise UserError(
                     f"Neighborhood kernel_size*dilation on axis {axis} is {k}*{d}={k * d}, larger than the grid's "
@@ -148,7 +149,8 @@ class Neighborhood(Pattern):
         Example:
             >>> from diffattn import VideoGrid
             >>> Neighborhood(kernel_size=(3, 3, 9), dilation=(1, 4, 1)).fitted(VideoGrid(2, 10, 5))
-            Neighborhood(kernel_size=(2, 3, 5), stride=(1, 1, 1), dilation=(1, 3, 1), causal=(False, False, False), strict=False)
+            Neighborhood(kernel_size=(2, 3, 5), stride=(1, 1, 1), dilation=(1, 3, 1),
+                         causal=(False, False, False), strict=False)
         """
         self.validate_grid(grid)
         kernels, strides, dilations = [], [], []

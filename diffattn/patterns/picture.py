@@ -43,7 +43,9 @@ def tile_fill(layout: BlockLayout, head: int = 0) -> torch.Tensor:
     return fill
 
 
-def layout_image(layout: BlockLayout, grid: VideoGrid | None = None, head: int = 0, max_pixels: int = 1024) -> np.ndarray:
+def layout_image(
+    layout: BlockLayout, grid: VideoGrid | None = None, head: int = 0, max_pixels: int = 1024
+) -> np.ndarray:
     """uint8 ``[rows, cols, 3]`` picture of a layout: one pixel per tile (averaged when there are
     more tiles than ``max_pixels``). Skipped tiles are white; a visited tile is at least 30 % dark
     (it costs a full tile of work) and darker the more of it is allowed. Light lines mark frame

@@ -76,7 +76,9 @@ class Radial(Pattern):
 
     def __post_init__(self) -> None:
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0 < self.decay < math.inf:
-            raise UserError(f"Radial.decay must be a finite number > 0, got {self.decay!r} ({type(self.decay).__name__})")
+            raise UserError(
+                f"Radial.decay must be a finite number > 0, got {self.decay!r} ({type(self.decay).__name__})"
+            )
         object.__setattr__(self, "decay", float(self.decay))
         for name in ("sink_frames", "dense_frame_distance"):
             object.__setattr__(self, name, check_positive_int(f"Radial.{name}", getattr(self, name), allow_zero=True))

@@ -26,13 +26,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import UserError
 from .._io import to_uint8
+from ..errors import UserError
 from ..patterns._checks import check_positive_int
 from .embedded import DEFAULT_CALL
 from .shape_detector import MAX_COLOUR_DISTANCE, score_video
 from .shapes import (
-    COLOURS, DIRECTIONS, FRAMES_BEFORE_BOUNCE, SHAPES, ClipSpec, caption, render_clip, sample_clip,
+    COLOURS,
+    DIRECTIONS,
+    FRAMES_BEFORE_BOUNCE,
+    SHAPES,
+    ClipSpec,
+    caption,
+    render_clip,
+    sample_clip,
 )
 
 EVAL_SEED = 20261122
@@ -72,8 +79,9 @@ def evaluate_embedded(
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Generate one video per held-out caption and score adherence and motion.
 
-    Returns ``(report, videos)``: the uint8 ``[F, H, W, 3]`` videos and a JSON-able report: ``adherence`` (share of caption checks passed: each named shape
-    present, of the right shape, starting in the right direction), ``adherence_by_check``,
+    Returns ``(report, videos)``: the uint8 ``[F, H, W, 3]`` videos and a JSON-able report:
+    ``adherence`` (share of caption checks passed: each named shape present, of the right shape,
+    starting in the right direction), ``adherence_by_check``,
     ``objects_fully_correct``, ``motion_deviation_px`` (mean over found shapes of the distance of
     their centroids from a constant-velocity-with-bounces fit), ``still_share`` (of the named
     shapes found, the share that do not move: slower than the detector's ``MIN_SPEED``, so their
@@ -328,8 +336,12 @@ def caption_sensitivity(
     for first in range(0, num_captions, batch_size):
         batch = specs[first:first + batch_size]
         variants = {"true": batch, **{kind: [swapped_specs(spec)[kind] for spec in batch] for kind in SWAPPED_WORDS}}
-        texts = {kind: pipe.encode_prompt([caption(spec) for spec in items], device) for kind, items in variants.items()}
-        noise = torch.randn((len(batch), 3, num_frames, size, size), generator=torch.Generator().manual_seed(seed + first)).to(device)
+        texts = {
+            kind: pipe.encode_prompt([caption(spec) for spec in items], device) for kind, items in variants.items()
+        }
+        noise = torch.randn(
+            (len(batch), 3, num_frames, size, size), generator=torch.Generator().manual_seed(seed + first)
+        ).to(device)
         clean = torch.from_numpy(np.stack([render_clip(spec, num_frames, size) for spec in batch]))
         clean = clean.float().permute(0, 4, 1, 2, 3).to(device) / 127.5 - 1.0
         for sigma in sigmas:
@@ -439,7 +451,8 @@ def run_evaluation(report_path: str, model: str | None = None, preset: str = "de
 
     if Path(report_path).suffix.lower() != ".json":
         raise UserError(f"--report must be a .json path; got {report_path!r}")
-    for flag, value in {"--num-captions": num_captions, "--batch-size": batch_size, "--steps": num_inference_steps}.items():
+    positive_flags = {"--num-captions": num_captions, "--batch-size": batch_size, "--steps": num_inference_steps}
+    for flag, value in positive_flags.items():
         if value is not None:  # None: the model's default
             check_positive_int(flag, value)
     check_size(num_frames, size, size, cli_flags=True)

@@ -5,10 +5,10 @@ from .base import SparseAttnProcessor
 from .cogvideox import CogVideoXSparseAttnProcessor
 from .config import SparsityConfig
 from .flux import FluxSparseAttnProcessor
-from .ltx_video import LTXVideoSparseAttnProcessor
-from .state import SparseUnsupported, SparsityState
 from .hunyuan_video import HunyuanVideoSparseAttnProcessor
+from .ltx_video import LTXVideoSparseAttnProcessor
 from .mochi import MochiSparseAttnProcessor
+from .state import SparseUnsupported, SparsityState
 from .wan import WanSparseAttnProcessor
 
 __all__ = [

@@ -77,7 +77,9 @@ def parse_preset(data: Any, source: str) -> tuple[str, SparsityConfig]:
         UserError: naming ``source``, the offending key and the allowed values.
     """
     if not isinstance(data, dict):
-        raise UserError(f"{source}: a preset must be a mapping with keys {', '.join(_TOP_KEYS)}; got {type(data).__name__}")
+        raise UserError(
+            f"{source}: a preset must be a mapping with keys {', '.join(_TOP_KEYS)}; got {type(data).__name__}"
+        )
     unknown = sorted(set(data) - set(_TOP_KEYS))
     if unknown:
         raise UserError(f"{source}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(_TOP_KEYS)}")
@@ -143,7 +145,8 @@ def load_preset(name_or_path: str | os.PathLike, family: str | None = None) -> P
         raise UserError(f"preset {text!r} is a name: give the model family (one of {', '.join(families())})")
     path = CONFIG_DIR / family / f"{text}.yaml"
     if not path.is_file():
-        names = ", ".join(p.stem for p in sorted((CONFIG_DIR / family).glob("*.yaml"))) if (CONFIG_DIR / family).is_dir() else ""
+        family_dir = CONFIG_DIR / family
+        names = ", ".join(p.stem for p in sorted(family_dir.glob("*.yaml"))) if family_dir.is_dir() else ""
         raise UserError(f"unknown preset {text!r} for model family {family!r}; available: {names or '(none)'}")
     return load_preset_file(path, family)
 

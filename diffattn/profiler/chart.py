@@ -70,7 +70,8 @@ def chart_png(report: "ProfileReport") -> bytes:
     sparse_whole_bar = None
     for index, (label, dense, sparse) in enumerate(groups):
         x0 = left + index * group_width + bar * 0.75
-        for offset, seconds, colour, name in ((0, dense, DENSE_COLOUR, "dense"), (1.25, sparse, SPARSE_COLOUR, report.preset)):
+        bars = ((0, dense, DENSE_COLOUR, "dense"), (1.25, sparse, SPARSE_COLOUR, report.preset))
+        for offset, seconds, colour, name in bars:
             bx = x0 + offset * bar
             if math.isfinite(seconds):
                 draw.rectangle([bx, y_of(seconds), bx + bar, bottom], fill=colour)

@@ -156,7 +156,8 @@ def predicted_speedup(attention_share: float, attention_speedup: float) -> float
         1.6
     """
     s = _check_fraction("attention_share", attention_share)
-    if isinstance(attention_speedup, bool) or not isinstance(attention_speedup, (int, float)) or not attention_speedup > 0:
+    if (isinstance(attention_speedup, bool) or not isinstance(attention_speedup, (int, float))
+            or not attention_speedup > 0):
         raise ValueError(f"attention_speedup must be a number > 0; got {attention_speedup!r}")
     remaining = (1.0 - s) + s / attention_speedup
     return math.inf if remaining == 0.0 else 1.0 / remaining

@@ -159,7 +159,8 @@ class ProfileReport:
                     + (f" + last {self.dense_last_steps}" if self.dense_last_steps else "")
                     + f", dense layers {list(self.dense_layers) or 'none'}, block {self.block_size}")
         rows = [
-            ("end-to-end speedup", f"{_x(self.e2e_speedup)} ({self.dense_seconds:.3f} s -> {self.sparse_seconds:.3f} s)"),
+            ("end-to-end speedup", f"{_x(self.e2e_speedup)} "
+                                   f"({self.dense_seconds:.3f} s -> {self.sparse_seconds:.3f} s)"),
             ("attention share (dense run)", _percent(self.attention_share)),
             ("attention speedup", f"{_x(self.attention_speedup)} ({self.dense_attention_seconds:.3f} s -> "
                                   f"{self.sparse_attention_seconds:.3f} s)"),
@@ -167,7 +168,8 @@ class ProfileReport:
             ("Amdahl bound (sparse calls at 1/density)", _x(self.amdahl_bound)),
             ("density (overall; dense calls count 1)", _number(self.density)),
             ("layout / tile density (sparse calls)", f"{_number(self.layout_density)} / {_number(self.tile_density)}"),
-            ("attention calls per run (sparse / kept dense)", f"{self.attention_calls} ({self.sparse_calls} / {self.dense_calls})"),
+            ("attention calls per run (sparse / kept dense)",
+             f"{self.attention_calls} ({self.sparse_calls} / {self.dense_calls})"),
             ("attention time in calls kept dense", _percent(self.dense_fraction)),
             ("PSNR vs dense", "inf dB (identical frames)" if self.psnr == math.inf else f"{self.psnr:.2f} dB"),
             ("SSIM vs dense", f"{self.ssim:.4f}"),
@@ -203,7 +205,8 @@ class ProfileReport:
         Example:
             >>> import diffattn
             >>> from diffattn.pipelines.embedded import load_embedded_pipeline
-            >>> report = diffattn.profile(load_embedded_pipeline(), "radial", warmup=0, prompt="a red circle moves left",
+            >>> report = diffattn.profile(load_embedded_pipeline(), "radial", warmup=0,
+            ...                           prompt="a red circle moves left",
             ...                           num_frames=3, height=32, width=32, num_inference_steps=2)
             >>> report.save("out/profile.json")
             [PosixPath('out/profile.json'), PosixPath('out/profile.md'), PosixPath('out/profile.png')]

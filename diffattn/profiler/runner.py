@@ -73,7 +73,9 @@ def _frames(output: Any) -> np.ndarray:
 
 
 def _states(adapter: ModelAdapter, pipe: Any) -> list:
-    return [getattr(t, INSTALLED_ATTRIBUTE).state for _, t in adapter.transformers(pipe) if hasattr(t, INSTALLED_ATTRIBUTE)]
+    return [
+        getattr(t, INSTALLED_ATTRIBUTE).state for _, t in adapter.transformers(pipe) if hasattr(t, INSTALLED_ATTRIBUTE)
+    ]
 
 
 def _run_once(pipe: Any, adapter: ModelAdapter, config: SparsityConfig, timer: AttentionTimer, seed: int,
@@ -166,9 +168,11 @@ def profile(
         for round_index in range(warmup + repeats):
             timed = round_index >= warmup
             for kind, kind_config in (("dense", dense_config), ("sparse", config)):
-                run = _run_once(pipe, adapter, kind_config, timer, seed, call_kwargs, keep_frames=timed and not runs[kind])
+                run = _run_once(pipe, adapter, kind_config, timer, seed, call_kwargs,
+                                keep_frames=timed and not runs[kind])
                 if log is not None:
-                    what = f"timed {round_index - warmup + 1}/{repeats}" if timed else f"warm-up {round_index + 1}/{warmup}"
+                    what = (f"timed {round_index - warmup + 1}/{repeats}" if timed
+                            else f"warm-up {round_index + 1}/{warmup}")
                     label = "dense baseline" if kind == "dense" else f"preset {name}"
                     log(f"{label} run ({what}): {run.seconds:.3f} s, attention {run.attention_seconds:.3f} s")
                 if timed:

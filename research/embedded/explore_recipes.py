@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     running = {}
     for name, flags in args.variants.items():
-        command = [sys.executable, str(REPO / "scripts" / "train_embedded_model.py"), "--output", str(out / name / "model"),
-                   "--checkpoint-dir", str(out / name / "checkpoint"), "--threads", str(args.threads), *flags]
+        command = [sys.executable, str(REPO / "scripts" / "train_embedded_model.py"),
+                   "--output", str(out / name / "model"), "--checkpoint-dir", str(out / name / "checkpoint"),
+                   "--threads", str(args.threads), *flags]
         log = open(out / f"{name}.log", "w")
         running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), flags)
     deadline = time.time() + 60 * args.deadline_min

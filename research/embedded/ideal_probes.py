@@ -17,7 +17,13 @@ import numpy as np
 from diffattn.patterns._checks import check_choice
 from diffattn.pipelines.generate import check_positive
 from diffattn.pipelines.shapes import (
-    COLOURS, DIRECTIONS, SHAPES, ClipSpec, render_clip, sample_background, sample_shape,
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    ClipSpec,
+    render_clip,
+    sample_background,
+    sample_shape,
 )
 
 

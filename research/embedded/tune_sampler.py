@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffattn.pipelines.embedded import DEFAULT_CALL, load_embedded_pipeline
     from diffattn.pipelines.eval_embedded import (
-        SUMMARY_KEYS, TUNING_SEED, denoising_profile, evaluate_embedded, nan_to_null,
+        SUMMARY_KEYS,
+        TUNING_SEED,
+        denoising_profile,
+        evaluate_embedded,
+        nan_to_null,
     )
 
     args = parse_args(argv)

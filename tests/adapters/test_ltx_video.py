@@ -14,10 +14,11 @@ from diffattn.adapters import DenseFallbackWarning, apply, find_adapter, remove,
 from diffattn.adapters.ltx_video import LTXVideoAdapter
 from diffattn.processors import LTXVideoSparseAttnProcessor, SparsityConfig, SparsityState
 
-# 9 frames -> (9 - 1) // 4 + 1 = 3 latent frames; 32 px / 4 (tiny VAE) / 1 (patch) = 8 tokens.
-GRID = VideoGrid(3, 8, 8)
 from .lora import add_and_save_random_lora, load_lora_around_apply
 from .reference import masked_attention
+
+# 9 frames -> (9 - 1) // 4 + 1 = 3 latent frames; 32 px / 4 (tiny VAE) / 1 (patch) = 8 tokens.
+GRID = VideoGrid(3, 8, 8)
 
 
 def tiny_ltx_vae():

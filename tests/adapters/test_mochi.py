@@ -246,7 +246,8 @@ def test_adapter_grid_from_call():
     transformer = tiny_mochi_pipeline().transformer
     latents, text = torch.zeros(1, 4, 5, 6, 10), torch.zeros(1, 7, 32)
     expected = VideoGrid(5, 3, 5, text_tokens=7, text_position="end")  # Mochi patchifies space only
-    assert adapter.grid_from_call(transformer, (), {"hidden_states": latents, "encoder_hidden_states": text}) == expected
+    call_kwargs = {"hidden_states": latents, "encoder_hidden_states": text}
+    assert adapter.grid_from_call(transformer, (), call_kwargs) == expected
     assert adapter.grid_from_call(transformer, (latents, text), {}) == expected
 
 

@@ -61,8 +61,8 @@ def test_gradients_flow_through_the_permutation(layout):
     (out.square().sum() + lse.sum()).backward()
     grads = [x.grad.clone() for x in (q, k, v)]
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    o, l = masked_attention_reference(*ref, PATTERN.token_mask(GRID), return_lse=True)
-    (o.square().sum() + l.sum()).backward()
+    o, lse_ref = masked_attention_reference(*ref, PATTERN.token_mask(GRID), return_lse=True)
+    (o.square().sum() + lse_ref.sum()).backward()
     for g, r in zip(grads, ref):
         assert (g.double() - r.grad).abs().max() < 1e-4
 
@@ -295,5 +295,6 @@ def test_real_triton_backend_through_the_dispatcher():
     problems = triton_attention.triton_support_problems(q, k, v, layout.to(device))
     assert not problems, problems
     out, lse = block_sparse_attention(q, k, v, layout, return_lse=True, backend="triton")
-    ref, ref_lse = masked_attention_reference(q.double(), k.double(), v.double(), pattern.token_mask(grid), return_lse=True)
+    ref, ref_lse = masked_attention_reference(q.double(), k.double(), v.double(), pattern.token_mask(grid),
+                                              return_lse=True)
     assert (out.double() - ref).abs().max() < 1e-4 and (lse.double() - ref_lse).abs().max() < 1e-4

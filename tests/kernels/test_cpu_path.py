@@ -63,11 +63,14 @@ CASES = [
     ("dense-110-b32", Dense(), GRID_110, dict(block_size=32)),
     ("dense-110-b64", Dense(), GRID_110, dict(block_size=64)),
     ("na-110-b32", Neighborhood(kernel_size=(3, 3, 3)), GRID_110, dict(block_size=32)),
-    ("na-110-q16k64", Neighborhood(kernel_size=(1, 3, 5), causal=(True, False, False)), GRID_110, dict(block_size=64, block_q=16)),
+    ("na-110-q16k64", Neighborhood(kernel_size=(1, 3, 5), causal=(True, False, False)), GRID_110,
+     dict(block_size=64, block_q=16)),
     ("na-start-tiled", Neighborhood(kernel_size=(1, 3, 3)), GRID_START, dict(block_size=64, tile_shape=(1, 4, 8))),
-    ("na-end-tiled-ragged", Neighborhood(kernel_size=(2, 3, 3)), VideoGrid(3, 6, 6, text_tokens=9), dict(block_size=32, tile_shape=(1, 4, 4))),
+    ("na-end-tiled-ragged", Neighborhood(kernel_size=(2, 3, 3)), VideoGrid(3, 6, 6, text_tokens=9),
+     dict(block_size=32, tile_shape=(1, 4, 4))),
     ("radial", Radial(decay=0.5, block_size=32), VideoGrid(8, 4, 8, text_tokens=3), dict(block_size=32)),
-    ("per-head", [Dense(), Neighborhood(kernel_size=(1, 3, 3)), Radial(decay=0.25, block_size=32)], GRID_110, dict(block_size=32)),
+    ("per-head", [Dense(), Neighborhood(kernel_size=(1, 3, 3)), Radial(decay=0.25, block_size=32)], GRID_110,
+     dict(block_size=32)),
 ]
 
 
@@ -127,8 +130,8 @@ def test_gradients_match_truth(case):
 
     def dense_grads(dtype):
         xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        o, l = masked_attention_reference(*xs, mask, return_lse=True)
-        return torch.autograd.grad((o * g_out.to(dtype)).sum() + (l.to(dtype) * g_lse.to(dtype)).sum(), xs)
+        o, lse_ref = masked_attention_reference(*xs, mask, return_lse=True)
+        return torch.autograd.grad((o * g_out.to(dtype)).sum() + (lse_ref.to(dtype) * g_lse.to(dtype)).sum(), xs)
 
     exact, plain = dense_grads(torch.float64), dense_grads(torch.float32)
     n, d = layout.num_tokens, 64
@@ -145,7 +148,9 @@ def test_float64_gradcheck_tiny():
     ]
     layout = BlockLayout.stack(layouts)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, grid.num_tokens, 8, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(3))
+    q, k, v = (
+        torch.randn(1, 2, grid.num_tokens, 8, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(3)
+    )
     assert torch.autograd.gradcheck(lambda a, b, c: cpu_block_sparse_attention(a, b, c, layout, 0.3, True), (q, k, v))
 
 

@@ -24,7 +24,9 @@ LAYOUTS = {
     "window": Neighborhood(kernel_size=(1, 3, 3)).layout(GRID, block_size=32),
     "window-tiled": Neighborhood(kernel_size=(1, 3, 5)).layout(GRID, block_q=16, block_k=32, tile_shape=(1, 4, 8)),
     "radial": Radial(block_size=32).layout(GRID, block_size=32),
-    "per-head": BlockLayout.stack([Dense().layout(GRID, block_size=32), Neighborhood(kernel_size=(1, 3, 3)).layout(GRID, block_size=32)]),
+    "per-head": BlockLayout.stack(
+        [Dense().layout(GRID, block_size=32), Neighborhood(kernel_size=(1, 3, 3)).layout(GRID, block_size=32)]
+    ),
 }
 BACKENDS = ("auto", "cpu", "reference")
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -69,7 +71,10 @@ def test_bad_scale(scale):
 
 
 @FUZZ
-@given(return_lse=st.sampled_from([1, 0, "yes", None, 1.0]), backend=st.one_of(st.text(max_size=8), st.integers(), st.none()))
+@given(
+    return_lse=st.sampled_from([1, 0, "yes", None, 1.0]),
+    backend=st.one_of(st.text(max_size=8), st.integers(), st.none()),
+)
 def test_bad_flags_and_backend_names(return_lse, backend):
     q, k, v = valid_qkv()
     msg = refusal(q, k, v, LAYOUTS["window"], return_lse=return_lse, backend=backend)
@@ -166,7 +171,9 @@ HUGE = 1 << 40
        backend=st.sampled_from(BACKENDS))
 def test_huge_sizes_are_refused_before_any_allocation(axis, device, backend):
     # Zero-stride views (CPU) and meta tensors: terabyte shapes that hold a few bytes.
-    shape = {"batch": (HUGE, 2, N + 1, 8), "heads": (1, HUGE, N, 8), "tokens": (1, 2, HUGE, 8), "dim": (1, 2, N + 1, HUGE)}[axis]
+    shape = {
+        "batch": (HUGE, 2, N + 1, 8), "heads": (1, HUGE, N, 8), "tokens": (1, 2, HUGE, 8), "dim": (1, 2, N + 1, HUGE),
+    }[axis]
     q = torch.zeros((), device=device).expand(*shape)
     layout = LAYOUTS["per-head"] if axis == "heads" else LAYOUTS["window"]
     msg = refusal(q, q, q, layout, backend=backend)
@@ -203,7 +210,9 @@ def visited_keys(layout: BlockLayout, backend: str) -> torch.Tensor:
 @given(
     layout_name=st.sampled_from(sorted(LAYOUTS)),
     backend=st.sampled_from(BACKENDS),
-    poisoned=st.lists(st.tuples(st.sampled_from("qkv"), st.integers(0, 1), st.integers(0, N - 1)), min_size=1, max_size=3),
+    poisoned=st.lists(
+        st.tuples(st.sampled_from("qkv"), st.integers(0, 1), st.integers(0, N - 1)), min_size=1, max_size=3
+    ),
 )
 def test_nan_rows_follow_sdpa(layout_name, backend, poisoned):
     layout = LAYOUTS[layout_name]

@@ -124,11 +124,11 @@ def run_and_check(
     do_view, _ = poisoned(torch.randn(q.shape, generator=gen).to(device=q.device, dtype=dtype))
     dlse = torch.randn(q.shape[:3], generator=gen).to(q.device) if lse_grad else None
 
-    def grads(o, l, inputs):
+    def grads(o, lse_out, inputs):
         outs, g_outs = [o], [do_view.to(o.dtype)]
         if lse_grad:
-            outs.append(l)
-            g_outs.append(dlse.to(l.dtype))
+            outs.append(lse_out)
+            g_outs.append(dlse.to(lse_out.dtype))
         return torch.autograd.grad(outs, inputs, g_outs)
 
     got = []
@@ -191,7 +191,10 @@ def layout_from_mask(mask: torch.Tensor, block_q: int, block_k: int) -> BlockLay
     for qb, (idx, mid) in enumerate(zip(rows_idx, rows_mid)):
         kv_indices[0, qb, : len(idx)] = torch.tensor(idx, dtype=torch.int32)
         kv_mask_ids[0, qb, : len(mid)] = torch.tensor(mid, dtype=torch.int32)
-    masks = pack_tile_masks(torch.stack(partial)) if partial else torch.zeros(0, block_q, block_k // 32, dtype=torch.int32)
+    if partial:
+        masks = pack_tile_masks(torch.stack(partial))
+    else:
+        masks = torch.zeros(0, block_q, block_k // 32, dtype=torch.int32)
     return BlockLayout(
         num_tokens=n,
         block_q=block_q,
@@ -407,7 +410,8 @@ def test_support_problems():
     def problems(x, lay=layout):
         return " | ".join(triton_support_problems(x, x, x, lay))
 
-    assert "head dim D=48 is not supported by backend='triton'; allowed: 16, 32, 64, 80, 96, 128" in problems(torch.randn(1, 2, n, 48, device=DEVICE))
+    assert ("head dim D=48 is not supported by backend='triton'; allowed: 16, 32, 64, 80, 96, 128"
+            in problems(torch.randn(1, 2, n, 48, device=DEVICE)))
     assert "float64" in problems(q.double())
     assert "N=110" in problems(torch.randn(1, 2, 100, 64, device=DEVICE))
     assert "layout has 3 heads" in problems(q, BlockLayout.stack([layout] * 3))
@@ -429,7 +433,8 @@ cuda = pytest.mark.skipif(not ON_CUDA, reason="needs an NVIDIA GPU (CUDA)")
 CUDA_GRID = VideoGrid(8, 24, 32)  # N = 6144
 CUDA_CASES = [
     pytest.param(Neighborhood(kernel_size=(3, 7, 7)), CUDA_GRID, 128, 128, (2, 8, 8), id="na-tiled-128"),
-    pytest.param(Neighborhood(kernel_size=(3, 7, 7)), VideoGrid(5, 30, 31, text_tokens=77), 64, 64, None, id="na-ragged-64"),
+    pytest.param(Neighborhood(kernel_size=(3, 7, 7)), VideoGrid(5, 30, 31, text_tokens=77), 64, 64, None,
+                 id="na-ragged-64"),
     pytest.param(Radial(block_size=128), CUDA_GRID, 128, 128, None, id="radial-128"),
     pytest.param(Dense(), VideoGrid(4, 30, 33, text_tokens=13), 128, 64, None, id="dense-ragged-128x64"),
 ]
@@ -483,7 +488,8 @@ def test_cuda_forward_backward(pattern, grid, block_q, block_k, tile_shape, dtyp
 @cuda
 @pytest.mark.parametrize("head_dim", [64, 80, 96])
 def test_cuda_head_dims_per_head_layout(head_dim):
-    _cuda_check(Neighborhood(kernel_size=(3, 5, 5)), VideoGrid(4, 24, 40), 64, 64, None, torch.bfloat16, head_dim, per_head=True)
+    _cuda_check(Neighborhood(kernel_size=(3, 5, 5)), VideoGrid(4, 24, 40), 64, 64, None, torch.bfloat16, head_dim,
+                per_head=True)
 
 
 @pytest.mark.cuda

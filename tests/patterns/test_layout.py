@@ -38,7 +38,8 @@ def test_layout_structure_invariants():
     grid = VideoGrid(4, 6, 10, text_tokens=7)
     layout = Neighborhood(kernel_size=(3, 3, 5)).layout(grid, block_size=32, tile_shape=(1, 4, 8))
     n, bq, bk = grid.num_tokens, layout.block_q, layout.block_k
-    assert layout.kv_counts.dtype == layout.kv_indices.dtype == layout.kv_mask_ids.dtype == layout.masks.dtype == torch.int32
+    tensors = (layout.kv_counts, layout.kv_indices, layout.kv_mask_ids, layout.masks)
+    assert all(t.dtype == torch.int32 for t in tensors)
     assert layout.kv_counts.shape == (1, -(-n // bq))
     for qb in range(layout.num_q_blocks):
         row = layout.kv_indices[0, qb, : layout.kv_counts[0, qb]].tolist()

@@ -83,7 +83,8 @@ def test_strict_refuses_a_kernel_larger_than_the_grid_with_the_axis_named():
         Neighborhood(kernel_size=3, strict=True).token_mask(VideoGrid(2, 4, 4))
     # A window that fits is the same pattern with or without strict.
     grid = VideoGrid(3, 4, 4)
-    assert torch.equal(Neighborhood(kernel_size=3, strict=True).token_mask(grid), Neighborhood(kernel_size=3).token_mask(grid))
+    assert torch.equal(Neighborhood(kernel_size=3, strict=True).token_mask(grid),
+                       Neighborhood(kernel_size=3).token_mask(grid))
 
 
 @st.composite

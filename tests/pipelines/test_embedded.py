@@ -10,10 +10,15 @@ import torch
 
 import diffattn
 from diffattn.adapters import sparsity_state
-from diffattn.patterns import Neighborhood
 from diffattn.errors import UserError
+from diffattn.patterns import Neighborhood
 from diffattn.pipelines.embedded import (
-    EMBEDDED_DIR, EmbeddedVideoPipeline, build_components, build_tokenizer, is_embedded_folder, load_embedded_pipeline,
+    EMBEDDED_DIR,
+    EmbeddedVideoPipeline,
+    build_components,
+    build_tokenizer,
+    is_embedded_folder,
+    load_embedded_pipeline,
 )
 from diffattn.pipelines.shapes import VOCABULARY
 
@@ -271,7 +276,10 @@ def test_training_smoke_run_resumes_exactly(tmp_path):
     assert info["step"] == 2
     assert train.main([*common, "--steps", "4", "--output", str(resumed / "pipe"),
                        "--checkpoint-dir", str(resumed / "ck"), "--resume"]) == 0
-    log = lambda folder: [json.loads(line) for line in (folder / "ck" / "loss.jsonl").read_text().splitlines()]
+
+    def log(folder):
+        return [json.loads(line) for line in (folder / "ck" / "loss.jsonl").read_text().splitlines()]
+
     assert [entry["step"] for entry in log(straight)] == [1, 2, 3, 4]
     # the same batches, weights and moments: the same losses, all four steps, and the same weights
     assert [entry["loss"] for entry in log(straight)] == [entry["loss"] for entry in log(resumed)]

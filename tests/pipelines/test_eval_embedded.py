@@ -9,12 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from diffattn.pipelines.embedded import EmbeddedVideoPipeline, build_components
 from diffattn.errors import UserError
-from diffattn.pipelines.embedded import EMBEDDED_DIR, is_embedded_folder
+from diffattn.pipelines.embedded import EMBEDDED_DIR, EmbeddedVideoPipeline, build_components, is_embedded_folder
 from diffattn.pipelines.eval_embedded import (
-    EVAL_SEED, SENSITIVITY_SIGMAS, TUNING_SEED, caption_sensitivity, colour_centroids, denoising_profile,
-    evaluate_embedded, held_out_specs, run_evaluation, swapped_specs,
+    EVAL_SEED,
+    SENSITIVITY_SIGMAS,
+    TUNING_SEED,
+    caption_sensitivity,
+    colour_centroids,
+    denoising_profile,
+    evaluate_embedded,
+    held_out_specs,
+    run_evaluation,
+    swapped_specs,
 )
 from diffattn.pipelines.shape_detector import score_video
 from diffattn.pipelines.shapes import COLOURS, DIRECTIONS, SHAPES, caption, render_clip, true_centroids

@@ -4,9 +4,19 @@ import numpy as np
 import pytest
 
 from diffattn.pipelines.shapes import (
-    BASE_FRAMES, BASE_SIZE, COLOURS, DIRECTIONS, FRAMES_BEFORE_BOUNCE, SHAPES, VOCABULARY,
-    box_centres, caption,
-    render_clip, sample_batch, sample_clip, true_centroids,
+    BASE_FRAMES,
+    BASE_SIZE,
+    COLOURS,
+    DIRECTIONS,
+    FRAMES_BEFORE_BOUNCE,
+    SHAPES,
+    VOCABULARY,
+    box_centres,
+    caption,
+    render_clip,
+    sample_batch,
+    sample_clip,
+    true_centroids,
 )
 
 

@@ -31,8 +31,8 @@ def test_joint_attention_with_text_padding_is_exact(text_position, pattern):
     torch.testing.assert_close(out.double(), reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
     # Without padding the layout's own dense text rows/columns are used.
     out_unpadded = joint_attention(state, 0, q, k, v, key_padding=None)
-    torch.testing.assert_close(out_unpadded.double(), reference(q, k, v, pattern.token_mask(grid)[None].expand(2, -1, -1)),
-                               atol=1e-5, rtol=1e-5)
+    expected = reference(q, k, v, pattern.token_mask(grid)[None].expand(2, -1, -1))
+    torch.testing.assert_close(out_unpadded.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_padding_on_video_tokens_is_refused():

@@ -7,7 +7,14 @@ import yaml
 from diffattn import Radial
 from diffattn.adapters import ADAPTERS, apply, remove, sparsity_state
 from diffattn.processors.config import SparsityConfig
-from diffattn.processors.presets import CONFIG_DIR, INSTALLED_CONFIG_DIR, families, list_presets, load_preset, parse_preset
+from diffattn.processors.presets import (
+    CONFIG_DIR,
+    INSTALLED_CONFIG_DIR,
+    families,
+    list_presets,
+    load_preset,
+    parse_preset,
+)
 
 from ..adapters.tiny_pipelines import tiny_wan_pipeline, wan_call_kwargs
 
@@ -68,7 +75,8 @@ def test_apply_takes_a_preset_name_or_a_user_yaml(tmp_path):
     state = sparsity_state(pipe)
     assert state.config.pattern == Radial(decay=0.5) and state.config.block_size == 32
     user = tmp_path / "mine.yaml"
-    user.write_text("description: local window\npattern:\n  type: neighborhood\n  kernel_size: [3, 3, 3]\nblock_size: 32\n")
+    user.write_text("description: local window\npattern:\n  type: neighborhood\n  kernel_size: [3, 3, 3]\n"
+                    "block_size: 32\n")
     apply(pipe, str(user))
     try:
         pipe(**wan_call_kwargs(steps=2))

@@ -13,7 +13,8 @@ import torch
 
 from diffattn import Dense, DenseFallbackWarning, Neighborhood, UserError, VideoGrid
 from diffattn.adapters import ADAPTERS, apply, remove, sparsity_state
-from diffattn.processors import SparsityConfig, SparsityState, mochi, state as state_module
+from diffattn.processors import SparsityConfig, SparsityState, mochi
+from diffattn.processors import state as state_module
 from diffattn.processors.base import CONTEXT_PARALLEL, SparseAttnProcessor
 
 from ..adapters.tiny_pipelines import tiny_wan_pipeline, wan_call_kwargs

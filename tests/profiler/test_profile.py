@@ -40,7 +40,8 @@ SPARSE = SparsityConfig(pattern=Neighborhood(kernel_size=(1, 3, 3)), block_size=
 
 @pytest.fixture(scope="module")
 def sparse_report(pipe, call) -> ProfileReport:
-    return diffattn.profile(pipe, SPARSE, warmup=1, seed=3, **{**call, "height": 32, "width": 32, "num_inference_steps": 3})
+    return diffattn.profile(pipe, SPARSE, warmup=1, seed=3,
+                            **{**call, "height": 32, "width": 32, "num_inference_steps": 3})
 
 
 def finite(value) -> bool:

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from diffattn.pipelines.eval_embedded import TUNING_SEED
-
 from research.embedded import explore_recipes as script
 
 TINY = ("--steps 2 --batch-size 1 --num-frames 3 --size 16 --num-layers 1 --num-attention-heads 2 "

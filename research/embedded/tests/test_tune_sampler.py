@@ -8,7 +8,6 @@ import pytest
 
 from diffattn.pipelines.embedded import DEFAULT_CALL
 from diffattn.pipelines.eval_embedded import PROFILE_SIGMAS
-
 from research.embedded import tune_sampler as script
 from tests.pipelines.tiny_embedded import tiny_embedded_pipeline
 
@@ -43,6 +42,7 @@ def test_tiny_run_scores_each_setting_and_the_denoising_profile(tmp_path):
     result = json.loads(out.read_text())
     first, second = result["settings"]
     assert (first["guidance"], first["steps"], first["sampler"]) == (1.0, 1, "euler")
-    assert (second["steps"], second["sampler"]) == (2, result["model_sampler"]) and second["guidance"] == DEFAULT_CALL["guidance_scale"]
+    assert (second["steps"], second["sampler"]) == (2, result["model_sampler"])
+    assert second["guidance"] == DEFAULT_CALL["guidance_scale"]
     assert all(0.0 <= entry["adherence"] <= 1.0 for entry in (first, second))
     assert result["denoising_profile"]["sigmas"] == list(PROFILE_SIGMAS)
