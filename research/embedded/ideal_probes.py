@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 from diffattn.patterns._checks import check_choice
-from diffattn.pipelines.generate import check_positive
 from diffattn.pipelines.shapes import (
     COLOURS,
     DIRECTIONS,
@@ -25,6 +24,7 @@ from diffattn.pipelines.shapes import (
     sample_background,
     sample_shape,
 )
+from diffattn.runs import check_positive
 
 
 def ideal_pure_noise_estimate(colour: str, shape: str, direction: str, num_clips: int = 600, num_frames: int = 17,
