@@ -63,6 +63,8 @@ class ProfileReport:
         dense_attention_seconds, sparse_attention_seconds: median attention time per run.
         timings: per timed repeat: ``dense_seconds``, ``sparse_seconds``,
             ``dense_attention_seconds``, ``sparse_attention_seconds`` (lists).
+        layout_nbytes: bytes the distinct block layouts of the sparse calls hold (``layout.nbytes``
+            summed; what the layout cache keeps for this run), None without sparse calls.
         fallbacks: the preset run's self-attention calls that could not run sparse and ran the
             stock attention instead, per reason (``SparsityState.fallbacks``; empty when none).
         untimed_calls: stock calls whose core op was not visible to the timer (a diffusers
@@ -121,6 +123,7 @@ class ProfileReport:
     timings: dict[str, list[float]]
     untimed_calls: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)
+    layout_nbytes: int | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +171,8 @@ class ProfileReport:
             ("Amdahl bound (sparse calls at 1/density)", _x(self.amdahl_bound)),
             ("density (overall; dense calls count 1)", _number(self.density)),
             ("layout / tile density (sparse calls)", f"{_number(self.layout_density)} / {_number(self.tile_density)}"),
+            ("layout memory (sparse calls)",
+             "-" if self.layout_nbytes is None else f"{self.layout_nbytes / 2**20:.2f} MiB"),
             ("attention calls per run (sparse / kept dense)",
              f"{self.attention_calls} ({self.sparse_calls} / {self.dense_calls})"),
             ("attention time in calls kept dense", _percent(self.dense_fraction)),

@@ -189,9 +189,11 @@ def profile(
     return _build_report(pipe, adapter.family, name, config, seed, warmup, repeats, timer.clock, runs)
 
 
-def _layout_densities(calls: list[AttentionCall]) -> list[tuple[float, float]]:
-    """``(density, tile density)`` per call: 1 for calls kept dense, the layout's for sparse ones."""
+def _layout_densities(calls: list[AttentionCall]) -> tuple[list[tuple[float, float]], int | None]:
+    """``(density, tile density)`` per call (1 for calls kept dense, the layout's for sparse ones),
+    and the bytes the distinct layouts of the sparse calls hold (None without sparse calls)."""
     cache: dict[tuple[int, Any], tuple[float, float]] = {}
+    nbytes = 0
     result = []
     for call in calls:
         if not call.sparse or call.grid is None:
@@ -201,8 +203,9 @@ def _layout_densities(calls: list[AttentionCall]) -> list[tuple[float, float]]:
         if key not in cache:
             layout = preset_layout(call.config, call.grid)
             cache[key] = (float(layout.density), float(layout.tile_density))
+            nbytes += layout.nbytes
         result.append(cache[key])
-    return result
+    return result, (nbytes if cache else None)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -228,7 +231,7 @@ def _build_report(pipe: Any, family: str, name: str, config: SparsityConfig, see
 
     # Density of the preset run (every timed run makes the same calls; the first is representative).
     calls = sparse_runs[0].calls
-    densities = _layout_densities(calls)
+    densities, layout_nbytes = _layout_densities(calls)
     per_layer: dict[int, list[float]] = defaultdict(list)
     for call, (density, _) in zip(calls, densities):
         per_layer[call.layer].append(density)
@@ -311,6 +314,7 @@ def _build_report(pipe: Any, family: str, name: str, config: SparsityConfig, see
         density=overall if overall is not None else 1.0,
         density_per_layer={layer: sum(v) / len(v) for layer, v in sorted(per_layer.items())},
         layout_density=_mean([d for d, _ in sparse_pairs]), tile_density=_mean([t for _, t in sparse_pairs]),
+        layout_nbytes=layout_nbytes,
         dense_fraction=dense_fraction, attention_calls=len(calls), sparse_calls=len(sparse_pairs),
         dense_calls=len(calls) - len(sparse_pairs),
         psnr=psnr(dense_frames, sparse_frames), ssim=ssim(dense_frames, sparse_frames),

@@ -9,7 +9,7 @@ import math
 import pytest
 
 import diffattn
-from diffattn import Neighborhood, ProfileReport, SparsityConfig
+from diffattn import Neighborhood, ProfileReport, SparsityConfig, VideoGrid
 from diffattn.adapters import sparsity_state
 from diffattn.processors import WanSparseAttnProcessor
 
@@ -92,6 +92,9 @@ def test_sparse_preset_counts_sparse_and_dense_calls(sparse_report):
     # 3 steps x 2 CFG x 2 blocks = 12 calls; step 0 (4 calls) and block 0 (2 more steps x 2) stay dense.
     assert (r.attention_calls, r.sparse_calls, r.dense_calls, r.untimed_calls) == (12, 4, 8, 0)
     assert 0 < r.layout_density < 1 and r.layout_density <= r.tile_density <= 1
+    grid = VideoGrid(r.grid["frames"], r.grid["height"], r.grid["width"])
+    layout = Neighborhood(kernel_size=(1, 3, 3)).layout(grid, block_size=r.block_size)
+    assert r.layout_nbytes == layout.nbytes > 0 and "layout memory (sparse calls)" in r.to_markdown()
     assert r.density == pytest.approx((8 + 4 * r.layout_density) / 12)
     assert r.density < 1
     assert r.density_per_layer[0] == 1.0
