@@ -139,7 +139,7 @@ class SparseAttnProcessor:
         self.stock = stock
         self.state = state
         self.layer_index = layer_index
-        self._intercepted: Callable[..., Any] | None = None
+        self._intercepted: Callable[..., Any] | str | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer_index={self.layer_index}, stock={type(self.stock).__name__})"
@@ -171,10 +171,9 @@ class SparseAttnProcessor:
             return self.stock(**call)
         return self.state.run_dense(self.layer_index, lambda: self.stock(**call))
 
-    @torch.compiler.disable
     def _decide(self, call: dict[str, Any]) -> str | None:
         """None when the call runs sparse; else why not, recorded as a fallback unless it is the
-        schedule (eager under torch.compile: host-side bookkeeping, as in SparsityState)."""
+        schedule."""
         state = self.state
         if state is not None and state.dense_now(self.layer_index):
             return SCHEDULED_DENSE
@@ -210,23 +209,33 @@ class SparseAttnProcessor:
         """Record a call that runs stock because of ``reason`` (warns once per reason)."""
         if self.state is not None:
             self.state.fall_back(reason)
-        elif reason not in _WARNED_WITHOUT_STATE:
-            _WARNED_WITHOUT_STATE.add(reason)
-            warnings.warn(f"diffattn: {type(self).__name__} runs the stock dense attention: {reason}",
-                          DenseFallbackWarning, stacklevel=4)
+        else:
+            _warn_without_state(type(self).__name__, reason)
 
     def sparse(self, call: dict[str, Any]) -> Any:
         """The sparse call: the stock ``__call__`` with its attention op replaced by :meth:`attention`."""
+        intercepted = self._intercepted if self._intercepted is not None else self.prepare()
+        if isinstance(intercepted, str):
+            raise SparseUnsupported(intercepted)
+        return intercepted(self.stock, **call)
+
+    @torch.compiler.disable
+    def prepare(self) -> Callable[..., Any] | str:
+        """Build (once) the copy of the stock ``__call__`` that :meth:`sparse` runs, or the reason
+        there is none. The pre-hook calls it eagerly, so that compiled code only calls the copy."""
         if self._intercepted is None:
             stock_call = type(self.stock).__call__
             code = getattr(stock_call, "__code__", None)
-            if code is None or self.attention_global not in code.co_names:
-                raise SparseUnsupported(
+            if not self.attention_global:  # the family overrides sparse(): nothing to intercept
+                self._intercepted = "no stock attention op to replace"
+            elif code is None or self.attention_global not in code.co_names:
+                self._intercepted = (
                     f"{type(self.stock).__name__}.__call__ does not use {self.attention_global!r} in this diffusers "
                     "version, so diffattn cannot replace its attention op"
                 )
-            self._intercepted = _with_global(stock_call, self.attention_global, self._replacement())
-        return self._intercepted(self.stock, **call)
+            else:
+                self._intercepted = _with_global(stock_call, self.attention_global, self._replacement())
+        return self._intercepted
 
     def attention(
         self,
@@ -294,6 +303,14 @@ class SparseAttnProcessor:
         return out.transpose(1, 2) if heads_first else out
 
 
+@torch.compiler.disable
+def _warn_without_state(processor: str, reason: str) -> None:
+    if reason not in _WARNED_WITHOUT_STATE:
+        _WARNED_WITHOUT_STATE.add(reason)
+        warnings.warn(f"diffattn: {processor} runs the stock dense attention: {reason}",
+                      DenseFallbackWarning, stacklevel=5)
+
+
 def _heads_second(out: torch.Tensor, heads_first: bool) -> torch.Tensor:
     return out.transpose(1, 2) if heads_first else out
 
@@ -310,7 +327,6 @@ def _op_options_problem(args: tuple, kwargs: dict) -> str | None:
     return None
 
 
-@torch.compiler.disable
 def key_padding_from_mask(attention_mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor | str:
     """The ``[B, N]`` bool key-padding mask (True = may be attended) an attention mask stands for.
 
@@ -363,6 +379,9 @@ def _with_global(function: types.FunctionType, name: str, replacement: Any) -> t
     """
     namespace = dict(function.__globals__)
     namespace[name] = replacement
+    # Without a module name torch.compile guards the copy's globals as this very dict (with it,
+    # dynamo would read them from the named module, which holds the original).
+    namespace.pop("__name__", None)
     copy = types.FunctionType(function.__code__, namespace, function.__name__, function.__defaults__,
                               function.__closure__)
     copy.__kwdefaults__ = function.__kwdefaults__
