@@ -161,7 +161,7 @@ def sparse_processors(
         _check_processors(state, modules)
 
     def book(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        state.end_call()
+        _book_compiled(state, modules)
 
     # Both hooks run eagerly under torch.compile(transformer), which traces only the forward:
     # reading the scheduler, building the grid and layout, counting and warning are host-side
@@ -208,6 +208,21 @@ def _check_processors(state: SparsityState, modules: list[tuple[torch.nn.Module,
             others[_STALE if stale else _not_ours_reason(type(processor).__name__)] += 1
     for reason, layers in others.items():
         state.fall_back(reason, calls=layers)
+
+
+def _book_compiled(state: SparsityState, modules: list[tuple[torch.nn.Module, int]]) -> None:
+    """After each transformer call: book the sparse calls and fallbacks a compiled forward noted
+    on its processors (nothing, after an eager one: it booked them itself)."""
+    sparse, fallbacks = [], []
+    for module, index in modules:
+        processor = module.processor
+        if isinstance(processor, SparseAttnProcessor) and processor.state is state:
+            ran_sparse, reason = processor.take_compiled()
+            if ran_sparse:
+                sparse.append(index)
+            if reason is not None:
+                fallbacks.append(reason)
+    state.end_call(sparse, fallbacks)
 
 
 def install(adapter: ModelAdapter, transformer: torch.nn.Module, config: SparsityConfig, scheduler: Any) -> None:

@@ -20,6 +20,13 @@ A family file says only what differs: the stock classes it reproduces, the name 
 op inside the stock ``__call__`` (diffusers' ``dispatch_attention_fn``, or ``F`` for processors
 that call ``F.scaled_dot_product_attention``), its ``__call__`` parameter names, and what makes a
 call of its layers a self-attention call.
+
+Under ``torch.compile`` the whole flow above is traced (into the graph of the transformer's
+forward, no graph break): it reads only what the transformer's pre-hook published on the
+:class:`~diffattn.processors.state.SparsityState`, and the copy of the stock ``__call__`` is built
+eagerly by that hook (:meth:`SparseAttnProcessor.prepare`). Fallbacks are noted and warned about
+after the forward (see :mod:`diffattn.processors.state`); a data-dependent key-padding mask (joint
+attention) or a profiler's observer costs a graph break.
 """
 
 from __future__ import annotations
@@ -140,6 +147,9 @@ class SparseAttnProcessor:
         self.state = state
         self.layer_index = layer_index
         self._intercepted: Callable[..., Any] | str | None = None
+        # What a compiled call did, booked by the transformer's post-hook (see take_compiled).
+        self._compiled_sparse = False
+        self._compiled_fallback: str | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer_index={self.layer_index}, stock={type(self.stock).__name__})"
@@ -207,7 +217,9 @@ class SparseAttnProcessor:
 
     def fall_back(self, reason: str) -> None:
         """Record a call that runs stock because of ``reason`` (warns once per reason)."""
-        if self.state is not None:
+        if self.state is not None and torch.compiler.is_compiling():
+            self._compiled_fallback = reason
+        elif self.state is not None:
             self.state.fall_back(reason)
         else:
             _warn_without_state(type(self).__name__, reason)
@@ -220,9 +232,24 @@ class SparseAttnProcessor:
         return intercepted(self.stock, **call)
 
     @torch.compiler.disable
+    def take_compiled(self) -> tuple[bool, str | None]:
+        """What the last compiled call noted: whether it ran sparse, and why it fell back (or None).
+
+        Compiled code notes these on the processor, not on the shared state: a list there would
+        grow within a forward, and a transformer compiled block by block (``compile_repeated_blocks``)
+        would be guarded on its length, one graph per layer. The post-hook books them
+        (:meth:`~diffattn.processors.state.SparsityState.end_call`).
+        """
+        noted = self._compiled_sparse, self._compiled_fallback
+        self._compiled_sparse, self._compiled_fallback = False, None
+        return noted
+
+    @torch.compiler.disable
     def prepare(self) -> Callable[..., Any] | str:
         """Build (once) the copy of the stock ``__call__`` that :meth:`sparse` runs, or the reason
-        there is none. The pre-hook calls it eagerly, so that compiled code only calls the copy."""
+        there is none. The pre-hook calls it eagerly before each transformer forward, so that
+        compiled code only calls the copy (and it forgets what the previous forward noted)."""
+        self._compiled_sparse, self._compiled_fallback = False, None
         if self._intercepted is None:
             stock_call = type(self.stock).__call__
             code = getattr(stock_call, "__code__", None)
@@ -252,12 +279,15 @@ class SparseAttnProcessor:
         whole call runs stock.
         """
         try:
-            return joint_attention(self.state, self.layer_index, query, key, value, key_padding=key_padding)
+            out = joint_attention(self.state, self.layer_index, query, key, value, key_padding=key_padding)
         except SparseUnsupported as unsupported:
             if stock_op is None:
                 raise
             self.fall_back(unsupported.reason)
             return self.state.run_dense(self.layer_index, stock_op)
+        if torch.compiler.is_compiling():
+            self._compiled_sparse = True
+        return out
 
     # -- the intercepted attention op ---------------------------------------------------------
 

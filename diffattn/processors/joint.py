@@ -61,7 +61,8 @@ def _split_attention(
     video, text = _video_slice(grid), _text_slice(grid)
     video_grid = VideoGrid(grid.frames, grid.height, grid.width)
     q_video = query[:, video]
-    out_vv, lse_vv = state.attend(q_video, key[:, video], value[:, video], layer_index, grid=video_grid, return_lse=True)
+    out_vv, lse_vv = state.attend(q_video, key[:, video], value[:, video], layer_index, grid=video_grid,
+                                  return_lse=True)
     out_vt, lse_vt = _dense_with_lse(q_video, key[:, text], value[:, text], key_padding[:, text])
     lse = torch.logaddexp(lse_vv, lse_vt)
     video_out = out_vv.float() * _merge_weight(lse_vv, lse) + out_vt * _merge_weight(lse_vt, lse)

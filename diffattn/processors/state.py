@@ -4,13 +4,29 @@ Wan, HunyuanVideo, LTX-Video and Mochi never pass ``attention_kwargs`` to their 
 the current denoising step and the latent grid reach the processors through this object: a plain
 PyTorch forward pre-hook on the transformer (which keeps firing under ``enable_model_cpu_offload``)
 writes them before every transformer call.
+
+``torch.compile(transformer)`` traces the transformer's forward, not its hooks, so the work is
+split in two:
+
+* eager (the hooks, ``torch.compiler.disable``): :meth:`SparsityState.begin_call` reads the
+  scheduler and publishes plain values (the grid, whether this step is a dense warm-up or last
+  step, the pattern's layout for the grid, or why the pattern refuses it);
+  :meth:`SparsityState.end_call` books what a compiled forward noted (its sparse calls, its
+  fallbacks: counts, one :class:`~diffattn.errors.DenseFallbackWarning` per reason, or the
+  ``on_unsupported="raise"`` error, raised after that forward). The profiler's observer calls and
+  layouts of grids nobody published (joint attention's video part) also stay eager.
+* traced (:meth:`SparsityState.dense_now`, :meth:`SparsityState.attend`, :meth:`SparsityState.fall_back`,
+  :meth:`SparsityState.run_dense` without an observer): only reads the published values and calls
+  :func:`~diffattn.kernels.block_sparse_attention`, a custom op. Nothing traced reads the step
+  index or a counter, so a compiled transformer has one graph per kind of step (dense, sparse)
+  and grid, shared by all its layers, with no graph break at the sparse call.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import Counter
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Protocol, TypeVar
 
 import torch
 
@@ -107,7 +123,6 @@ class SparsityState:
         self._layout_grid: VideoGrid | None = None
         self._layout: Any = None
         self._layout_problem: str | None = None
-        self._compiled_sparse_layers: list[int] = []
         self._compiled_fallbacks: list[str] = []
 
     # -- host side, eager under torch.compile (the transformer's hooks call these) -------------
@@ -132,21 +147,31 @@ class SparsityState:
         if grid is not None and not self.scheduled_dense:
             self._layout_grid = grid
             self._layout, self._layout_problem = self._layout_for(grid, device)
-        # Cleared in place: compiled code appends to these very lists (see end_call).
-        self._compiled_sparse_layers.clear()
-        self._compiled_fallbacks.clear()
+        self._compiled_fallbacks.clear()  # in place: compiled code appends to this very list
 
     @torch.compiler.disable
-    def end_call(self) -> None:
+    def end_call(self, sparse_layers: Iterable[int] = (), fallbacks: Iterable[str] = ()) -> None:
         """Called by the post-hook after each transformer forward: books what a compiled forward
-        recorded (its sparse calls and fallbacks, see :meth:`attend` and :meth:`fall_back`) as an
-        eager one books it while running: counts, warnings, ``on_unsupported="raise"``."""
-        sparse, fallbacks = list(self._compiled_sparse_layers), list(self._compiled_fallbacks)
-        self._compiled_sparse_layers.clear()
+        noted instead of booking it itself, as an eager forward books it while running.
+
+        Args:
+            sparse_layers: the layers whose self-attention ran the sparse kernel (each one call).
+            fallbacks: the reasons of the calls that ran the stock attention (each one call),
+                besides those :meth:`fall_back` noted here: counts, one warning per reason, or
+                the ``on_unsupported="raise"`` error.
+
+        Example:
+            >>> from diffattn import Dense
+            >>> state = SparsityState(SparsityConfig(pattern=Dense()))
+            >>> state.end_call(sparse_layers=[0, 1])
+            >>> state.sparse_calls
+            Counter({(None, 0): 1, (None, 1): 1})
+        """
+        noted = list(self._compiled_fallbacks)
         self._compiled_fallbacks.clear()
-        for layer_index in sparse:
+        for layer_index in sparse_layers:
             self.sparse_calls[(self.step, layer_index)] += 1
-        for reason in fallbacks:
+        for reason in [*noted, *fallbacks]:
             self._record_fallback(reason, 1)
 
     def _dense_step(self) -> bool:
@@ -191,7 +216,8 @@ class SparsityState:
     def dense_now(self, layer_index: int) -> bool:
         """Whether the schedule keeps layer ``layer_index`` dense in the current call (a dense
         layer, a dense warm-up or last step). Such a call is not a fallback: no warning."""
-        return self.scheduled_dense or layer_index in self.dense_layer_indices
+        # Emptiness first: a transformer compiled block by block then never guards on layer_index.
+        return self.scheduled_dense or (bool(self.dense_layer_indices) and layer_index in self.dense_layer_indices)
 
     def fall_back(self, reason: str, calls: int = 1) -> None:
         """Record that ``calls`` sparsifiable calls run the stock attention because of ``reason``.
@@ -212,7 +238,7 @@ class SparsityState:
             >>> state.fallbacks
             Counter({'head dim 512': 2})
         """
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # the processors note their own (see end_call)
             self._compiled_fallbacks.extend([reason] * calls)
             return
         self._record_fallback(reason, calls)
@@ -262,11 +288,9 @@ class SparsityState:
             result = block_sparse_attention(q, k, v, layout, backend=cfg.backend, return_lse=return_lse)
         else:
             result = self._observed_kernel(layer_index, q, k, v, layout, return_lse)
-        if torch.compiler.is_compiling():
-            # Counting here would guard the graph on the step and on the count (a recompile per
-            # call): note the layer, end_call books it.
-            self._compiled_sparse_layers.append(layer_index)
-        else:
+        if not torch.compiler.is_compiling():
+            # Compiled, counting would guard the graph on the step and the count (a recompile per
+            # call): the processor notes the call instead, and end_call counts it.
             self.sparse_calls[(self.step, layer_index)] += 1
         if return_lse:
             out, lse = result
