@@ -148,7 +148,7 @@ class SparseAttnProcessor:
         self.layer_index = layer_index
         self._intercepted: Callable[..., Any] | str | None = None
         # What a compiled call did, booked by the transformer's post-hook (see take_compiled).
-        self._compiled_sparse = False
+        self.compiled_sparse = False
         self._compiled_fallback: str | None = None
 
     def __repr__(self) -> str:
@@ -235,13 +235,12 @@ class SparseAttnProcessor:
     def take_compiled(self) -> tuple[bool, str | None]:
         """What the last compiled call noted: whether it ran sparse, and why it fell back (or None).
 
-        Compiled code notes these on the processor, not on the shared state: a list there would
-        grow within a forward, and a transformer compiled block by block (``compile_repeated_blocks``)
-        would be guarded on its length, one graph per layer. The post-hook books them
+        Compiled code notes these on the processor (see
+        :meth:`~diffattn.processors.state.SparsityState.attend`); the post-hook books them
         (:meth:`~diffattn.processors.state.SparsityState.end_call`).
         """
-        noted = self._compiled_sparse, self._compiled_fallback
-        self._compiled_sparse, self._compiled_fallback = False, None
+        noted = self.compiled_sparse, self._compiled_fallback
+        self.compiled_sparse, self._compiled_fallback = False, None
         return noted
 
     @torch.compiler.disable
@@ -249,7 +248,7 @@ class SparseAttnProcessor:
         """Build (once) the copy of the stock ``__call__`` that :meth:`sparse` runs, or the reason
         there is none. The pre-hook calls it eagerly before each transformer forward, so that
         compiled code only calls the copy (and it forgets what the previous forward noted)."""
-        self._compiled_sparse, self._compiled_fallback = False, None
+        self.compiled_sparse, self._compiled_fallback = False, None
         if self._intercepted is None:
             stock_call = type(self.stock).__call__
             code = getattr(stock_call, "__code__", None)
@@ -279,15 +278,13 @@ class SparseAttnProcessor:
         whole call runs stock.
         """
         try:
-            out = joint_attention(self.state, self.layer_index, query, key, value, key_padding=key_padding)
+            return joint_attention(self.state, self.layer_index, query, key, value, key_padding=key_padding,
+                                   processor=self)
         except SparseUnsupported as unsupported:
             if stock_op is None:
                 raise
             self.fall_back(unsupported.reason)
             return self.state.run_dense(self.layer_index, stock_op)
-        if torch.compiler.is_compiling():
-            self._compiled_sparse = True
-        return out
 
     # -- the intercepted attention op ---------------------------------------------------------
 

@@ -123,6 +123,7 @@ class SparsityState:
         self._layout_grid: VideoGrid | None = None
         self._layout: Any = None
         self._layout_problem: str | None = None
+        self._compiled_sparse_layers: list[int] = []
         self._compiled_fallbacks: list[str] = []
 
     # -- host side, eager under torch.compile (the transformer's hooks call these) -------------
@@ -147,7 +148,9 @@ class SparsityState:
         if grid is not None and not self.scheduled_dense:
             self._layout_grid = grid
             self._layout, self._layout_problem = self._layout_for(grid, device)
-        self._compiled_fallbacks.clear()  # in place: compiled code appends to this very list
+        # In place: compiled code appends to these very lists.
+        self._compiled_sparse_layers.clear()
+        self._compiled_fallbacks.clear()
 
     @torch.compiler.disable
     def end_call(self, sparse_layers: Iterable[int] = (), fallbacks: Iterable[str] = ()) -> None:
@@ -167,9 +170,10 @@ class SparsityState:
             >>> state.sparse_calls
             Counter({(None, 0): 1, (None, 1): 1})
         """
-        noted = list(self._compiled_fallbacks)
+        noted, noted_sparse = list(self._compiled_fallbacks), list(self._compiled_sparse_layers)
         self._compiled_fallbacks.clear()
-        for layer_index in sparse_layers:
+        self._compiled_sparse_layers.clear()
+        for layer_index in [*noted_sparse, *sparse_layers]:
             self.sparse_calls[(self.step, layer_index)] += 1
         for reason in [*noted, *fallbacks]:
             self._record_fallback(reason, 1)
@@ -252,6 +256,7 @@ class SparsityState:
         *,
         grid: VideoGrid | None = None,
         return_lse: bool = False,
+        processor: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Sparse attention for ``[B, N, H, D]`` tensors (diffusers' layout).
 
@@ -263,6 +268,8 @@ class SparsityState:
         Args:
             grid: the token grid of this sequence (default: the grid the pre-hook published).
             return_lse: also return the log-sum-exp ``[B, N, H]`` (float32) for merging.
+            processor: the :class:`~diffattn.processors.base.SparseAttnProcessor` calling, if
+                any: under ``torch.compile`` the call is noted on it (see :meth:`end_call`).
         """
         grid = self.grid if grid is None else grid
         if grid is None:
@@ -288,10 +295,16 @@ class SparsityState:
             result = block_sparse_attention(q, k, v, layout, backend=cfg.backend, return_lse=return_lse)
         else:
             result = self._observed_kernel(layer_index, q, k, v, layout, return_lse)
+        # Compiled, counting would guard the graph on the step and the count (a recompile per
+        # call): the call is noted instead and end_call counts it. On the processor, not in a list
+        # here: a list would grow within a forward, and a transformer compiled block by block
+        # (compile_repeated_blocks) would be guarded on its length, one graph per layer.
         if not torch.compiler.is_compiling():
-            # Compiled, counting would guard the graph on the step and the count (a recompile per
-            # call): the processor notes the call instead, and end_call counts it.
             self.sparse_calls[(self.step, layer_index)] += 1
+        elif processor is not None:
+            processor.compiled_sparse = True
+        else:
+            self._compiled_sparse_layers.append(layer_index)
         if return_lse:
             out, lse = result
             return out.transpose(1, 2), lse.transpose(1, 2)

@@ -220,7 +220,8 @@ def test_fused_qkv_projections_are_reproduced():
     expected = pipe(**cogvideox_call_kwargs(steps=2)).frames
     apply(pipe, Dense(), block_size=32)
     try:
-        assert type(pipe.transformer.transformer_blocks[0].attn1.processor.stock).__name__ == "FusedCogVideoXAttnProcessor2_0"
+        stock = pipe.transformer.transformer_blocks[0].attn1.processor.stock
+        assert type(stock).__name__ == "FusedCogVideoXAttnProcessor2_0"
         latents = pipe(**cogvideox_call_kwargs(steps=2)).frames
         assert sum(sparsity_state(pipe).sparse_calls.values()) == 2 * 2
     finally:

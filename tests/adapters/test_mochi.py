@@ -137,9 +137,9 @@ def test_prompt_masks_with_holes_are_handled_like_the_stock_processor(pattern, m
     captured = []
     original = base_module.joint_attention
 
-    def capture(state, layer_index, q, k, v, key_padding=None):
+    def capture(state, layer_index, q, k, v, key_padding=None, **kwargs):
         captured.append((q, k, v))
-        return original(state, layer_index, q, k, v, key_padding=key_padding)
+        return original(state, layer_index, q, k, v, key_padding=key_padding, **kwargs)
 
     monkeypatch.setattr(base_module, "joint_attention", capture)
     for index, block in enumerate(transformer.transformer_blocks):  # block 1 has no to_add_out
@@ -246,7 +246,8 @@ def test_adapter_grid_from_call():
     transformer = tiny_mochi_pipeline().transformer
     latents, text = torch.zeros(1, 4, 5, 6, 10), torch.zeros(1, 7, 32)
     expected = VideoGrid(5, 3, 5, text_tokens=7, text_position="end")  # Mochi patchifies space only
-    assert adapter.grid_from_call(transformer, (), {"hidden_states": latents, "encoder_hidden_states": text}) == expected
+    by_keyword = {"hidden_states": latents, "encoder_hidden_states": text}
+    assert adapter.grid_from_call(transformer, (), by_keyword) == expected
     assert adapter.grid_from_call(transformer, (latents, text), {}) == expected
 
 

@@ -15,7 +15,6 @@ from .reference import masked_attention
 from .tiny_pipelines import tiny_wan_pipeline, wan_call_kwargs
 
 
-
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_wan_pipeline()

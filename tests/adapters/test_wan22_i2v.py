@@ -13,12 +13,13 @@ from diffattn import Dense, Neighborhood, VideoGrid
 from diffattn.adapters import apply, remove, sparsity_state
 from diffattn.processors import SparsityConfig, WanSparseAttnProcessor
 
+from .reference import masked_attention
+
 # 9 frames -> 3 latent frames; 64 px / 8 (VAE) / 2 (patch) = 4 tokens per side.
 GRID = VideoGrid(3, 4, 4)
 # shift=5, 4 steps: timesteps [1000, 909.7, 717.3, 24.4]; boundary 0.8 * 1000 = 800 puts steps 0-1
 # on ``transformer`` (high noise) and steps 2-3 on ``transformer_2`` (low noise).
 BOUNDARY = 0.8
-from .reference import masked_attention
 
 
 def tiny_wan_vae():

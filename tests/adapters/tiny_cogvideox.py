@@ -17,7 +17,10 @@ def tiny_cogvideox_pipeline(version: str = "1.0", rotary: bool = True, num_layer
         rotary: CogVideoX 1.0 only: rotary (5B) or sinusoidal absolute (2B) positional embeddings.
     """
     from diffusers import (
-        AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline,
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXDPMScheduler,
+        CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
 
