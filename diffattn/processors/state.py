@@ -96,6 +96,8 @@ class SparsityState:
         step: index of the current denoising step, or None when unknown (then sparse, as after
             warm-up).
         num_steps: steps in the current run, or None when unknown.
+        scheduled_dense: whether the schedule keeps the whole current call dense (a dense warm-up
+            or last step; set by :meth:`begin_call`).
         sparse_calls: ``Counter[(step, layer_index)]`` of calls that ran the sparse kernel.
         fallbacks: ``Counter[reason]`` of sparsifiable self-attention calls that ran the stock
             attention because they could not run sparse (see :meth:`fall_back`). Calls kept dense
