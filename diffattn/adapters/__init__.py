@@ -11,15 +11,15 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..patterns import Pattern, VideoGrid
 from ..processors.config import SparsityConfig
 from ..processors.presets import load_preset
-from ..patterns import Pattern, VideoGrid
 from .base import INSTALLED_ATTRIBUTE, DenseFallbackWarning, ModelAdapter, install, uninstall, unwrap_compiled
 from .base import sparse_processors as _sparse_processors
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
-from .ltx_video import LTXVideoAdapter
 from .hunyuan_video import HunyuanVideoAdapter
+from .ltx_video import LTXVideoAdapter
 from .mochi import MochiAdapter
 from .wan import WanAdapter
 

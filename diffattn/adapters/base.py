@@ -88,6 +88,7 @@ class Installed:
 
     layers: list[tuple[str, int]]
     hook: torch.utils.hooks.RemovableHandle
+    end_hook: torch.utils.hooks.RemovableHandle
     state: SparsityState
     assigned_directly: bool
 
@@ -155,15 +156,29 @@ def sparse_processors(
         reason = None if grid is not None else (
             f"the transformer's inputs form no token grid ({adapter.no_grid_calls or 'unexpected inputs'})"
         )
-        state.begin_call(grid, adapter.timestep_from_call(args, kwargs), no_grid_reason=reason)
+        state.begin_call(grid, adapter.timestep_from_call(args, kwargs), no_grid_reason=reason,
+                         device=_input_device(args, kwargs))
         _check_processors(state, modules)
 
-    # Eager under torch.compile: reading the scheduler and building the grid is host-side work
-    # that would otherwise be traced, guarded and recompiled for every new step and shape.
+    def book(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        _book_compiled(state, modules)
+
+    # Both hooks run eagerly under torch.compile(transformer), which traces only the forward:
+    # reading the scheduler, building the grid and layout, counting and warning are host-side
+    # work that would otherwise be traced, guarded and recompiled for every new step.
     hook = transformer.register_forward_pre_hook(torch.compiler.disable(publish), with_kwargs=True)
+    end_hook = transformer.register_forward_hook(torch.compiler.disable(book), with_kwargs=True)
     direct = not hasattr(transformer, "set_attn_processor")
-    setattr(transformer, INSTALLED_ATTRIBUTE, Installed(layers, hook, state, direct))
+    setattr(transformer, INSTALLED_ATTRIBUTE, Installed(layers, hook, end_hook, state, direct))
     return processors
+
+
+def _input_device(args: tuple, kwargs: dict) -> torch.device | None:
+    """The device of a transformer forward's first tensor argument (where its layouts belong)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
 
 
 def _not_ours_reason(class_name: str) -> str:
@@ -186,12 +201,28 @@ def _check_processors(state: SparsityState, modules: list[tuple[torch.nn.Module,
             if processor.state is None:
                 processor.state, processor.layer_index = state, index
             if processor.state is state:
+                processor.prepare()
                 continue
         if not state.dense_now(index):  # a layer the schedule keeps dense loses nothing
             stale = isinstance(processor, SparseAttnProcessor)
             others[_STALE if stale else _not_ours_reason(type(processor).__name__)] += 1
     for reason, layers in others.items():
         state.fall_back(reason, calls=layers)
+
+
+def _book_compiled(state: SparsityState, modules: list[tuple[torch.nn.Module, int]]) -> None:
+    """After each transformer call: book the sparse calls and fallbacks a compiled forward noted
+    on its processors (nothing, after an eager one: it booked them itself)."""
+    sparse, fallbacks = [], []
+    for module, index in modules:
+        processor = module.processor
+        if isinstance(processor, SparseAttnProcessor) and processor.state is state:
+            ran_sparse, reason = processor.take_compiled()
+            if ran_sparse:
+                sparse.append(index)
+            if reason is not None:
+                fallbacks.append(reason)
+    state.end_call(sparse, fallbacks)
 
 
 def install(adapter: ModelAdapter, transformer: torch.nn.Module, config: SparsityConfig, scheduler: Any) -> None:
@@ -236,6 +267,7 @@ def _forget(transformer: torch.nn.Module) -> None:
     installed: Installed | None = getattr(transformer, INSTALLED_ATTRIBUTE, None)
     if installed is not None:
         installed.hook.remove()
+        installed.end_hook.remove()
         delattr(transformer, INSTALLED_ATTRIBUTE)
 
 

@@ -20,6 +20,13 @@ A family file says only what differs: the stock classes it reproduces, the name 
 op inside the stock ``__call__`` (diffusers' ``dispatch_attention_fn``, or ``F`` for processors
 that call ``F.scaled_dot_product_attention``), its ``__call__`` parameter names, and what makes a
 call of its layers a self-attention call.
+
+Under ``torch.compile`` the whole flow above is traced (into the graph of the transformer's
+forward, no graph break): it reads only what the transformer's pre-hook published on the
+:class:`~diffattn.processors.state.SparsityState`, and the copy of the stock ``__call__`` is built
+eagerly by that hook (:meth:`SparseAttnProcessor.prepare`). Fallbacks are noted and warned about
+after the forward (see :mod:`diffattn.processors.state`); a data-dependent key-padding mask (joint
+attention) or a profiler's observer costs a graph break.
 """
 
 from __future__ import annotations
@@ -139,7 +146,10 @@ class SparseAttnProcessor:
         self.stock = stock
         self.state = state
         self.layer_index = layer_index
-        self._intercepted: Callable[..., Any] | None = None
+        self._intercepted: Callable[..., Any] | str | None = None
+        # What a compiled call did, booked by the transformer's post-hook (see take_compiled).
+        self.compiled_sparse = False
+        self._compiled_fallback: str | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer_index={self.layer_index}, stock={type(self.stock).__name__})"
@@ -171,10 +181,9 @@ class SparseAttnProcessor:
             return self.stock(**call)
         return self.state.run_dense(self.layer_index, lambda: self.stock(**call))
 
-    @torch.compiler.disable
     def _decide(self, call: dict[str, Any]) -> str | None:
         """None when the call runs sparse; else why not, recorded as a fallback unless it is the
-        schedule (eager under torch.compile: host-side bookkeeping, as in SparsityState)."""
+        schedule."""
         state = self.state
         if state is not None and state.dense_now(self.layer_index):
             return SCHEDULED_DENSE
@@ -208,25 +217,51 @@ class SparseAttnProcessor:
 
     def fall_back(self, reason: str) -> None:
         """Record a call that runs stock because of ``reason`` (warns once per reason)."""
-        if self.state is not None:
+        if self.state is not None and torch.compiler.is_compiling():
+            self._compiled_fallback = reason
+        elif self.state is not None:
             self.state.fall_back(reason)
-        elif reason not in _WARNED_WITHOUT_STATE:
-            _WARNED_WITHOUT_STATE.add(reason)
-            warnings.warn(f"diffattn: {type(self).__name__} runs the stock dense attention: {reason}",
-                          DenseFallbackWarning, stacklevel=4)
+        else:
+            _warn_without_state(type(self).__name__, reason)
 
     def sparse(self, call: dict[str, Any]) -> Any:
         """The sparse call: the stock ``__call__`` with its attention op replaced by :meth:`attention`."""
+        intercepted = self._intercepted if self._intercepted is not None else self.prepare()
+        if isinstance(intercepted, str):
+            raise SparseUnsupported(intercepted)
+        return intercepted(self.stock, **call)
+
+    @torch.compiler.disable
+    def take_compiled(self) -> tuple[bool, str | None]:
+        """What the last compiled call noted: whether it ran sparse, and why it fell back (or None).
+
+        Compiled code notes these on the processor (see
+        :meth:`~diffattn.processors.state.SparsityState.attend`); the post-hook books them
+        (:meth:`~diffattn.processors.state.SparsityState.end_call`).
+        """
+        noted = self.compiled_sparse, self._compiled_fallback
+        self.compiled_sparse, self._compiled_fallback = False, None
+        return noted
+
+    @torch.compiler.disable
+    def prepare(self) -> Callable[..., Any] | str:
+        """Build (once) the copy of the stock ``__call__`` that :meth:`sparse` runs, or the reason
+        there is none. The pre-hook calls it eagerly before each transformer forward, so that
+        compiled code only calls the copy (and it forgets what the previous forward noted)."""
+        self.compiled_sparse, self._compiled_fallback = False, None
         if self._intercepted is None:
             stock_call = type(self.stock).__call__
             code = getattr(stock_call, "__code__", None)
-            if code is None or self.attention_global not in code.co_names:
-                raise SparseUnsupported(
+            if not self.attention_global:  # the family overrides sparse(): nothing to intercept
+                self._intercepted = "no stock attention op to replace"
+            elif code is None or self.attention_global not in code.co_names:
+                self._intercepted = (
                     f"{type(self.stock).__name__}.__call__ does not use {self.attention_global!r} in this diffusers "
                     "version, so diffattn cannot replace its attention op"
                 )
-            self._intercepted = _with_global(stock_call, self.attention_global, self._replacement())
-        return self._intercepted(self.stock, **call)
+            else:
+                self._intercepted = _with_global(stock_call, self.attention_global, self._replacement())
+        return self._intercepted
 
     def attention(
         self,
@@ -243,7 +278,8 @@ class SparseAttnProcessor:
         whole call runs stock.
         """
         try:
-            return joint_attention(self.state, self.layer_index, query, key, value, key_padding=key_padding)
+            return joint_attention(self.state, self.layer_index, query, key, value, key_padding=key_padding,
+                                   processor=self)
         except SparseUnsupported as unsupported:
             if stock_op is None:
                 raise
@@ -294,6 +330,14 @@ class SparseAttnProcessor:
         return out.transpose(1, 2) if heads_first else out
 
 
+@torch.compiler.disable
+def _warn_without_state(processor: str, reason: str) -> None:
+    if reason not in _WARNED_WITHOUT_STATE:
+        _WARNED_WITHOUT_STATE.add(reason)
+        warnings.warn(f"diffattn: {processor} runs the stock dense attention: {reason}",
+                      DenseFallbackWarning, stacklevel=5)
+
+
 def _heads_second(out: torch.Tensor, heads_first: bool) -> torch.Tensor:
     return out.transpose(1, 2) if heads_first else out
 
@@ -310,7 +354,6 @@ def _op_options_problem(args: tuple, kwargs: dict) -> str | None:
     return None
 
 
-@torch.compiler.disable
 def key_padding_from_mask(attention_mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor | str:
     """The ``[B, N]`` bool key-padding mask (True = may be attended) an attention mask stands for.
 
@@ -363,6 +406,9 @@ def _with_global(function: types.FunctionType, name: str, replacement: Any) -> t
     """
     namespace = dict(function.__globals__)
     namespace[name] = replacement
+    # Without a module name torch.compile guards the copy's globals as this very dict (with it,
+    # dynamo would read them from the named module, which holds the original).
+    namespace.pop("__name__", None)
     copy = types.FunctionType(function.__code__, namespace, function.__name__, function.__defaults__,
                               function.__closure__)
     copy.__kwdefaults__ = function.__kwdefaults__

@@ -9,6 +9,8 @@ video-to-text part, merged exactly through their log-sum-exps; text queries atte
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -26,25 +28,29 @@ def joint_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     key_padding: torch.Tensor | None = None,
+    processor: Any = None,
 ) -> torch.Tensor:
     """Attention over ``[B, N, H, D]`` tensors whose tokens follow ``state.grid``'s order.
 
     Args:
         key_padding: bool ``[B, N]``, True where a key may be attended (None: all).
+        processor: the calling processor (see :meth:`~diffattn.processors.state.SparsityState.attend`).
     Returns:
         ``[B, N, H, D]``, equal to softmax attention restricted to the pattern's token mask AND the
         key-padding mask.
     """
     grid = state.grid
     if key_padding is None or bool(key_padding.all()):
-        return state.attend(query, key, value, layer_index)
+        return state.attend(query, key, value, layer_index, processor=processor)
     if grid.text_tokens == 0 or not bool(key_padding[:, _video_slice(grid)].all()):
         raise SparseUnsupported("an attention mask on video tokens (only text keys may be padding)")
 
     if state.observer is None:
-        return _split_attention(state, layer_index, query, key, value, key_padding)
+        return _split_attention(state, layer_index, query, key, value, key_padding, processor)
     # The whole split op (sparse video part, dense text parts, merge) is one call for a profiler.
-    return state.observe(layer_index, lambda: _split_attention(state, layer_index, query, key, value, key_padding))
+    return state.observe(
+        layer_index, lambda: _split_attention(state, layer_index, query, key, value, key_padding, processor)
+    )
 
 
 def _split_attention(
@@ -54,6 +60,7 @@ def _split_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     key_padding: torch.Tensor,
+    processor: Any = None,
 ) -> torch.Tensor:
     """:func:`joint_attention` with a key-padding mask on text keys: sparse video->video part and
     dense masked video->text part merged through their LSEs; text queries attend densely."""
@@ -61,7 +68,8 @@ def _split_attention(
     video, text = _video_slice(grid), _text_slice(grid)
     video_grid = VideoGrid(grid.frames, grid.height, grid.width)
     q_video = query[:, video]
-    out_vv, lse_vv = state.attend(q_video, key[:, video], value[:, video], layer_index, grid=video_grid, return_lse=True)
+    out_vv, lse_vv = state.attend(q_video, key[:, video], value[:, video], layer_index, grid=video_grid,
+                                  return_lse=True, processor=processor)
     out_vt, lse_vt = _dense_with_lse(q_video, key[:, text], value[:, text], key_padding[:, text])
     lse = torch.logaddexp(lse_vv, lse_vt)
     video_out = out_vv.float() * _merge_weight(lse_vv, lse) + out_vt * _merge_weight(lse_vt, lse)

@@ -4,13 +4,29 @@ Wan, HunyuanVideo, LTX-Video and Mochi never pass ``attention_kwargs`` to their 
 the current denoising step and the latent grid reach the processors through this object: a plain
 PyTorch forward pre-hook on the transformer (which keeps firing under ``enable_model_cpu_offload``)
 writes them before every transformer call.
+
+``torch.compile(transformer)`` traces the transformer's forward, not its hooks, so the work is
+split in two:
+
+* eager (the hooks, ``torch.compiler.disable``): :meth:`SparsityState.begin_call` reads the
+  scheduler and publishes plain values (the grid, whether this step is a dense warm-up or last
+  step, the pattern's layout for the grid, or why the pattern refuses it);
+  :meth:`SparsityState.end_call` books what a compiled forward noted (its sparse calls, its
+  fallbacks: counts, one :class:`~diffattn.errors.DenseFallbackWarning` per reason, or the
+  ``on_unsupported="raise"`` error, raised after that forward). The profiler's observer calls and
+  layouts of grids nobody published (joint attention's video part) also stay eager.
+* traced (:meth:`SparsityState.dense_now`, :meth:`SparsityState.attend`, :meth:`SparsityState.fall_back`,
+  :meth:`SparsityState.run_dense` without an observer): only reads the published values and calls
+  :func:`~diffattn.kernels.block_sparse_attention`, a custom op. Nothing traced reads the step
+  index or a counter, so a compiled transformer has one graph per kind of step (dense, sparse)
+  and grid, shared by all its layers, with no graph break at the sparse call.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import Counter
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Protocol, TypeVar
 
 import torch
 
@@ -64,9 +80,10 @@ class SparseUnsupported(Exception):
         reason: one short line saying why (the key of :attr:`SparsityState.fallbacks`).
     """
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    # No __init__ of its own: torch.compile traces raising and catching it only that way.
+    @property
+    def reason(self) -> str:
+        return str(self.args[0])
 
 
 class SparsityState:
@@ -79,6 +96,8 @@ class SparsityState:
         step: index of the current denoising step, or None when unknown (then sparse, as after
             warm-up).
         num_steps: steps in the current run, or None when unknown.
+        scheduled_dense: whether the schedule keeps the whole current call dense (a dense warm-up
+            or last step; set by :meth:`begin_call`).
         sparse_calls: ``Counter[(step, layer_index)]`` of calls that ran the sparse kernel.
         fallbacks: ``Counter[reason]`` of sparsifiable self-attention calls that ran the stock
             attention because they could not run sparse (see :meth:`fall_back`). Calls kept dense
@@ -101,42 +120,118 @@ class SparsityState:
         self.fallbacks: Counter[str] = Counter()
         self.dense_layer_indices: frozenset[int] = frozenset()
         self.observer: AttentionObserver | None = None
+        self.scheduled_dense = False
         self._warned: set[str] = set()
+        self._layout_grid: VideoGrid | None = None
+        self._layout: Any = None
+        self._layout_problem: str | None = None
+        self._compiled_sparse_layers: list[int] = []
+        self._compiled_fallbacks: list[str] = []
 
-    # torch.compile: begin_call, dense_now and attend (step/grid bookkeeping, layout cache, kernel
-    # dispatch) run eagerly. Traced, they would specialise the graph on every step index and call
-    # count (a recompile per step until the recompile limit) and break on the layouts' .item().
+    # -- host side, eager under torch.compile (the transformer's hooks call these) -------------
+
     @torch.compiler.disable
     def begin_call(self, grid: VideoGrid | None, timestep: torch.Tensor | float | None,
-                   no_grid_reason: str | None = None) -> None:
+                   no_grid_reason: str | None = None, device: torch.device | str | None = None) -> None:
         """Called by the pre-hook before each transformer forward (``grid`` None: this call has no
-        token grid, ``no_grid_reason`` says why)."""
+        token grid, ``no_grid_reason`` says why).
+
+        Everything that depends on the step or the grid is worked out here, eagerly: the step,
+        whether the schedule keeps this call dense (:attr:`scheduled_dense`), and the pattern's
+        layout for the grid on ``device`` (or why the pattern refuses the grid). The processors
+        only read these plain values, so a compiled transformer is traced once per kind of step
+        (dense or sparse) and grid, never per step index.
+        """
         self.grid = grid
         self.no_grid_reason = no_grid_reason if grid is None else None
         self.step, self.num_steps = _current_step(self.scheduler, timestep)
+        self.scheduled_dense = self._dense_step()
+        self._layout_grid, self._layout, self._layout_problem = None, None, None
+        if grid is not None and not self.scheduled_dense:
+            self._layout_grid = grid
+            self._layout, self._layout_problem = self._layout_for(grid, device)
+        # In place: compiled code appends to these very lists.
+        self._compiled_sparse_layers.clear()
+        self._compiled_fallbacks.clear()
 
     @torch.compiler.disable
+    def end_call(self, sparse_layers: Iterable[int] = (), fallbacks: Iterable[str] = ()) -> None:
+        """Called by the post-hook after each transformer forward: books what a compiled forward
+        noted instead of booking it itself, as an eager forward books it while running.
+
+        Args:
+            sparse_layers: the layers whose self-attention ran the sparse kernel (each one call).
+            fallbacks: the reasons of the calls that ran the stock attention (each one call),
+                besides those :meth:`fall_back` noted here: counts, one warning per reason, or
+                the ``on_unsupported="raise"`` error.
+
+        Example:
+            >>> from diffattn import Dense
+            >>> state = SparsityState(SparsityConfig(pattern=Dense()))
+            >>> state.end_call(sparse_layers=[0, 1])
+            >>> state.sparse_calls
+            Counter({(None, 0): 1, (None, 1): 1})
+        """
+        noted, noted_sparse = list(self._compiled_fallbacks), list(self._compiled_sparse_layers)
+        self._compiled_fallbacks.clear()
+        self._compiled_sparse_layers.clear()
+        for layer_index in [*noted_sparse, *sparse_layers]:
+            self.sparse_calls[(self.step, layer_index)] += 1
+        for reason in [*noted, *fallbacks]:
+            self._record_fallback(reason, 1)
+
+    def _dense_step(self) -> bool:
+        """Whether the current step is a dense warm-up or last step."""
+        cfg = self.config
+        if self.step is None:
+            return False
+        if self.step < cfg.dense_steps:
+            return True
+        last = self.num_steps - cfg.dense_last_steps if self.num_steps is not None else None
+        return bool(cfg.dense_last_steps) and last is not None and self.step >= last
+
+    @torch.compiler.disable
+    def _layout_for(self, grid: VideoGrid, device: torch.device | str | None) -> tuple[Any, str | None]:
+        """``(layout, None)``, or ``(None, why the pattern refuses the grid)``."""
+        cfg = self.config
+        try:
+            layout = cfg.pattern.layout(grid, block_size=cfg.block_size, tile_shape=cfg.tile_shape,
+                                        device=device if device is not None else "cpu")
+        except UserError as error:
+            return None, f"the pattern does not fit the grid: {error}"
+        return layout, None
+
+    @torch.compiler.disable
+    def _record_fallback(self, reason: str, calls: int) -> None:
+        self.fallbacks[reason] += calls
+        if self.config.on_unsupported == "raise":
+            raise UserError(
+                f"diffattn: a self-attention call of the {self.label} cannot run sparse: {reason} "
+                "(SparsityConfig(on_unsupported='raise'); use on_unsupported='warn' to run such calls dense)"
+            )
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(
+                f"diffattn: self-attention calls of the {self.label} run the stock dense attention: {reason} "
+                "(shown once per reason; SparsityState.fallbacks counts them)",
+                DenseFallbackWarning, stacklevel=4,
+            )
+
+    # -- traced under torch.compile: reads only the values begin_call published ---------------
+
     def dense_now(self, layer_index: int) -> bool:
         """Whether the schedule keeps layer ``layer_index`` dense in the current call (a dense
         layer, a dense warm-up or last step). Such a call is not a fallback: no warning."""
-        cfg = self.config
-        if layer_index in self.dense_layer_indices:
-            return True
-        if self.step is not None:
-            if self.step < cfg.dense_steps:
-                return True
-            last = self.num_steps - cfg.dense_last_steps if self.num_steps is not None else None
-            if cfg.dense_last_steps and last is not None and self.step >= last:
-                return True
-        return False
+        # Emptiness first: a transformer compiled block by block then never guards on layer_index.
+        return self.scheduled_dense or (bool(self.dense_layer_indices) and layer_index in self.dense_layer_indices)
 
-    @torch.compiler.disable
     def fall_back(self, reason: str, calls: int = 1) -> None:
         """Record that ``calls`` sparsifiable calls run the stock attention because of ``reason``.
 
         Issues one :class:`DenseFallbackWarning` per reason for this state (this installed
         transformer); with ``SparsityConfig(on_unsupported="raise")`` raises :class:`UserError`
-        naming the reason instead.
+        naming the reason instead. Under ``torch.compile`` the compiled code only notes the
+        reason, and :meth:`end_call` (after the forward) counts, warns or raises.
 
         Example:
             >>> from diffattn import Dense
@@ -149,21 +244,11 @@ class SparsityState:
             >>> state.fallbacks
             Counter({'head dim 512': 2})
         """
-        self.fallbacks[reason] += calls
-        if self.config.on_unsupported == "raise":
-            raise UserError(
-                f"diffattn: a self-attention call of the {self.label} cannot run sparse: {reason} "
-                "(SparsityConfig(on_unsupported='raise'); use on_unsupported='warn' to run such calls dense)"
-            )
-        if reason not in self._warned:
-            self._warned.add(reason)
-            warnings.warn(
-                f"diffattn: self-attention calls of the {self.label} run the stock dense attention: {reason} "
-                "(shown once per reason; SparsityState.fallbacks counts them)",
-                DenseFallbackWarning, stacklevel=3,
-            )
+        if torch.compiler.is_compiling():  # the processors note their own (see end_call)
+            self._compiled_fallbacks.extend([reason] * calls)
+            return
+        self._record_fallback(reason, calls)
 
-    @torch.compiler.disable
     def attend(
         self,
         query: torch.Tensor,
@@ -173,6 +258,7 @@ class SparsityState:
         *,
         grid: VideoGrid | None = None,
         return_lse: bool = False,
+        processor: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Sparse attention for ``[B, N, H, D]`` tensors (diffusers' layout).
 
@@ -184,6 +270,8 @@ class SparsityState:
         Args:
             grid: the token grid of this sequence (default: the grid the pre-hook published).
             return_lse: also return the log-sum-exp ``[B, N, H]`` (float32) for merging.
+            processor: the :class:`~diffattn.processors.base.SparseAttnProcessor` calling, if
+                any: under ``torch.compile`` the call is noted on it (see :meth:`end_call`).
         """
         grid = self.grid if grid is None else grid
         if grid is None:
@@ -193,27 +281,46 @@ class SparsityState:
                 f"the self-attention sequence has {query.shape[1]} tokens but the latent grid "
                 f"{grid.frames}x{grid.height}x{grid.width} + {grid.text_tokens} text has {grid.num_tokens}"
             )
+        if grid is self._layout_grid:
+            layout, problem = self._layout, self._layout_problem
+        else:  # a grid begin_call did not publish (joint attention's video part): eager
+            layout, problem = self._layout_for(grid, query.device)
+        if problem is not None:
+            raise SparseUnsupported(problem)
         cfg = self.config
-        try:
-            layout = cfg.pattern.layout(grid, block_size=cfg.block_size, tile_shape=cfg.tile_shape, device=query.device)
-        except UserError as error:
-            raise SparseUnsupported(f"the pattern does not fit the grid: {error}") from None
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         problems = support_problems(q, k, v, layout, cfg.backend)
         if problems:
             raise SparseUnsupported("; ".join(problems))
 
-        def attention() -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-            return block_sparse_attention(
-                q, k, v, layout, backend=cfg.backend, return_lse=return_lse,
-            )
-
-        result = attention() if self.observer is None else self.observer.sparse_call(self, layer_index, attention)
-        self.sparse_calls[(self.step, layer_index)] += 1
+        if self.observer is None:
+            result = block_sparse_attention(q, k, v, layout, backend=cfg.backend, return_lse=return_lse)
+        else:
+            result = self._observed_kernel(layer_index, q, k, v, layout, return_lse)
+        # Compiled, counting would guard the graph on the step and the count (a recompile per
+        # call): the call is noted instead and end_call counts it. On the processor, not in a list
+        # here: a list would grow within a forward, and a transformer compiled block by block
+        # (compile_repeated_blocks) would be guarded on its length, one graph per layer.
+        if not torch.compiler.is_compiling():
+            self.sparse_calls[(self.step, layer_index)] += 1
+        elif processor is not None:
+            processor.compiled_sparse = True
+        else:
+            self._compiled_sparse_layers.append(layer_index)
         if return_lse:
             out, lse = result
             return out.transpose(1, 2), lse.transpose(1, 2)
         return result.transpose(1, 2)
+
+    @torch.compiler.disable
+    def _observed_kernel(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Any,
+                         return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The kernel call as one call of the observer (eager: the profiler times it)."""
+
+        def attention() -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            return block_sparse_attention(q, k, v, layout, backend=self.config.backend, return_lse=return_lse)
+
+        return self.observer.sparse_call(self, layer_index, attention)
 
     @torch.compiler.disable
     def observe(self, layer_index: int, attention: Callable[[], T]) -> T:
@@ -235,6 +342,10 @@ class SparsityState:
         or a fallback), reported to the observer when one is attached."""
         if self.observer is None:
             return dense()
+        return self._observed_dense(layer_index, dense)
+
+    @torch.compiler.disable
+    def _observed_dense(self, layer_index: int, dense: Callable[[], T]) -> T:
         return self.observer.dense_call(self, layer_index, dense)
 
 

@@ -34,8 +34,8 @@ def joint_calls(monkeypatch, request):
     calls = []
     original = module.joint_attention
 
-    def record(state, layer_index, q, k, v, key_padding=None):
-        out = original(state, layer_index, q, k, v, key_padding=key_padding)
+    def record(state, layer_index, q, k, v, key_padding=None, **kwargs):
+        out = original(state, layer_index, q, k, v, key_padding=key_padding, **kwargs)
         calls.append((layer_index, q.detach(), k.detach(), v.detach(), key_padding, out.detach()))
         return out
 

@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
 
 from diffattn import Dense, Neighborhood, Radial, VideoGrid
 from diffattn.adapters import DenseFallbackWarning, apply, find_adapter, remove, sparsity_state
@@ -310,3 +312,25 @@ def test_lora_loaded_before_or_after_apply_is_used(order, tmp_path):
     assert sum(sparsity_state(pipe).sparse_calls.values()) > 0  # our processors ran
     assert not torch.allclose(latents, without_lora, atol=1e-4)
     torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph_matches_eager_with_one_graph_per_kind_of_step():
+    """A compiled LTX transformer: the sparse calls are traced (no graph break), one graph for the
+    dense warm-up step and one for the sparse steps, the eager latents and sparse-call counts."""
+    pipe = tiny_ltx_pipeline()
+    apply(pipe, SparsityConfig(pattern=Neighborhood(kernel_size=(3, 3, 3)), block_size=32, dense_steps=1))
+    eager = pipe(**ltx_call_kwargs()).frames
+    state = sparsity_state(pipe)
+    eager_calls = dict(state.sparse_calls)
+    assert eager_calls == {(step, layer): 1 for step in (1, 2) for layer in (0, 1)}
+    state.sparse_calls.clear()
+    torch._dynamo.reset()
+    counters.clear()
+    counter = CompileCounterWithBackend("aot_eager")
+    try:
+        pipe.transformer = torch.compile(pipe.transformer, backend=counter, fullgraph=True)
+        torch.testing.assert_close(pipe(**ltx_call_kwargs()).frames, eager, atol=1e-5, rtol=1e-5)
+        assert counter.frame_count == 2 and not sum(counters["graph_break"].values())
+        assert dict(state.sparse_calls) == eager_calls
+    finally:
+        torch._dynamo.reset()

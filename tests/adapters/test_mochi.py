@@ -137,9 +137,9 @@ def test_prompt_masks_with_holes_are_handled_like_the_stock_processor(pattern, m
     captured = []
     original = base_module.joint_attention
 
-    def capture(state, layer_index, q, k, v, key_padding=None):
+    def capture(state, layer_index, q, k, v, key_padding=None, **kwargs):
         captured.append((q, k, v))
-        return original(state, layer_index, q, k, v, key_padding=key_padding)
+        return original(state, layer_index, q, k, v, key_padding=key_padding, **kwargs)
 
     monkeypatch.setattr(base_module, "joint_attention", capture)
     for index, block in enumerate(transformer.transformer_blocks):  # block 1 has no to_add_out
