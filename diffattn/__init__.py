@@ -14,7 +14,7 @@ Example:
 
 from .adapters import apply, remove, sparse_processors
 from .errors import DenseFallbackWarning, UserError
-from .kernels import block_sparse_attention
+from .kernels import agent_attention, block_sparse_attention
 from .patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
 from .processors import SparsityConfig
 from .profiler import ProfileReport, profile
@@ -33,6 +33,7 @@ __all__ = [
     "UserError",
     "VideoGrid",
     "__version__",
+    "agent_attention",
     "apply",
     "block_sparse_attention",
     "profile",
