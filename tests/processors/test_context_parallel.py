@@ -1,0 +1,118 @@
+"""diffattn under diffusers' context parallelism: Ulysses degree 2 on 2 gloo CPU processes.
+
+The two ranks (:mod:`tests.processors.context_parallel_worker`) stand in for diffusers' accelerator
+lookup (``torch.accelerator.device_count`` and ``torch._C._get_accelerator`` report one CPU
+device): diffusers refuses context parallelism on a machine without an accelerator, and nothing
+else in its context-parallel code needs one. The reference is the same tiny Wan pipeline in one
+process, without context parallelism.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from diffattn import Dense, DenseFallbackWarning, UserError, VideoGrid
+from diffattn.adapters import ADAPTERS
+from diffattn.processors import SparsityConfig, SparsityState
+from diffattn.processors.base import CONTEXT_PARALLEL
+from diffattn.processors.parallel import SUPPORTED_MODE
+
+from . import context_parallel_worker as worker
+
+CASES = ["stock", "dense", "neighborhood", "per-head"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ulysses_runs(tmp_path_factory):
+    """``{case: [rank 0 result, rank 1 result]}`` of the tiny Wan pipeline under Ulysses degree 2."""
+    out_dir = tmp_path_factory.mktemp("ulysses")
+    mp.spawn(worker.rank_main, args=(2, _free_port(), str(out_dir), CASES), nprocs=2, join=True)
+    return {case: [torch.load(out_dir / f"{case}-{rank}.pt") for rank in range(2)] for case in CASES}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ulysses_degree_2_matches_one_process(ulysses_runs, case):
+    expected = worker.run_case(case, ulysses_degree=None)
+    for rank, result in enumerate(ulysses_runs[case]):
+        torch.testing.assert_close(result["latents"], expected["latents"], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, rank=rank: f"rank {rank}: {m}")
+        if case == "stock":
+            continue
+        # Really sparse on every rank (2 layers x 2 CFG passes x 2 steps), no fallback, and the
+        # grid the layouts were built for is the global one, not a shard's.
+        assert result["fallbacks"] == {}, (rank, result["fallbacks"])
+        assert result["sparse_calls"] == expected["sparse_calls"] == 2 * 2 * worker.STEPS
+        assert result["grid"] == expected["grid"] == (3, 4, 4)
+
+
+def test_sparse_presets_differ_from_dense(ulysses_runs):
+    # The sparse cases would pass vacuously if their patterns changed nothing.
+    dense = ulysses_runs["dense"][0]["latents"]
+    for case in ("neighborhood", "per-head"):
+        assert (ulysses_runs[case][0]["latents"] - dense).abs().max() > 1e-3
+
+
+class _ContextParallel:
+    """What ``enable_parallelism`` sets on a processor (only the fields diffattn reads)."""
+
+    def __init__(self, ring_degree: int = 1, ulysses_degree: int = 2, ulysses_anything: bool = False) -> None:
+        self.context_parallel_config = type("CP", (), dict(
+            ring_degree=ring_degree, ulysses_degree=ulysses_degree, ulysses_anything=ulysses_anything))()
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda a: a.family)
+def test_only_ulysses_on_a_dispatch_family_runs_sparse(adapter):
+    processor_class = adapter.processor_class
+    state = SparsityState(SparsityConfig(pattern=Dense()))
+    state.grid = VideoGrid(1, 2, 2)
+    processor = processor_class(state=state)
+    processor._parallel_config = _ContextParallel()
+    assert processor.stock._parallel_config is processor._parallel_config  # the stock path is the CP one
+    ulysses = processor.fallback_reason({})
+    if processor_class.attention_global == "dispatch_attention_fn":
+        assert ulysses is None
+    else:  # the op that carries the parallel config is not the one these families call
+        assert ulysses == CONTEXT_PARALLEL
+    for refused in (_ContextParallel(ring_degree=2, ulysses_degree=1), _ContextParallel(ulysses_anything=True)):
+        processor._parallel_config = refused
+        reason = processor.fallback_reason({})
+        assert reason is not None and (reason == CONTEXT_PARALLEL or SUPPORTED_MODE in reason)
+
+
+def test_ring_attention_is_refused_naming_ulysses():
+    state = SparsityState(SparsityConfig(pattern=Dense(), on_unsupported="raise"))
+    state.grid = VideoGrid(1, 2, 2)
+    processor = _wan_processor(state)
+    processor._parallel_config = _ContextParallel(ring_degree=2, ulysses_degree=1)
+    with pytest.raises(UserError, match="Ulysses"):
+        processor._decide({})
+    state = SparsityState(SparsityConfig(pattern=Dense()))
+    state.grid = VideoGrid(1, 2, 2)
+    processor = _wan_processor(state)
+    processor._parallel_config = _ContextParallel(ring_degree=2, ulysses_degree=1)
+    with pytest.warns(DenseFallbackWarning, match="ring attention"):
+        processor._decide({})
+
+
+def test_text_in_the_sequence_falls_back_under_context_parallelism():
+    state = SparsityState(SparsityConfig(pattern=Dense()))
+    state.grid = VideoGrid(1, 2, 2, text_tokens=4, text_position="start")
+    processor = _wan_processor(state)
+    processor._parallel_config = _ContextParallel()
+    assert "text tokens" in processor.fallback_reason({})
+
+
+def _wan_processor(state: SparsityState):
+    from diffattn.processors.wan import WanSparseAttnProcessor
+
+    return WanSparseAttnProcessor(state=state)
