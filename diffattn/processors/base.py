@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..errors import DenseFallbackWarning
 from .joint import joint_attention
-from .parallel import SUPPORTED_MODE, context_parallel_problem, ulysses_attention
+from .parallel import context_parallel_problem, ulysses_attention, ulysses_degree
 from .state import SparseUnsupported, SparsityState
 
 #: The fallback reason of every call under context parallelism on a family whose attention op is
@@ -219,13 +219,9 @@ class SparseAttnProcessor:
         grid = state.grid
         if grid is None:
             return state.no_grid_reason or "no token grid was published for this call"
-        if self._parallel_config is not None and grid.text_tokens:
-            # Each rank's shard is its part of the text then its part of the video: gathered, the
-            # shards do not follow the grid's token order.
-            return f"text tokens in the self-attention sequence under context parallelism; {SUPPORTED_MODE} " \
-                "for video-only self-attention (Wan, LTX-Video)"
         text = call.get("encoder_hidden_states")
-        if text is not None and text.shape[1] != grid.text_tokens:
+        # Under context parallelism the text stream is a shard too (FLUX's cp plan splits it).
+        if text is not None and text.shape[1] * ulysses_degree(self._parallel_config) != grid.text_tokens:
             return f"{text.shape[1]} text tokens where the grid has {grid.text_tokens}"
         return None
 
@@ -302,7 +298,7 @@ class SparseAttnProcessor:
 
         try:
             if parallel_config is not None:
-                return ulysses_attention(attend, query, key, value, parallel_config)
+                return ulysses_attention(attend, query, key, value, parallel_config, self.state.grid)
             return attend(query, key, value)
         except SparseUnsupported as unsupported:
             if stock_op is None:

@@ -10,6 +10,11 @@ op then does what diffusers' own Ulysses attention does, with the sparse kernel 
 2. the kernel with the layout of the *global* grid, a per-head layout cut to those heads;
 3. all-to-all back to ``[B, N/P, H, D]``.
 
+A sequence with text tokens (FLUX's ``[text, image]``) is split text and video apart: each rank's
+shard is its share of the text followed by its share of the image (on the grid's text side), so
+the gathered shards are put in the grid's order before the kernel and back after it
+(:func:`gathered_order`).
+
 The all-to-alls are diffusers' own ``SeqAllToAllDim`` (an autograd function over
 ``torch.distributed``'s functional all-to-all). The global grid needs no arithmetic on shard
 shapes: the transformer's pre-hook is a plain PyTorch forward pre-hook, which runs before the
@@ -28,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..patterns import VideoGrid
 from .state import SparseUnsupported
 
 #: The only context-parallel mode that runs sparse; fallback reasons name it.
@@ -58,12 +64,43 @@ def context_parallel_problem(parallel_config: Any) -> str | None:
     return None
 
 
+def ulysses_degree(parallel_config: Any) -> int:
+    """How many ranks share one sequence under ``parallel_config`` (1 without context parallelism)."""
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    return 1 if cp is None else int(cp.ulysses_degree)
+
+
+def gathered_order(grid: VideoGrid, degree: int) -> torch.Tensor | None:
+    """Where each grid token sits in the gathered sequence (``degree`` shards one after the other,
+    each its share of the text on the grid's text side, then its share of the video); None when
+    the gathered sequence already is in grid order (no text tokens).
+
+    Example:
+        >>> order = gathered_order(VideoGrid(1, 2, 2, text_tokens=2, text_position="start"), degree=2)
+        >>> order.tolist()   # shards [t0, v0, v1] and [t1, v2, v3] -> [t0, t1, v0, v1, v2, v3]
+        [0, 3, 1, 2, 4, 5]
+    """
+    if not grid.text_tokens:
+        return None
+    if grid.text_tokens % degree or grid.video_tokens % degree:
+        raise SparseUnsupported(
+            f"{grid.text_tokens} text and {grid.video_tokens} video tokens do not split evenly over {degree} ranks"
+        )
+    text, video = grid.text_tokens // degree, grid.video_tokens // degree
+    starts = torch.arange(degree)[:, None] * (text + video)
+    text_first = grid.text_position == "start"
+    text_index = (starts + (0 if text_first else video) + torch.arange(text)).flatten()
+    video_index = (starts + (text if text_first else 0) + torch.arange(video)).flatten()
+    return torch.cat([text_index, video_index] if text_first else [video_index, text_index])
+
+
 def ulysses_attention(
     attend: Callable[..., torch.Tensor],
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     parallel_config: Any,
+    grid: VideoGrid | None,
 ) -> torch.Tensor:
     """Ulysses attention over a sequence shard: ``attend(q, k, v, heads=(start, stop))`` on the full
     sequence and this rank's heads, between two all-to-alls.
@@ -75,12 +112,16 @@ def ulysses_attention(
             cannot run; every rank decides alike (same shapes, same grid).
         query, key, value: this rank's shard ``[B, N/P, H, D]``.
         parallel_config: diffusers' ``ParallelConfig`` with a Ulysses ``context_parallel_config``.
+        grid: the global token grid (its text tokens say how the shards interleave).
     Returns:
         ``[B, N/P, H, D]``, this rank's shard of the output.
     """
     cp = parallel_config.context_parallel_config
     degree = cp.ulysses_degree
     heads = query.shape[2]
+    if grid is None:
+        raise SparseUnsupported("no token grid was published for this call")
+    order = gathered_order(grid, degree)
     if heads % degree:
         raise SparseUnsupported(f"{heads} attention heads do not split evenly over ulysses_degree={degree}")
     try:
@@ -92,5 +133,10 @@ def ulysses_attention(
     start = cp._ulysses_local_rank * local_heads
     # [B, N/P, H, D] -> [B, N, H/P, D]: scatter the heads, gather the sequence.
     q, k, v = (SeqAllToAllDim.apply(group, x.contiguous(), 2, 1) for x in (query, key, value))
+    if order is not None:
+        order = order.to(q.device)
+        q, k, v = (x.index_select(1, order) for x in (q, k, v))
     out = attend(q, k, v, heads=(start, start + local_heads))
+    if order is not None:
+        out = out.index_select(1, torch.argsort(order))
     return SeqAllToAllDim.apply(group, out.contiguous(), 1, 2)
