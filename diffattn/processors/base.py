@@ -48,9 +48,9 @@ from .joint import joint_attention
 from .parallel import context_parallel_problem, ulysses_attention, ulysses_degree
 from .state import SparseUnsupported, SparsityState
 
-#: The fallback reason of every call under context parallelism on a family whose attention op is
-#: not diffusers' ``dispatch_attention_fn`` (the only op that carries the parallel config).
-CONTEXT_PARALLEL = "context parallelism (the layer sees a shard of the sequence, not the grid)"
+#: The fallback reason of every call under context parallelism on a family without a Ulysses path.
+CONTEXT_PARALLEL = ("context parallelism on a family diffattn has no Ulysses path for (the layer sees a shard of "
+                    "the sequence, not the grid; Ulysses is supported for Wan, LTX-Video and FLUX)")
 #: Not a fallback: the schedule keeps this call dense (a dense step or layer).
 SCHEDULED_DENSE = "dense step or layer"
 #: The fallback reason of a processor that diffusers created without diffattn (no state yet).
@@ -107,6 +107,10 @@ class SparseAttnProcessor:
     call_parameters: ClassVar[tuple[str, ...]] = (
         "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb",
     )
+    #: Whether the family runs sparse under diffusers' Ulysses context parallelism: its attention op
+    #: is ``dispatch_attention_fn`` and how its model's ``_cp_plan`` shards the self-attention
+    #: sequence is known (video only, or each rank's text then video share).
+    ulysses: ClassVar[bool] = False
 
     def __init_subclass__(
         cls,
@@ -211,7 +215,7 @@ class SparseAttnProcessor:
         if state is None:
             return NOT_INSTALLED
         if self._parallel_config is not None:
-            if self.attention_global != "dispatch_attention_fn":
+            if not (self.ulysses and self.attention_global == "dispatch_attention_fn"):
                 return CONTEXT_PARALLEL
             problem = context_parallel_problem(self._parallel_config)
             if problem is not None:
