@@ -207,7 +207,11 @@ def ulysses_device(degree: int, device: torch.device, cpu_offload: bool) -> torc
 
 def enable_ulysses(pipe: Any, adapter: Any, degree: int) -> None:
     """``transformer.enable_parallelism(ContextParallelConfig(ulysses_degree=degree))`` on each of the
-    pipeline's transformers (after :func:`ulysses_device` joined the process group); nothing for degree 1."""
+    pipeline's transformers (after :func:`ulysses_device` joined the process group); nothing for degree 1.
+
+    Example:
+        >>> enable_ulysses(pipe=None, adapter=None, degree=1)   # one process: nothing to do
+    """
     if degree == 1:
         return
     if adapter.family not in ULYSSES_FAMILIES:

@@ -65,7 +65,14 @@ def context_parallel_problem(parallel_config: Any) -> str | None:
 
 
 def ulysses_degree(parallel_config: Any) -> int:
-    """How many ranks share one sequence under ``parallel_config`` (1 without context parallelism)."""
+    """How many ranks share one sequence under ``parallel_config`` (1 without context parallelism).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> four = SimpleNamespace(context_parallel_config=SimpleNamespace(ulysses_degree=4))
+        >>> ulysses_degree(None), ulysses_degree(four)
+        (1, 4)
+    """
     cp = getattr(parallel_config, "context_parallel_config", None)
     return 1 if cp is None else int(cp.ulysses_degree)
 
@@ -115,6 +122,10 @@ def ulysses_attention(
         grid: the global token grid (its text tokens say how the shards interleave).
     Returns:
         ``[B, N/P, H, D]``, this rank's shard of the output.
+
+    Example:
+        >>> # inside a processor's attention op, on each rank of a Ulysses group (needs the process group)
+        >>> out = ulysses_attention(attend, query, key, value, parallel_config, grid)  # doctest: +SKIP
     """
     cp = parallel_config.context_parallel_config
     degree = cp.ulysses_degree
