@@ -5,6 +5,7 @@
     diffattn generate --preset radial --prompt "a red ball" --output out.mp4
     diffattn profile --preset radial --num-frames 33 --report profile.json
     diffattn bench --device cpu --shapes small      (diffattn.profiler.bench_kernels)
+    torchrun --nproc-per-node 2 -m diffattn.cli generate ... --ulysses-degree 2   (context parallelism)
 
 Bad input (a bad flag, or a :class:`~diffattn.errors.UserError` from the layers below) prints
 ``error: `` and the whole message (every reason, one per line) on stderr and exits with code 2.
@@ -133,6 +134,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--cpu-offload", action="store_true", help="diffusers model CPU offload (needs an accelerator)")
     p.add_argument("--lora", default=None, help="LoRA weights (.safetensors only)")
+    p.add_argument("--ulysses-degree", type=int, default=1,
+                   help="diffusers context parallelism (Ulysses) over N processes: run under "
+                        "`torchrun --nproc-per-node N -m diffattn.cli ...` (Wan, LTX-Video, FLUX; default 1)")
 
 
 def _run_options(args) -> dict:
@@ -141,7 +145,7 @@ def _run_options(args) -> dict:
         model=args.model, preset=args.preset, prompt=args.prompt, negative_prompt=args.negative_prompt,
         num_frames=args.num_frames, height=args.height, width=args.width, steps=args.steps,
         guidance_scale=args.guidance_scale, seed=args.seed, device=args.device, dtype=args.dtype,
-        cpu_offload=args.cpu_offload, lora=args.lora,
+        cpu_offload=args.cpu_offload, lora=args.lora, ulysses_degree=args.ulysses_degree,
     )
 
 
@@ -195,10 +199,12 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .runs import GenerateOptions, generate
+    from .runs import GenerateOptions, generate, is_main_rank
 
     options = GenerateOptions(output=args.output, fps=args.fps, **_run_options(args))
     result = generate(options)
+    if not is_main_rank():
+        return 0
     density = "n/a" if result.density is None else f"{result.density:.4f}"
     grid = "" if result.grid is None else f" at {result.grid.frames}x{result.grid.height}x{result.grid.width} tokens"
     print(f"wrote {result.path}: {result.num_frames} frames {result.height}x{result.width} in {result.seconds:.1f} s, "
@@ -209,9 +215,16 @@ def cmd_generate(args) -> int:
 
 def cmd_profile(args) -> int:
     from .profiler.command import ProfileOptions, run_profile
+    from .runs import is_main_rank, process_rank
 
     options = ProfileOptions(report=args.report, warmup=args.warmup, repeats=args.repeats, **_run_options(args))
     report, paths = run_profile(options, log=lambda line: print(line, file=sys.stderr))
+    if options.ulysses_degree > 1:  # each rank times its own attention calls
+        print(f"rank {process_rank()}/{options.ulysses_degree}: attention "
+              f"{report.dense_attention_seconds:.3f} s dense, {report.sparse_attention_seconds:.3f} s sparse",
+              file=sys.stderr)
+    if not is_main_rank():
+        return 0
     print(report.to_markdown(), end="")
     if paths:
         print(f"wrote {', '.join(str(path) for path in paths)}")

@@ -59,6 +59,7 @@ class RunOptions:
     dtype: str = "float32"
     cpu_offload: bool = False
     lora: str | None = None
+    ulysses_degree: int = 1
 
 
 @dataclass(kw_only=True)
@@ -169,6 +170,75 @@ def check_device(device: str, cpu_offload: bool) -> torch.device:
     if cpu_offload and dev.type == "cpu":
         raise UserError("--cpu-offload moves models between the CPU and an accelerator: give --device cuda")
     return dev
+
+
+#: Families whose diffusers transformer has a context-parallel plan and whose processors run
+#: sparse under Ulysses (see :mod:`diffattn.processors.parallel`).
+ULYSSES_FAMILIES = ("wan", "ltx_video", "flux")
+
+
+def ulysses_device(degree: int, device: torch.device, cpu_offload: bool) -> torch.device:
+    """Join the ``torchrun`` process group for ``--ulysses-degree`` and return this rank's device
+    (``cuda:LOCAL_RANK`` for a CUDA device); ``device`` itself for degree 1.
+
+    Example:
+        >>> ulysses_device(1, torch.device("cpu"), cpu_offload=False)
+        device(type='cpu')
+    """
+    if degree == 1:
+        return device
+    if degree < 1:
+        raise UserError(f"--ulysses-degree must be a positive integer; got {degree}")
+    world_size = os.environ.get("WORLD_SIZE")
+    if world_size != str(degree):
+        raise UserError(
+            f"--ulysses-degree {degree} runs one process per rank: launch with `torchrun --nproc-per-node {degree} "
+            f"-m diffattn.cli ...` (WORLD_SIZE is {world_size!r}, it must be {degree})"
+        )
+    if cpu_offload:
+        raise UserError("--cpu-offload and --ulysses-degree cannot be combined (each rank holds the whole model)")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def enable_ulysses(pipe: Any, adapter: Any, degree: int) -> None:
+    """``transformer.enable_parallelism(ContextParallelConfig(ulysses_degree=degree))`` on each of the
+    pipeline's transformers (after :func:`ulysses_device` joined the process group); nothing for degree 1.
+
+    Example:
+        >>> enable_ulysses(pipe=None, adapter=None, degree=1)   # one process: nothing to do
+    """
+    if degree == 1:
+        return
+    if adapter.family not in ULYSSES_FAMILIES:
+        raise UserError(f"--ulysses-degree needs a model family with diffusers context parallelism "
+                        f"({', '.join(ULYSSES_FAMILIES)}); this pipeline is {adapter.family!r}")
+    from diffusers import ContextParallelConfig
+
+    for attribute, transformer in adapter.transformers(pipe):
+        heads = getattr(transformer.config, "num_attention_heads", degree)
+        if heads % degree:
+            raise UserError(f"--ulysses-degree {degree} must divide the {heads} attention heads of {attribute}")
+        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+
+
+def process_rank() -> int:
+    """This process's rank in the ``torchrun`` process group (0 without one).
+
+    Example:
+        >>> process_rank(), is_main_rank()   # one process: the main one
+        (0, True)
+    """
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def is_main_rank() -> bool:
+    """Whether this process writes files and prints results (rank 0, or no process group)."""
+    return process_rank() == 0
 
 
 def check_lora(path: str | None) -> Path | None:
@@ -308,6 +378,7 @@ def prepare_run(options: RunOptions) -> PreparedRun:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {options.dtype!r}")
     dtype = DTYPES[options.dtype]
     device = check_device(options.device, options.cpu_offload)
+    device = ulysses_device(options.ulysses_degree, device, options.cpu_offload)
     lora = check_lora(options.lora)
     check_positive({"--steps": options.steps, "--num-frames": options.num_frames,
                     "--height": options.height, "--width": options.width})
@@ -316,7 +387,8 @@ def prepare_run(options: RunOptions) -> PreparedRun:
     if options.model is None:
         call, preset = default_model_call(options)  # fail fast, before building the model
     pipe, is_default = load_pipeline(options.model, dtype)
-    family = find_adapter(pipe).family
+    adapter = find_adapter(pipe)
+    family = adapter.family
     if not is_default:
         call = _size_arguments(options)
         call["prompt"] = options.prompt
@@ -338,6 +410,7 @@ def prepare_run(options: RunOptions) -> PreparedRun:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    enable_ulysses(pipe, adapter, options.ulysses_degree)
     call = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in call.items()}
     return PreparedRun(pipe=pipe, preset=preset, family=family, call=call, device=device, dtype=dtype,
                        is_default=is_default)
@@ -368,7 +441,8 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
     result = pipe(**run.call, generator=generator, output_type="np")
     frames = to_uint8(result.frames[0] if hasattr(result, "frames") else result.images)
     seconds = time.perf_counter() - start
-    write_video(frames, output, fps=options.fps)
+    if is_main_rank():  # under --ulysses-degree every rank has the whole video
+        write_video(frames, output, fps=options.fps)
 
     state = sparsity_state(pipe)
     grid = state.grid if state is not None else None

@@ -248,6 +248,36 @@ class BlockLayout:
             allowed_pairs=self.allowed_pairs,
         )
 
+    def select_heads(self, start: int, stop: int) -> "BlockLayout":
+        """The layout of heads ``start..stop-1`` (a shared layout is returned as is).
+
+        Context parallelism (Ulysses) gives each rank a contiguous range of heads; a per-head
+        layout is cut to that range. The packed masks are kept whole: the mask ids stay valid.
+
+        Example:
+            >>> from diffattn import Dense, Neighborhood, VideoGrid
+            >>> grid = VideoGrid(2, 8, 8)
+            >>> both = BlockLayout.stack([Dense().layout(grid, block_size=32),
+            ...                           Neighborhood(kernel_size=(1, 3, 3)).layout(grid, block_size=32)])
+            >>> both.select_heads(1, 2).num_heads, round(both.select_heads(1, 2).density, 3)
+            (1, 0.07)
+        """
+        if self.num_heads == 1:
+            return self
+        if not 0 <= start < stop <= self.num_heads:
+            raise UserError(f"head range {start}..{stop} must lie within the layout's {self.num_heads} heads")
+        return BlockLayout(
+            num_tokens=self.num_tokens,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            kv_counts=self.kv_counts[start:stop],
+            kv_indices=self.kv_indices[start:stop],
+            kv_mask_ids=self.kv_mask_ids[start:stop],
+            masks=self.masks,
+            permutation=self.permutation,
+            allowed_pairs=self.allowed_pairs[start:stop],
+        )
+
     def permute_tokens(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
         """Caller's order -> kernel order along ``dim`` (identity without a permutation)."""
         if self.permutation is None:

@@ -6,8 +6,8 @@ A call to a family processor goes, in this order:
    processor, always. Not a fallback: these calls are never sparsified, by design.
 2. kept dense by the schedule (a dense warm-up or last step, a dense layer): the stock processor.
    Not a fallback either.
-3. :meth:`SparseAttnProcessor.fallback_reason` gives a reason (no token grid, context
-   parallelism, text tokens that are not the grid's, ...): the stock processor, and the state
+3. :meth:`SparseAttnProcessor.fallback_reason` gives a reason (no token grid, a context-parallel
+   mode other than Ulysses, text tokens that are not the grid's, ...): the stock processor, and the state
    records a fallback (one :class:`~diffattn.errors.DenseFallbackWarning` per reason, or a
    :class:`~diffattn.errors.UserError` with ``on_unsupported="raise"``).
 4. otherwise :meth:`SparseAttnProcessor.sparse`: by default the stock processor's own code (its
@@ -20,6 +20,9 @@ A family file says only what differs: the stock classes it reproduces, the name 
 op inside the stock ``__call__`` (diffusers' ``dispatch_attention_fn``, or ``F`` for processors
 that call ``F.scaled_dot_product_attention``), its ``__call__`` parameter names, and what makes a
 call of its layers a self-attention call.
+
+Under diffusers' Ulysses context parallelism the replaced op sees a sequence shard and runs the
+kernel between two all-to-alls (see :mod:`diffattn.processors.parallel`).
 
 Under ``torch.compile`` the whole flow above is traced (into the graph of the transformer's
 forward, no graph break): it reads only what the transformer's pre-hook published on the
@@ -42,10 +45,12 @@ import torch.nn.functional as F
 
 from ..errors import DenseFallbackWarning
 from .joint import joint_attention
+from .parallel import context_parallel_problem, ulysses_attention, ulysses_degree
 from .state import SparseUnsupported, SparsityState
 
-#: The fallback reason of every call while context parallelism is enabled on the layer.
-CONTEXT_PARALLEL = "context parallelism (the layer sees a shard of the sequence, not the grid)"
+#: The fallback reason of every call under context parallelism on a family without a Ulysses path.
+CONTEXT_PARALLEL = ("context parallelism on a family diffattn has no Ulysses path for (the layer sees a shard of "
+                    "the sequence, not the grid; Ulysses is supported for Wan, LTX-Video and FLUX)")
 #: Not a fallback: the schedule keeps this call dense (a dense step or layer).
 SCHEDULED_DENSE = "dense step or layer"
 #: The fallback reason of a processor that diffusers created without diffattn (no state yet).
@@ -102,6 +107,10 @@ class SparseAttnProcessor:
     call_parameters: ClassVar[tuple[str, ...]] = (
         "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb",
     )
+    #: Whether the family runs sparse under diffusers' Ulysses context parallelism: its attention op
+    #: is ``dispatch_attention_fn`` and how its model's ``_cp_plan`` shards the self-attention
+    #: sequence is known (video only, or each rank's text then video share).
+    ulysses: ClassVar[bool] = False
 
     def __init_subclass__(
         cls,
@@ -206,12 +215,17 @@ class SparseAttnProcessor:
         if state is None:
             return NOT_INSTALLED
         if self._parallel_config is not None:
-            return CONTEXT_PARALLEL
+            if not (self.ulysses and self.attention_global == "dispatch_attention_fn"):
+                return CONTEXT_PARALLEL
+            problem = context_parallel_problem(self._parallel_config)
+            if problem is not None:
+                return problem
         grid = state.grid
         if grid is None:
             return state.no_grid_reason or "no token grid was published for this call"
         text = call.get("encoder_hidden_states")
-        if text is not None and text.shape[1] != grid.text_tokens:
+        # Under context parallelism the text stream is a shard too (FLUX's cp plan splits it).
+        if text is not None and text.shape[1] * ulysses_degree(self._parallel_config) != grid.text_tokens:
             return f"{text.shape[1]} text tokens where the grid has {grid.text_tokens}"
         return None
 
@@ -270,16 +284,26 @@ class SparseAttnProcessor:
         value: torch.Tensor,
         key_padding: torch.Tensor | None = None,
         stock_op: Callable[[], torch.Tensor] | None = None,
+        parallel_config: Any = None,
     ) -> torch.Tensor:
         """Sparse attention ``[B, N, H, D]`` over the grid's token order (text dense both ways).
 
         When the kernel cannot run these inputs, ``stock_op()`` (the stock attention op on the same
         inputs) runs instead as a fallback; without ``stock_op`` the refusal propagates and the
-        whole call runs stock.
+        whole call runs stock. With a Ulysses ``parallel_config`` (diffusers' context parallelism)
+        the tensors are this rank's shard ``[B, N/P, H, D]`` of the sequence (see
+        :func:`~diffattn.processors.parallel.ulysses_attention`).
         """
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   heads: tuple[int, int] | None = None) -> torch.Tensor:
+            return joint_attention(self.state, self.layer_index, q, k, v, key_padding=key_padding,
+                                   processor=self, heads=heads)
+
         try:
-            return joint_attention(self.state, self.layer_index, query, key, value, key_padding=key_padding,
-                                   processor=self)
+            if parallel_config is not None:
+                return ulysses_attention(attend, query, key, value, parallel_config, self.state.grid)
+            return attend(query, key, value)
         except SparseUnsupported as unsupported:
             if stock_op is None:
                 raise
@@ -326,7 +350,8 @@ class SparseAttnProcessor:
         if reason is not None:
             self.fall_back(reason)
             return self.state.run_dense(self.layer_index, stock_op)
-        out = self.attention(query, key, value, key_padding, stock_op=lambda: _heads_second(stock_op(), heads_first))
+        out = self.attention(query, key, value, key_padding, stock_op=lambda: _heads_second(stock_op(), heads_first),
+                             parallel_config=kwargs.get("parallel_config"))
         return out.transpose(1, 2) if heads_first else out
 
 

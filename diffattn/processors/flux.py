@@ -36,6 +36,8 @@ class FluxSparseAttnProcessor(
     ``FluxAttnProcessor``.
     """
 
+    ulysses = True  # see diffattn.processors.parallel
+
     def is_self_attention(self, call: dict[str, Any]) -> bool:
         # Both block kinds are joint self-attention; the text stream arrives separately or not.
         return True

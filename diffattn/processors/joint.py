@@ -29,19 +29,23 @@ def joint_attention(
     value: torch.Tensor,
     key_padding: torch.Tensor | None = None,
     processor: Any = None,
+    heads: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Attention over ``[B, N, H, D]`` tensors whose tokens follow ``state.grid``'s order.
 
     Args:
         key_padding: bool ``[B, N]``, True where a key may be attended (None: all).
         processor: the calling processor (see :meth:`~diffattn.processors.state.SparsityState.attend`).
+        heads: the model heads the tensors hold (a Ulysses rank's), or None (all).
     Returns:
         ``[B, N, H, D]``, equal to softmax attention restricted to the pattern's token mask AND the
         key-padding mask.
     """
     grid = state.grid
     if key_padding is None or bool(key_padding.all()):
-        return state.attend(query, key, value, layer_index, processor=processor)
+        return state.attend(query, key, value, layer_index, processor=processor, heads=heads)
+    if heads is not None:
+        raise SparseUnsupported("a key-padding mask under context parallelism")
     if grid.text_tokens == 0 or not bool(key_padding[:, _video_slice(grid)].all()):
         raise SparseUnsupported("an attention mask on video tokens (only text keys may be padding)")
 

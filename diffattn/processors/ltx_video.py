@@ -23,3 +23,5 @@ class LTXVideoSparseAttnProcessor(
         >>> LTXVideoSparseAttnProcessor(layer_index=3)
         LTXVideoSparseAttnProcessor(layer_index=3, stock=LTXVideoAttnProcessor)
     """
+
+    ulysses = True  # see diffattn.processors.parallel

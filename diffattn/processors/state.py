@@ -259,6 +259,7 @@ class SparsityState:
         grid: VideoGrid | None = None,
         return_lse: bool = False,
         processor: Any = None,
+        heads: tuple[int, int] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Sparse attention for ``[B, N, H, D]`` tensors (diffusers' layout).
 
@@ -272,6 +273,8 @@ class SparsityState:
             return_lse: also return the log-sum-exp ``[B, N, H]`` (float32) for merging.
             processor: the :class:`~diffattn.processors.base.SparseAttnProcessor` calling, if
                 any: under ``torch.compile`` the call is noted on it (see :meth:`end_call`).
+            heads: ``(start, stop)``: the tensors hold only these heads of the model (a rank's heads
+                under Ulysses context parallelism), so a per-head layout is cut to them.
         """
         grid = self.grid if grid is None else grid
         if grid is None:
@@ -287,6 +290,8 @@ class SparsityState:
             layout, problem = self._layout_for(grid, query.device)
         if problem is not None:
             raise SparseUnsupported(problem)
+        if heads is not None:
+            layout = layout.select_heads(*heads)
         cfg = self.config
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         problems = support_problems(q, k, v, layout, cfg.backend)

@@ -25,3 +25,5 @@ class WanSparseAttnProcessor(
         >>> WanSparseAttnProcessor().stock_classes   # what a diffusers re-creation wraps, and accepts
         ('WanAttnProcessor',)
     """
+
+    ulysses = True  # see diffattn.processors.parallel

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from ..runs import RunOptions, check_output, prepare_run
+from ..runs import RunOptions, check_output, is_main_rank, prepare_run
 from .report import ProfileReport
 from .runner import profile
 
@@ -59,5 +59,6 @@ def run_profile(options: ProfileOptions, log: Callable[[str], None] | None = Non
     # The preset string itself (name or YAML path), so the report carries its name.
     report = profile(run.pipe, options.preset, seed=options.seed, warmup=options.warmup, repeats=options.repeats,
                      log=log, **run.call)
-    paths = report.save(report_path) if report_path is not None else []
+    # Under --ulysses-degree every rank has the whole report; the first one writes it.
+    paths = report.save(report_path) if report_path is not None and is_main_rank() else []
     return report, paths

@@ -11,11 +11,11 @@ import warnings
 import pytest
 import torch
 
-from diffattn import Dense, DenseFallbackWarning, Neighborhood, UserError, VideoGrid
+from diffattn import Dense, DenseFallbackWarning, Neighborhood, UserError
 from diffattn.adapters import ADAPTERS, apply, remove, sparsity_state
-from diffattn.processors import SparsityConfig, SparsityState, mochi
+from diffattn.processors import SparsityConfig, mochi
 from diffattn.processors import state as state_module
-from diffattn.processors.base import CONTEXT_PARALLEL, SparseAttnProcessor
+from diffattn.processors.base import SparseAttnProcessor
 
 from ..adapters.tiny_pipelines import tiny_wan_pipeline, wan_call_kwargs
 
@@ -125,17 +125,6 @@ def test_dense_steps_and_layers_are_not_fallbacks(wan, refusing_kernel):
     finally:
         remove(pipe)
     torch.testing.assert_close(latents, expected, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("processor_class", FAMILIES, ids=lambda c: c.__name__)
-def test_context_parallelism_is_one_rule_for_every_family(processor_class):
-    state = SparsityState(SparsityConfig(pattern=Dense()))
-    state.grid = VideoGrid(1, 2, 2)
-    processor = processor_class(state=state)
-    assert processor.fallback_reason({}) != CONTEXT_PARALLEL
-    processor._parallel_config = object()  # what diffusers' enable_parallelism sets on the processor
-    assert processor.stock._parallel_config is processor._parallel_config  # the stock path is the CP one
-    assert processor.fallback_reason({}) == CONTEXT_PARALLEL
 
 
 def test_a_processor_without_state_runs_stock_with_a_warning():
