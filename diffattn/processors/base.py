@@ -438,31 +438,3 @@ def _with_global(function: types.FunctionType, name: str, replacement: Any) -> t
                               function.__closure__)
     copy.__kwdefaults__ = function.__kwdefaults__
     return copy
-
-
-def heads_qkv(attn: Any, hidden_states: Any, added: bool = False) -> tuple[Any, Any, Any]:
-    """``q, k, v`` ``[B, N, H, D]``: projections split into ``attn.heads``, then the optional
-    per-head norms (Mochi's order).
-
-    With ``added`` the text-stream projections (``add_q_proj``, ``add_k_proj``, ``add_v_proj``) and
-    their norms (``norm_added_q``, ``norm_added_k``) are used instead of ``to_q/to_k/to_v`` and
-    ``norm_q/norm_k``. Going through the attention module's own linears keeps LoRA and peft working.
-
-    Example:
-        >>> from types import SimpleNamespace
-        >>> attn = SimpleNamespace(heads=2, to_q=torch.nn.Linear(8, 8), to_k=torch.nn.Linear(8, 8),
-        ...                        to_v=torch.nn.Linear(8, 8))
-        >>> [t.shape for t in heads_qkv(attn, torch.zeros(1, 5, 8))][0]
-        torch.Size([1, 5, 2, 4])
-    """
-    if added:
-        projections, norms = ("add_q_proj", "add_k_proj", "add_v_proj"), ("norm_added_q", "norm_added_k")
-    else:
-        projections, norms = ("to_q", "to_k", "to_v"), ("norm_q", "norm_k")
-    query, key, value = (getattr(attn, name)(hidden_states).unflatten(2, (attn.heads, -1)) for name in projections)
-    norm_q, norm_k = (getattr(attn, name, None) for name in norms)
-    if norm_q is not None:
-        query = norm_q(query)
-    if norm_k is not None:
-        key = norm_k(key)
-    return query, key, value
