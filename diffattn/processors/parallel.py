@@ -128,7 +128,7 @@ def ulysses_attention(
         >>> out = ulysses_attention(attend, query, key, value, parallel_config, grid)  # doctest: +SKIP
     """
     cp = parallel_config.context_parallel_config
-    degree = cp.ulysses_degree
+    degree = ulysses_degree(parallel_config)
     heads = query.shape[2]
     if grid is None:
         raise SparseUnsupported("no token grid was published for this call")
