@@ -74,13 +74,11 @@ class Backend:
 
     Attributes:
         name: what ``backend=`` takes.
-        summary: one line for messages and ``--help``.
         device_types: device types it runs on (empty: any device).
         interpreted_device_types: device types it runs on only under :func:`triton_interpreter`.
         dtypes: accepted dtypes of q, k, v.
         head_dims: accepted head dims ``D`` (None: any ``D >= 1``).
         block_q, block_k: accepted ``layout.block_q`` / ``layout.block_k``.
-        supports_backward: whether its output is differentiable.
         backward_needs_lse: its backward reads the forward's log-sum-exp (so the forward stores
             it whenever a gradient will be taken).
         module: the module (relative to :mod:`diffattn.kernels`) whose ``kernel_forward`` and
@@ -93,7 +91,6 @@ class Backend:
     """
 
     name: str
-    summary: str
     device_types: tuple[str, ...]
     module: str | None
     interpreted_device_types: tuple[str, ...] = ()
@@ -101,7 +98,6 @@ class Backend:
     head_dims: tuple[int, ...] | None = None
     block_q: tuple[int, ...] = _LAYOUT_BLOCK_Q
     block_k: tuple[int, ...] = _LAYOUT_BLOCK_K
-    supports_backward: bool = True
     backward_needs_lse: bool = False
 
     @property
@@ -174,12 +170,11 @@ class Backend:
 #: The registry, by name. The PyTorch backends run any layout; the Triton kernels are written and
 #: tuned for the block sizes and head dims listed.
 BACKENDS: dict[str, Backend] = {
-    "cpu": Backend(
-        name="cpu", summary="batched exact PyTorch path (CPU tensors)", device_types=("cpu",), module="cpu",
-    ),
+    # The batched exact PyTorch path (CPU tensors).
+    "cpu": Backend(name="cpu", device_types=("cpu",), module="cpu"),
+    # The block-sparse FlashAttention kernels (CUDA tensors; CPU only under TRITON_INTERPRET=1).
     "triton": Backend(
         name="triton",
-        summary="block-sparse FlashAttention kernels (CUDA tensors; CPU only under TRITON_INTERPRET=1)",
         device_types=("cuda",),
         interpreted_device_types=("cpu",),
         head_dims=(16, 32, 64, 80, 96, 128),
@@ -188,12 +183,8 @@ BACKENDS: dict[str, Backend] = {
         backward_needs_lse=True,
         module="triton_attention",
     ),
-    "reference": Backend(
-        name="reference",
-        summary="dense masked attention from layout.token_mask() (any device, O(N^2) memory; tests)",
-        device_types=(),
-        module=None,
-    ),
+    # Dense masked attention from layout.token_mask() (any device, O(N^2) memory; tests).
+    "reference": Backend(name="reference", device_types=(), module=None),
 }
 
 #: ``backend="auto"``: device type -> backend.

@@ -37,9 +37,8 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the platform
     _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-#: This backend's capabilities (dtypes, head dims, block sizes, devices): the registry's entry.
-#: Head dims 80 and 96 run padded to 128 with masked loads.
-CAPABILITIES = BACKENDS["triton"]
+# This backend's capabilities (dtypes, head dims, block sizes, devices) are its entry in the
+# registry, BACKENDS["triton"]. Head dims 80 and 96 run padded to 128 with masked loads.
 # CUDA caps grid dimension y (our B * H axis) at 65535.
 _MAX_GRID_Y = 65535
 # Rows per program of the small delta kernel.
@@ -149,7 +148,7 @@ def triton_support_problems(q: Any, k: Any, v: Any, layout: Any) -> list[str]:
         problems.append(f"layout is for N={layout.num_tokens} tokens, q has N={n}")
     if layout.num_heads not in (1, heads):
         problems.append(f"layout has {layout.num_heads} heads; it must be shared (1) or per head ({heads})")
-    table = CAPABILITIES.problems(q.device, q.dtype, d, layout.block_q, layout.block_k)
+    table = BACKENDS["triton"].problems(q.device, q.dtype, d, layout.block_q, layout.block_k)
     problems += table
     if on_gpu and not table:
         # Even one pipeline stage must fit (fp32 with 128-wide blocks and D = 128 does not).
@@ -529,5 +528,5 @@ def triton_block_sparse_attention(
 
 
 __all__ = [
-    "CAPABILITIES", "kernel_backward", "kernel_forward", "triton_block_sparse_attention", "triton_support_problems",
+    "kernel_backward", "kernel_forward", "triton_block_sparse_attention", "triton_support_problems",
 ]

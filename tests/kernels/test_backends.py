@@ -90,7 +90,11 @@ def runs_triton(block_q: int, block_k: int, d: int) -> None:
 
 def test_triton_module_reads_the_registry():
     triton_attention = pytest.importorskip("diffattn.kernels.triton_attention")
-    assert triton_attention.CAPABILITIES is BACKENDS["triton"]
+    layout = PATTERN.layout(GRID, block_size=64)
+    q = torch.zeros(1, 1, GRID.num_tokens, 48)  # a head dim the registry's Triton entry refuses
+    expected = BACKENDS["triton"].problems(q.device, q.dtype, 48, 64, 64)
+    problems = triton_attention.triton_support_problems(q, q, q, layout)
+    assert expected and all(problem in problems for problem in expected)
 
 
 # ---------------------------------------------------------------------------------- refusals
