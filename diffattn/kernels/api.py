@@ -239,9 +239,7 @@ def block_sparse_attention(
         return masked_attention_reference(q, k, v, layout.token_mask(), scale=scale, return_lse=return_lse)
 
     qk, kk, vk = (layout.permute_tokens(x) for x in (q, k, v))
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    want_lse = return_lse or (needs_grad and BACKENDS[resolved].backward_needs_lse)
-    out, lse = attention_op(qk, kk, vk, layout, scale, want_lse, resolved)
+    out, lse = attention_op(qk, kk, vk, layout, scale, return_lse, resolved)
     if return_lse:
         return layout.unpermute_tokens(out), layout.unpermute_tokens(lse, dim=-1)
     return layout.unpermute_tokens(out)

@@ -39,6 +39,7 @@ import torch
 
 from ..patterns.layout import BlockLayout
 from ._cache import cached_per_layout
+from .op import attention_op
 
 # Finite stand-in for -inf: exp(-1e30 - max) == 0 exactly in float32, and a row whose every score
 # is masked gives a finite (uniform) softmax instead of NaN, which is then zeroed explicitly.
@@ -605,7 +606,5 @@ def cpu_block_sparse_attention(
         >>> cpu_block_sparse_attention(q, k, v, layout, 0.125).shape
         torch.Size([1, 2, 128, 64])
     """
-    from .op import attention_op
-
     out, lse = attention_op(q, k, v, layout, scale, return_lse, "cpu")
     return (out, lse) if return_lse else out

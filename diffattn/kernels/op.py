@@ -122,7 +122,8 @@ torch.library.register_autograd("diffattn::block_sparse_attention", _backward, s
 
 
 def attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float, want_lse: bool, backend: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float, return_lse: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``backend``'s kernels through the custom op (differentiable, traceable, no checks).
 
@@ -130,12 +131,14 @@ def attention_op(
         q, k, v: ``[B, H, N, D]`` in kernel token order, validated for ``backend``.
         layout: on the tensors' device; its permutation is ignored (already applied).
         scale: score scale.
-        want_lse: compute the log-sum-exp (for the caller, or for a backward that reads it).
+        return_lse: return the log-sum-exp too. The forward also computes it, without returning
+            it, when a gradient will be taken and the backend's backward reads it
+            (:attr:`~diffattn.kernels.backends.Backend.backward_needs_lse`).
         backend: ``"cpu"`` or ``"triton"`` (a backend with a kernel module).
 
     Returns:
         ``out [B, H, N, D]`` (contiguous, ``q.dtype``) and ``lse [B, H, N]`` float32 (None unless
-        ``want_lse``).
+        ``return_lse``).
 
     Example:
         >>> from diffattn import Dense, VideoGrid
@@ -145,8 +148,10 @@ def attention_op(
         >>> out.shape, lse.shape
         (torch.Size([1, 2, 32, 16]), torch.Size([1, 2, 32]))
     """
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    want_lse = return_lse or (needs_grad and BACKENDS[backend].backward_needs_lse)
     out, lse = _forward_op(q, k, v, *_layout_args(layout), float(scale), bool(want_lse), backend)
-    return out, (lse if want_lse else None)
+    return out, (lse if return_lse else None)
 
 
 __all__ = ["attention_op"]

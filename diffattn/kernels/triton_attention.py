@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..patterns.layout import MASK_WORD_BITS, BlockLayout
 from ._cache import cached_per_layout
 from .backends import BACKENDS, triton_interpreter
+from .op import attention_op
 
 try:
     import triton as _triton  # noqa: F401  (only probed here; kernels import it themselves)
@@ -491,9 +492,7 @@ def _attention(
     scale = _check_scale(scale)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if configs is None:
-        from .op import attention_op
-
-        out, lse = attention_op(q, k, v, layout, scale, return_lse or needs_grad, "triton")
+        out, lse = attention_op(q, k, v, layout, scale, return_lse, "triton")
     elif needs_grad:
         out, lse = _TritonBlockSparseAttention.apply(q, k, v, layout, scale, configs)
     else:
