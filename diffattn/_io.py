@@ -67,6 +67,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
+
 def to_uint8(video) -> np.ndarray:
     """A pipeline's ``frames[0]`` (float [0, 1] array, tensor or list of PIL images) as uint8 [F, H, W, 3].
 
@@ -87,8 +88,3 @@ def to_uint8(video) -> np.ndarray:
     if video.shape[-1] == 1:
         video = np.repeat(video, 3, axis=-1)
     return video
-
-
-# --- The default model: the embedded model diffattn trains and ships ---------------------------
-# Everything specific to it is in default_model_call (and the default branch of load_pipeline):
-# its call defaults, its size rule and the preset's fit to its token grid.

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, error_message
 
 GENERATE_HELP = """\
 Generate a video with sparse attention from a preset.
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(argv)
     except UserError as error:
-        return _fail(str(error).strip() or type(error).__name__)
+        return _fail(error_message(error))
     except KeyboardInterrupt:
         return _fail("interrupted")
 

@@ -30,4 +30,14 @@ class DenseFallbackWarning(UserWarning):
     says why (issued once per reason and installed transformer)."""
 
 
-__all__ = ["DenseFallbackWarning", "UserError"]
+def error_message(error: BaseException) -> str:
+    """An exception's message for a user, or its type's name when it has none.
+
+    Example:
+        >>> error_message(OSError("disk full")), error_message(KeyError())
+        ('disk full', 'KeyError')
+    """
+    return str(error).strip() or type(error).__name__
+
+
+__all__ = ["DenseFallbackWarning", "UserError", "error_message"]

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from ._io import atomic_path, to_uint8
-from .errors import UserError
+from .errors import UserError, error_message
+from .patterns._checks import check_given_positive_ints, check_positive_int
 from .pipelines import embedded as default_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -137,20 +138,6 @@ def check_output(path: str | os.PathLike, suffixes: tuple[str, ...] = VIDEO_SUFF
     return path
 
 
-def check_positive(values: dict[str, Any]) -> None:
-    """UserError for the first ``{flag: value}`` that is given (not None) but not a positive integer.
-
-    Example:
-        >>> check_positive({"--steps": 4, "--height": None})  # None: not given, the model's default
-        >>> check_positive({"--steps": 0})
-        Traceback (most recent call last):
-        diffattn.errors.UserError: --steps must be a positive integer; got 0
-    """
-    for name, value in values.items():
-        if value is not None and value < 1:
-            raise UserError(f"{name} must be a positive integer; got {value}")
-
-
 def check_device(device: str, cpu_offload: bool) -> torch.device:
     """``device`` as a torch.device; UserError unless it names a device this machine has (and, with
     ``cpu_offload``, an accelerator to offload to).
@@ -172,23 +159,16 @@ def check_device(device: str, cpu_offload: bool) -> torch.device:
     return dev
 
 
-#: Families whose diffusers transformer has a context-parallel plan and whose processors run
-#: sparse under Ulysses (see :mod:`diffattn.processors.parallel`).
-ULYSSES_FAMILIES = ("wan", "ltx_video", "flux")
-
-
-def ulysses_device(degree: int, device: torch.device, cpu_offload: bool) -> torch.device:
-    """Join the ``torchrun`` process group for ``--ulysses-degree`` and return this rank's device
-    (``cuda:LOCAL_RANK`` for a CUDA device); ``device`` itself for degree 1.
+def check_ulysses(degree: int, cpu_offload: bool) -> None:
+    """UserError unless ``--ulysses-degree`` can run here: a positive degree and, above 1, a
+    ``torchrun`` launch with that many processes and no ``--cpu-offload`` (checked before any
+    heavy work; :func:`ulysses_device` then joins the process group).
 
     Example:
-        >>> ulysses_device(1, torch.device("cpu"), cpu_offload=False)
-        device(type='cpu')
+        >>> check_ulysses(1, cpu_offload=False)   # one process: nothing to check
     """
-    if degree == 1:
-        return device
-    if degree < 1:
-        raise UserError(f"--ulysses-degree must be a positive integer; got {degree}")
+    if check_positive_int("--ulysses-degree", degree) == 1:
+        return
     world_size = os.environ.get("WORLD_SIZE")
     if world_size != str(degree):
         raise UserError(
@@ -197,6 +177,19 @@ def ulysses_device(degree: int, device: torch.device, cpu_offload: bool) -> torc
         )
     if cpu_offload:
         raise UserError("--cpu-offload and --ulysses-degree cannot be combined (each rank holds the whole model)")
+
+
+def ulysses_device(degree: int, device: torch.device) -> torch.device:
+    """Join the ``torchrun`` process group for ``--ulysses-degree`` (checked by :func:`check_ulysses`)
+    and return this rank's device (``cuda:LOCAL_RANK`` for a CUDA device); ``device`` itself for
+    degree 1.
+
+    Example:
+        >>> ulysses_device(1, torch.device("cpu"))
+        device(type='cpu')
+    """
+    if degree == 1:
+        return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -205,24 +198,40 @@ def ulysses_device(degree: int, device: torch.device, cpu_offload: bool) -> torc
     return device
 
 
+def check_ulysses_model(pipe: Any, adapter: Any, degree: int) -> None:
+    """UserError unless the loaded pipeline runs sparse under Ulysses with ``degree`` ranks: a
+    family whose processors have a Ulysses path, and a head count the degree divides.
+
+    Example:
+        >>> check_ulysses_model(pipe=None, adapter=None, degree=1)   # one process: nothing to check
+    """
+    if degree == 1:
+        return
+    if not adapter.processor_class.ulysses:
+        from .adapters import ADAPTERS
+
+        supported = ", ".join(a.family for a in ADAPTERS if a.processor_class.ulysses)
+        raise UserError(f"--ulysses-degree needs a model family with diffusers context parallelism "
+                        f"({supported}); this pipeline is {adapter.family!r}")
+    for attribute, transformer in adapter.transformers(pipe):
+        heads = getattr(transformer.config, "num_attention_heads", degree)
+        if heads % degree:
+            raise UserError(f"--ulysses-degree {degree} must divide the {heads} attention heads of {attribute}")
+
+
 def enable_ulysses(pipe: Any, adapter: Any, degree: int) -> None:
     """``transformer.enable_parallelism(ContextParallelConfig(ulysses_degree=degree))`` on each of the
-    pipeline's transformers (after :func:`ulysses_device` joined the process group); nothing for degree 1.
+    pipeline's transformers (after :func:`ulysses_device` joined the process group and
+    :func:`check_ulysses_model` checked the model); nothing for degree 1.
 
     Example:
         >>> enable_ulysses(pipe=None, adapter=None, degree=1)   # one process: nothing to do
     """
     if degree == 1:
         return
-    if adapter.family not in ULYSSES_FAMILIES:
-        raise UserError(f"--ulysses-degree needs a model family with diffusers context parallelism "
-                        f"({', '.join(ULYSSES_FAMILIES)}); this pipeline is {adapter.family!r}")
     from diffusers import ContextParallelConfig
 
-    for attribute, transformer in adapter.transformers(pipe):
-        heads = getattr(transformer.config, "num_attention_heads", degree)
-        if heads % degree:
-            raise UserError(f"--ulysses-degree {degree} must divide the {heads} attention heads of {attribute}")
+    for _, transformer in adapter.transformers(pipe):
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
 
 
@@ -297,13 +306,8 @@ def load_pipeline(model: str | None, dtype: torch.dtype):
     except (OSError, ValueError, TypeError, KeyError) as error:
         # A broken or foreign folder: diffusers' own message says which file or key is wrong.
         raise UserError(f"--model {model!r} is not a loadable diffusers pipeline folder: "
-                        f"{_message(error)}") from None
+                        f"{error_message(error)}") from None
     return pipe, False
-
-
-def _message(error: BaseException) -> str:
-    """An exception's whole message, or its type name when it has none."""
-    return str(error).strip() or type(error).__name__
 
 
 def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> Path:
@@ -330,6 +334,10 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> P
                     writer.append_data(frame)
     return path
 
+
+# --- The default model: the embedded model diffattn trains and ships ---------------------------
+# Everything specific to it is in default_model_call (and the default branch of load_pipeline):
+# its call defaults, its size rule and the preset's fit to its token grid.
 def default_model_call(options: RunOptions) -> tuple[dict, Any]:
     """``(call, preset)`` for the default model, checked before the model is loaded: its call
     defaults overridden by the options, its size rule, the preset's fit to the latent grid, and
@@ -378,16 +386,18 @@ def prepare_run(options: RunOptions) -> PreparedRun:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {options.dtype!r}")
     dtype = DTYPES[options.dtype]
     device = check_device(options.device, options.cpu_offload)
-    device = ulysses_device(options.ulysses_degree, device, options.cpu_offload)
+    check_ulysses(options.ulysses_degree, options.cpu_offload)
     lora = check_lora(options.lora)
-    check_positive({"--steps": options.steps, "--num-frames": options.num_frames,
-                    "--height": options.height, "--width": options.width})
+    check_given_positive_ints({"--steps": options.steps, "--num-frames": options.num_frames,
+                               "--height": options.height, "--width": options.width})
 
     preset = None
     if options.model is None:
         call, preset = default_model_call(options)  # fail fast, before building the model
+    device = ulysses_device(options.ulysses_degree, device)
     pipe, is_default = load_pipeline(options.model, dtype)
     adapter = find_adapter(pipe)
+    check_ulysses_model(pipe, adapter, options.ulysses_degree)
     family = adapter.family
     if not is_default:
         call = _size_arguments(options)
@@ -405,7 +415,7 @@ def prepare_run(options: RunOptions) -> PreparedRun:
         try:
             pipe.load_lora_weights(str(lora))
         except (OSError, ValueError, KeyError, RuntimeError) as error:
-            raise UserError(f"--lora {str(lora)!r} could not be loaded: {_message(error)}") from None
+            raise UserError(f"--lora {str(lora)!r} could not be loaded: {error_message(error)}") from None
     if options.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -431,7 +441,7 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
     from .processors.presets import preset_layout
 
     output = check_output(options.output)
-    check_positive({"--fps": options.fps})
+    check_given_positive_ints({"--fps": options.fps})
     run = prepare_run(options)
     pipe, preset = run.pipe, run.preset
     apply(pipe, preset.config)

@@ -73,7 +73,7 @@ def test_mask_writes_png(tmp_path):
 
 BAD_INPUTS = [
     ({"--preset": "no-such-preset"}, "unknown preset"),
-    ({"--num-frames": "0"}, "--num-frames must be a positive integer"),
+    ({"--num-frames": "0"}, "--num-frames must be an int >= 1, got 0"),
     ({"--output": "{file}/video.mp4"}, "not a writable directory"),
     ({"--lora": "{tmp}/weights.bin"}, ".safetensors"),
     ({"--lora": "{tmp}/missing.safetensors"}, "does not exist"),

@@ -20,6 +20,21 @@ def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> in
     return int(value)
 
 
+def check_given_positive_ints(values: dict[str, Any]) -> None:
+    """:func:`check_positive_int` on every ``{name: value}`` that is given (None: not given, a
+    default applies), e.g. command-line flags.
+
+    Example:
+        >>> check_given_positive_ints({"--steps": 4, "--height": None})
+        >>> check_given_positive_ints({"--steps": 0})
+        Traceback (most recent call last):
+        diffattn.errors.UserError: --steps must be an int >= 1, got 0
+    """
+    for name, value in values.items():
+        if value is not None:
+            check_positive_int(name, value)
+
+
 def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
     if value not in allowed:
         raise UserError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")

@@ -6,7 +6,6 @@
   transformer and text encoder; the weights ship in ``embedded_model/``) and its loader.
 * :mod:`~diffattn.pipelines.shape_detector` and :mod:`~diffattn.pipelines.eval_embedded`: the
   held-out evaluation behind ``diffattn eval-embedded`` (and its optional probes).
-* :mod:`~diffattn.pipelines.generate`: loading a pipeline and running ``diffattn generate``.
 
 Training is ``scripts/train_embedded_model.py``; options that were tried and not shipped live in
 ``research/embedded/`` (outside the package). Background: ``docs/embedded-model.md``.

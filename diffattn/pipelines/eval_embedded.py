@@ -28,7 +28,7 @@ import torch
 
 from .._io import to_uint8
 from ..errors import UserError
-from ..patterns._checks import check_positive_int
+from ..patterns._checks import check_given_positive_ints, check_positive_int
 from .embedded import DEFAULT_CALL
 from .shape_detector import MAX_COLOUR_DISTANCE, score_video
 from .shapes import (
@@ -451,10 +451,8 @@ def run_evaluation(report_path: str, model: str | None = None, preset: str = "de
 
     if Path(report_path).suffix.lower() != ".json":
         raise UserError(f"--report must be a .json path; got {report_path!r}")
-    positive_flags = {"--num-captions": num_captions, "--batch-size": batch_size, "--steps": num_inference_steps}
-    for flag, value in positive_flags.items():
-        if value is not None:  # None: the model's default
-            check_positive_int(flag, value)
+    check_given_positive_ints({"--num-captions": num_captions, "--batch-size": batch_size,
+                               "--steps": num_inference_steps})
     check_size(num_frames, size, size, cli_flags=True)
     loaded = fitting_preset(preset, num_frames, size, size)
     try:

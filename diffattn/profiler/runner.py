@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -82,7 +82,8 @@ def _run_once(pipe: Any, adapter: ModelAdapter, config: SparsityConfig, timer: A
               call_kwargs: dict, keep_frames: bool) -> _Run:
     apply(pipe, config)
     timer.reset()
-    timer.attach(_states(adapter, pipe))
+    states = _states(adapter, pipe)
+    timer.attach(states)
     clock = timer.clock
     try:
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -92,10 +93,7 @@ def _run_once(pipe: Any, adapter: ModelAdapter, config: SparsityConfig, timer: A
         span = clock.stop(mark)
         calls = timer.finish()  # the one synchronisation of the run
         seconds = clock.seconds(span)
-        fallbacks: dict[str, int] = {}
-        for state in _states(adapter, pipe):
-            for reason, count in state.fallbacks.items():
-                fallbacks[reason] = fallbacks.get(reason, 0) + count
+        fallbacks = dict(sum((state.fallbacks for state in states), Counter()))
     finally:
         timer.detach()
     return _Run(seconds, calls, _frames(output) if keep_frames else None, fallbacks)
@@ -323,5 +321,5 @@ def _build_report(pipe: Any, family: str, name: str, config: SparsityConfig, see
         timings=dict(dense_seconds=[r.seconds for r in dense_runs], sparse_seconds=[r.seconds for r in sparse_runs],
                      dense_attention_seconds=[r.attention_seconds for r in dense_runs],
                      sparse_attention_seconds=[r.attention_seconds for r in sparse_runs]),
-        untimed_calls=untimed, fallbacks=dict(sparse_runs[0].fallbacks), notes=notes,
+        untimed_calls=untimed, fallbacks=sparse_runs[0].fallbacks, notes=notes,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffattn.patterns._checks import check_choice
+from diffattn.patterns._checks import check_choice, check_given_positive_ints
 from diffattn.pipelines.shapes import (
     COLOURS,
     DIRECTIONS,
@@ -24,7 +24,6 @@ from diffattn.pipelines.shapes import (
     sample_background,
     sample_shape,
 )
-from diffattn.runs import check_positive
 
 
 def ideal_pure_noise_estimate(colour: str, shape: str, direction: str, num_clips: int = 600, num_frames: int = 17,
@@ -46,7 +45,7 @@ def ideal_pure_noise_estimate(colour: str, shape: str, direction: str, num_clips
     check_choice("colour", colour, tuple(COLOURS))
     check_choice("shape", shape, SHAPES)
     check_choice("direction", direction, tuple(DIRECTIONS))
-    check_positive({"num_clips": num_clips, "num_frames": num_frames})
+    check_given_positive_ints({"num_clips": num_clips, "num_frames": num_frames})
     rng = np.random.default_rng(seed)
     total = np.zeros((num_frames, size, size, 3))
     kept = 0

@@ -215,7 +215,6 @@ def test_run_evaluation_runs_the_probes_only_when_asked(tmp_path):
 def test_run_evaluation_refuses_bad_arguments_before_any_work(tmp_path):
     with pytest.raises(UserError, match="--report must be a .json path; got"):
         run_evaluation(str(tmp_path / "eval.txt"))
-    # (a ValueError from generate.check_positive, a UserError once that raises one)
-    with pytest.raises(ValueError, match="--num-captions must be an int >= 1, got 0"):
+    with pytest.raises(UserError, match="--num-captions must be an int >= 1, got 0"):
         run_evaluation(str(tmp_path / "eval.json"), num_captions=0)
     assert list(tmp_path.iterdir()) == []

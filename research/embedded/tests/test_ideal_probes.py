@@ -38,5 +38,5 @@ def test_ideal_caption_sensitivity_measures_what_each_word_is_worth():
 def test_ideal_pure_noise_estimate_refuses_unknown_words():
     with pytest.raises(ValueError, match="direction must be one of 'left', 'right', 'up', 'down'; got 'north'"):
         ideal_pure_noise_estimate("red", "circle", "north")
-    with pytest.raises(ValueError, match="num_clips must be a positive integer; got 0"):
+    with pytest.raises(ValueError, match="num_clips must be an int >= 1, got 0"):
         ideal_pure_noise_estimate("red", "circle", "left", num_clips=0)
