@@ -64,6 +64,5 @@ def check_per_axis(name: str, value: Any, kind: type, *, allow_none: bool = Fals
 
 def check_block_size(name: str, value: Any, allowed: Sequence[int] = (16, 32, 64, 128, 256)) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in allowed:
-        role = " (as block_k)" if name == "block_size" and 16 not in allowed else ""
-        raise UserError(f"{name}{role} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        raise UserError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
     return int(value)

@@ -123,10 +123,9 @@ class Pattern(abc.ABC):
             True
         """
         self.validate_grid(grid)
-        # Errors name the argument the bad value came from.
-        q_name, k_name = (
-            "block_size" if b is None else name for b, name in ((block_q, "block_q"), (block_k, "block_k"))
-        )
+        # Errors name the argument the bad value came from (and, for block_size, its role).
+        q_name = "block_size" if block_q is None else "block_q"
+        k_name = "block_size (as block_k)" if block_k is None else "block_k"
         block_q = check_block_size(q_name, block_size if block_q is None else block_q)
         block_k = check_block_size(k_name, block_size if block_k is None else block_k, (32, 64, 128, 256))
         tile_shape = check_tile_shape(tile_shape)
