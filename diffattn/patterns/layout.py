@@ -110,11 +110,15 @@ class BlockLayout:
         """
         rows = _block_lengths(self.num_tokens, self.block_q).to(torch.int64)
         cols = _block_lengths(self.num_tokens, self.block_k).to(torch.int64)
-        slots = torch.arange(self.max_kv_blocks, device=self.device)
-        valid = slots[None, None, :] < self.kv_counts[..., None]
+        valid = self._valid_slots()
         col_len = cols.to(self.device)[self.kv_indices.long()] * valid
         total = (col_len.sum(-1) * rows.to(self.device)[None, :]).sum()
         return int(total) // self.num_heads
+
+    def _valid_slots(self) -> torch.Tensor:
+        """bool ``[Hl, Mq, max_kv]``: which slots of ``kv_indices`` / ``kv_mask_ids`` hold a tile."""
+        slots = torch.arange(self.max_kv_blocks, device=self.device)
+        return slots[None, None, :] < self.kv_counts[..., None]
 
     @property
     def tile_density(self) -> float:
@@ -124,8 +128,7 @@ class BlockLayout:
     @property
     def num_partial_tiles(self) -> int:
         """Visited tiles that carry an element mask (all heads)."""
-        slots = torch.arange(self.max_kv_blocks, device=self.device)
-        valid = slots[None, None, :] < self.kv_counts[..., None]
+        valid = self._valid_slots()
         return int(((self.kv_mask_ids >= 0) & valid).sum())
 
     @property
@@ -175,8 +178,7 @@ class BlockLayout:
         """
         heads, num_q = self.num_heads, self.num_q_blocks
         num_k = self.num_k_blocks
-        slots = torch.arange(self.max_kv_blocks, device=self.device)
-        valid = slots[None, None, :] < self.kv_counts[..., None]
+        valid = self._valid_slots()
         head_idx, q_idx, slot_idx = valid.nonzero(as_tuple=True)
         k_idx = self.kv_indices[head_idx, q_idx, slot_idx].long()
         mask_id = self.kv_mask_ids[head_idx, q_idx, slot_idx]
@@ -217,8 +219,7 @@ class BlockLayout:
         n, bq, bk = self.num_tokens, self.block_q, self.block_k
         num_q, num_k = self.num_q_blocks, self.num_k_blocks
         dense = torch.zeros(self.num_heads, num_q * bq, num_k * bk, dtype=torch.bool, device=self.device)
-        slots = torch.arange(self.max_kv_blocks, device=self.device)
-        valid = slots[None, None, :] < self.kv_counts[..., None]
+        valid = self._valid_slots()
         head_idx, q_idx, slot_idx = valid.nonzero(as_tuple=True)
         k_idx = self.kv_indices[head_idx, q_idx, slot_idx].long()
         tiles = self.tile_masks(self.kv_mask_ids[head_idx, q_idx, slot_idx])
