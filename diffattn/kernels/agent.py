@@ -17,17 +17,13 @@ fused where its forward was, so a custom backward would not pay.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-
-
-def _is_real_number(x: Any) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+from ..patterns._checks import is_finite_number
 
 
 def _tensor_problems(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: torch.Tensor) -> list[str]:
@@ -81,10 +77,10 @@ def agent_attention_problems(q: Any, k: Any, v: Any, agents: Any, k_scale2: Any 
         agent count A=11 (agents.shape[2]) must be in [1, N=10]
     """
     problems: list[str] = []
-    if scale is not None and not (_is_real_number(scale) and scale > 0):
+    if scale is not None and not (is_finite_number(scale) and scale > 0):
         problems.append(f"scale must be None or a finite number > 0, got {scale!r}")
     for name, value in (("k_scale2", k_scale2), ("shortcut", shortcut)):
-        if not _is_real_number(value):
+        if not is_finite_number(value):
             problems.append(f"{name} must be a finite real number (int or float), got {value!r}")
     tensors = {"q": q, "k": k, "v": v, "agents": agents}
     not_tensors = [f"{name} must be a torch.Tensor, got {type(x).__name__}"

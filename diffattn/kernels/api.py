@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..patterns._checks import is_finite_number
 from ..patterns.layout import BlockLayout
 from .backends import BACKENDS, resolve_backend
 from .op import attention_op
@@ -64,9 +65,7 @@ def _input_problems(q: Any, k: Any, v: Any, layout: Any, scale: Any, return_lse:
             problems.append(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(layout, BlockLayout):
         problems.append(f"layout must be a BlockLayout (e.g. pattern.layout(grid)), got {type(layout).__name__}")
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0
-    ):
+    if scale is not None and not (is_finite_number(scale) and scale > 0):
         problems.append(f"scale must be None or a finite number > 0, got {scale!r}")
     if not isinstance(return_lse, bool):
         problems.append(f"return_lse must be a bool, got {return_lse!r}")

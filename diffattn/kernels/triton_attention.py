@@ -19,13 +19,13 @@ The split is computed once per (layout, device) and cached on the layout object 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import UserError
+from ..patterns._checks import is_finite_number
 from ..patterns.layout import MASK_WORD_BITS, BlockLayout
 from ._cache import cached_per_layout
 from .backends import BACKENDS, triton_interpreter
@@ -450,7 +450,7 @@ class _TritonBlockSparseAttention(torch.autograd.Function):
 
 
 def _check_scale(scale: Any) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    if not (is_finite_number(scale) and scale > 0):
         raise UserError(f"scale must be a finite float > 0, got {scale!r}")
     return float(scale)
 

@@ -3,6 +3,7 @@ value and what is allowed."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Sequence
 
@@ -18,6 +19,16 @@ def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> in
     if value < 0 or (value == 0 and not allow_zero):
         raise UserError(f"{name} must be an int {bound}, got {value}")
     return int(value)
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool, a tensor or a string).
+
+    Example:
+        >>> is_finite_number(0.5), is_finite_number(True), is_finite_number(float("nan"))
+        (True, False, False)
+    """
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def check_given_positive_ints(values: dict[str, Any]) -> None:
