@@ -197,6 +197,13 @@ def _auto_text() -> str:
     return ", ".join(f"{backend!r} on {device}" for device, backend in AUTO_RULE.items())
 
 
+def _unknown_backend(name: str, value: object) -> str | None:
+    """The message for a ``backend=`` value that names no backend, or None when it names one."""
+    if isinstance(value, str) and value in BACKEND_NAMES:
+        return None
+    return f"{name}={value!r} is unknown; allowed: {', '.join(map(repr, BACKEND_NAMES))}"
+
+
 def check_backend_name(name: str, value: object) -> str:
     """``value`` if it is a backend name (or ``"auto"``), else a :class:`UserError` naming it.
 
@@ -204,8 +211,9 @@ def check_backend_name(name: str, value: object) -> str:
         >>> check_backend_name("backend", "cpu")
         'cpu'
     """
-    if not isinstance(value, str) or value not in BACKEND_NAMES:
-        raise UserError(f"{name}={value!r} is unknown; allowed: {', '.join(map(repr, BACKEND_NAMES))}")
+    problem = _unknown_backend(name, value)
+    if problem is not None:
+        raise UserError(problem)
     return value
 
 
@@ -220,8 +228,9 @@ def resolve_backend(backend: object, device: torch.device | str) -> tuple[str | 
         ('cpu', [])
     """
     device = torch.device(device)
-    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
-        return None, [f"backend={backend!r} is unknown; allowed: {', '.join(map(repr, BACKEND_NAMES))}"]
+    problem = _unknown_backend("backend", backend)
+    if problem is not None:
+        return None, [problem]
     if backend != "auto":
         return backend, []
     if device.type in AUTO_RULE:
