@@ -172,7 +172,7 @@ class ProfileReport:
             ("density (overall; dense calls count 1)", _number(self.density)),
             ("layout / tile density (sparse calls)", f"{_number(self.layout_density)} / {_number(self.tile_density)}"),
             ("layout memory (sparse calls)",
-             "-" if self.layout_nbytes is None else f"{self.layout_nbytes / 2**20:.2f} MiB"),
+             "-" if self.layout_nbytes is None else _bytes(self.layout_nbytes)),
             ("attention calls per run (sparse / kept dense)",
              f"{self.attention_calls} ({self.sparse_calls} / {self.dense_calls})"),
             ("attention time in calls kept dense", _percent(self.dense_fraction)),
@@ -240,6 +240,11 @@ def _finite_json(value: Any) -> Any:
 
 def _x(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.2f}x"
+
+
+def _bytes(count: int) -> str:
+    """``count`` bytes in KiB below one MiB, else in MiB (a small layout would read 0.00 MiB)."""
+    return f"{count / 2**10:.1f} KiB" if count < 2**20 else f"{count / 2**20:.2f} MiB"
 
 
 def _percent(value: float) -> str:
