@@ -95,6 +95,9 @@ def _input_problems(q: Any, k: Any, v: Any, layout: Any, scale: Any, return_lse:
             )
         if dim == 0:
             problems.append("head dim D (q.shape[3]) must be >= 1, got 0")
+        if layout.kv_levels is not None and bool((layout.kv_levels != 1).any()):
+            # Until the kernels pool keys per tile, a pooled tile would run at level 1: refuse.
+            problems.append("layout.kv_levels holds pooled tiles (levels 2, 4, 8), which no backend runs yet")
     return problems
 
 

@@ -53,6 +53,11 @@ class BlockLayout:
         permutation: int64 ``[N]`` or None: the kernel's token ``p`` is the caller's token
             ``permutation[p]`` (tile-major reordering of the video tokens).
         allowed_pairs: allowed (query, key) pairs per head-layout, as Python ints.
+        kv_levels: int32 ``[Hl, Mq, max_kv]`` or None (every tile level 1): the pooling level of
+            each visited tile (1, 2, 4 or 8; PSA plans). A level-``p`` tile attends to the means of
+            consecutive groups of ``p`` keys and values of its key block (kernel token order; the
+            sequence's last group may be shorter, size ``c``), each group's logit plus ``log(p)``
+            (``log(c)``). Entries past ``kv_counts`` are 1 and must not be read.
 
     A tile is *full* when every pair inside it with both indices ``< N`` is allowed: kernels must
     still mask keys ``>= N`` in the last key block.
@@ -73,6 +78,7 @@ class BlockLayout:
     masks: torch.Tensor
     permutation: torch.Tensor | None = None
     allowed_pairs: tuple[int, ...] = field(default=())
+    kv_levels: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- shape and statistics
     @property
@@ -151,8 +157,7 @@ class BlockLayout:
             True
         """
         tensors = [self.kv_counts, self.kv_indices, self.kv_mask_ids, self.masks]
-        if self.permutation is not None:
-            tensors.append(self.permutation)
+        tensors += [t for t in (self.permutation, self.kv_levels) if t is not None]
         return sum(int(t.nbytes) for t in tensors)
 
     @property
@@ -247,6 +252,7 @@ class BlockLayout:
             masks=self.masks.to(device),
             permutation=None if self.permutation is None else self.permutation.to(device),
             allowed_pairs=self.allowed_pairs,
+            kv_levels=None if self.kv_levels is None else self.kv_levels.to(device),
         )
 
     def select_heads(self, start: int, stop: int) -> "BlockLayout":
@@ -277,6 +283,7 @@ class BlockLayout:
             masks=self.masks,
             permutation=self.permutation,
             allowed_pairs=self.allowed_pairs[start:stop],
+            kv_levels=None if self.kv_levels is None else self.kv_levels[start:stop],
         )
 
     def permute_tokens(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
