@@ -7,7 +7,8 @@ token order* (``layout.permutation`` applied) on validated inputs:
   ``TRITON_INTERPRET=1``). Imported lazily: ``import diffattn`` never imports Triton.
 * ``"cpu"``: the batched exact PyTorch path of :mod:`diffattn.kernels.cpu` (CPU tensors).
 * ``"reference"``: dense masked attention built from ``layout.token_mask()`` (any device; O(N^2)
-  memory, for tests and small inputs).
+  memory, for tests and small inputs); for a layout with pooled tiles (``layout.kv_levels``),
+  :func:`~diffattn.kernels.reference.pooled_attention_reference`.
 * ``"auto"``: ``"triton"`` for CUDA tensors, ``"cpu"`` for CPU tensors. The choice depends on the
   tensors' device only, never on whether Triton happens to import: launching a compiled Triton
   kernel on CPU tensors fails.
@@ -30,7 +31,7 @@ from ..patterns._checks import is_finite_number
 from ..patterns.layout import BlockLayout
 from .backends import BACKENDS, resolve_backend
 from .op import attention_op
-from .reference import masked_attention_reference
+from .reference import masked_attention_reference, pooled_attention_reference
 
 # dtypes some backend accepts (checked even when the backend name is wrong, so that every
 # reason is listed at once).
@@ -95,9 +96,6 @@ def _input_problems(q: Any, k: Any, v: Any, layout: Any, scale: Any, return_lse:
             )
         if dim == 0:
             problems.append("head dim D (q.shape[3]) must be >= 1, got 0")
-        if layout.kv_levels is not None and bool((layout.kv_levels != 1).any()):
-            # Until the kernels pool keys per tile, a pooled tile would run at level 1: refuse.
-            problems.append("layout.kv_levels holds pooled tiles (levels 2, 4, 8), which no backend runs yet")
     return problems
 
 
@@ -161,6 +159,8 @@ def _check(
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     resolved, backend_problems = resolve_backend(backend, device)
     problems += backend_problems + _table_problems(resolved, q, layout)
+    if isinstance(layout, BlockLayout) and resolved in ("cpu", "triton") and layout.is_pooled:
+        problems.append(f"backend={resolved!r} does not run pooled tiles (layout.kv_levels) yet")  # TEMP
     if not problems and resolved == "triton":
         problems = _triton_problems(q, k, v, _layout_on(layout, device))
     return resolved, problems
@@ -237,6 +237,8 @@ def block_sparse_attention(
         return (out, out.float().sum(-1)) if return_lse else out
 
     if resolved == "reference":
+        if layout.is_pooled:  # token_mask() of a pooled layout is not an attention mask
+            return pooled_attention_reference(q, k, v, layout, scale=scale, return_lse=return_lse)
         # token_mask() is already in the caller's order: no permutation round trip needed.
         return masked_attention_reference(q, k, v, layout.token_mask(), scale=scale, return_lse=return_lse)
 

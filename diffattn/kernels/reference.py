@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..errors import UserError
+from ..patterns.layout import BlockLayout
 
 
 def masked_attention_reference(
@@ -73,3 +74,123 @@ def masked_attention_reference(
     lse = torch.logsumexp(safe.float(), dim=-1)
     lse = torch.where(has_key[..., 0], lse, torch.full((), float("-inf"), device=lse.device))
     return out, lse
+
+
+def pooled_keys(x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means of consecutive groups of ``level`` rows along dim -2, and each group's size.
+
+    Args:
+        x: ``[..., N, D]``.
+        level: group size ``p``; the last group holds ``c = N - p * (ceil(N / p) - 1)`` rows.
+
+    Returns:
+        ``(means [..., ceil(N / p), D]`` in ``x.dtype``, ``sizes`` int64 ``[ceil(N / p)]``).
+
+    Example:
+        >>> means, sizes = pooled_keys(torch.arange(5.0)[:, None], 2)
+        >>> means[:, 0].tolist(), sizes.tolist()
+        ([0.5, 2.5, 4.0], [2, 2, 1])
+    """
+    n = x.shape[-2]
+    groups = -(-n // level)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, groups * level - n))
+    sizes = (torch.arange(groups, device=x.device) * level + level).clamp(max=n) - torch.arange(
+        groups, device=x.device
+    ) * level
+    sums = padded.unflatten(-2, (groups, level)).sum(-2)
+    return sums / sizes[:, None].to(x.dtype), sizes
+
+
+def _pooled_key_masks(layout: BlockLayout) -> dict[int, torch.Tensor]:
+    """Per level present: bool ``[Hl, N, keys of that level]``, kernel order; which query may
+    attend which raw key (level 1) or which pooled key (level p: ``ceil(N / p)`` group means)."""
+    n, bq, bk = layout.num_tokens, layout.block_q, layout.block_k
+    num_q, num_k, heads = layout.num_q_blocks, layout.num_k_blocks, layout.num_heads
+    valid = layout._valid_slots()
+    levels = layout._slot_levels()
+    out = {}
+    for level in sorted(set(levels[valid].tolist())):
+        head, qb, slot = (valid & (levels == level)).nonzero(as_tuple=True)
+        kb = layout.kv_indices[head, qb, slot].long()
+        width = bk // level
+        dense = torch.zeros(heads, num_q, bq, num_k, width, dtype=torch.bool, device=layout.device)
+        if level == 1:
+            tiles = layout.tile_masks(layout.kv_mask_ids[head, qb, slot])  # [T, bq, bk]
+        else:  # pooled tiles are full tiles: every query row, every group of the block
+            tiles = torch.ones(head.numel(), bq, width, dtype=torch.bool, device=layout.device)
+        dense.permute(0, 1, 3, 2, 4)[head, qb, kb] = tiles
+        out[level] = dense.view(heads, num_q * bq, num_k * width)[:, :n, : -(-n // level)]
+    return out
+
+
+def pooled_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Dense statement of attention over a layout with pooling levels (``layout.kv_levels``).
+
+    In kernel token order (``layout.permutation`` applied to q, k, v), every query row attends a
+    list of keys: the raw keys of its level-1 tiles (their element masks applied) and, for each
+    pooled tile of level ``p``, the ``block_k / p`` group means of its key block's keys and
+    values, each with logit ``scale * q . mean(k) + log(c)`` (``c`` the group size). The key
+    set of all rows is materialised (``[B, H, N, N + sum_p ceil(N / p)]``), masked per row, and
+    one softmax runs over it, in the dtype of ``q`` (as :func:`masked_attention_reference`, so it
+    is the plain-PyTorch yard stick in low precision too). Gradients flow through autograd,
+    including through the means.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` in the caller's token order.
+        layout: a :class:`BlockLayout` with ``num_tokens == N`` (levels optional: all 1 gives
+            exactly :func:`masked_attention_reference` with ``layout.token_mask()``).
+        scale: score scale, default ``1 / sqrt(D)``.
+        return_lse: also return ``lse float32 [B, H, N]``.
+
+    Returns:
+        ``out [B, H, N, D]`` in the caller's order (and ``lse``; ``-inf`` and 0 on empty rows).
+
+    Example:
+        >>> from diffattn import Dense, VideoGrid
+        >>> layout = Dense().layout(VideoGrid(1, 4, 16), block_size=32)
+        >>> pooled = layout.with_levels(torch.full_like(layout.kv_indices, 2))
+        >>> q = torch.randn(1, 1, 64, 8)
+        >>> k = v = torch.randn(1, 1, 32, 8).repeat_interleave(2, dim=2)  # pairs of equal keys
+        >>> torch.allclose(pooled_attention_reference(q, k, v, pooled),
+        ...                pooled_attention_reference(q, k, v, layout), atol=1e-5)
+        True
+    """
+    dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    layout = layout.to(q.device)
+    qk, kk, vk = (layout.permute_tokens(x) for x in (q, k, v))
+    keys, values, biases, masks = [], [], [], []
+    for level, mask in _pooled_key_masks(layout).items():
+        if level == 1:
+            keys.append(kk), values.append(vk)
+            biases.append(torch.zeros(kk.shape[-2], dtype=q.dtype, device=q.device))
+        else:
+            pooled_k, sizes = pooled_keys(kk, level)
+            keys.append(pooled_k), values.append(pooled_keys(vk, level)[0])
+            biases.append(sizes.to(q.dtype).log())
+        masks.append(mask)
+    if not keys:  # nothing visited at all
+        out = qk * 0 + kk * 0 + vk * 0
+        lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+        return (out, lse) if return_lse else out
+    all_k, all_v, bias, mask = torch.cat(keys, -2), torch.cat(values, -2), torch.cat(biases), torch.cat(masks, -1)
+    if mask.shape[0] == 1:
+        mask = mask[0]
+    scores = torch.matmul(qk, all_k.transpose(-1, -2)) * scale + bias
+    scores = scores.masked_fill(~mask, float("-inf"))
+    has_key = mask.any(-1, keepdim=True)
+    safe = torch.where(has_key, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+    probs = torch.where(has_key, torch.softmax(safe, dim=-1), torch.zeros((), dtype=q.dtype, device=q.device))
+    out = layout.unpermute_tokens(torch.matmul(probs, all_v))
+    if not return_lse:
+        return out
+    lse = torch.logsumexp(safe.float(), dim=-1)
+    lse = torch.where(has_key[..., 0], lse, torch.full((), float("-inf"), device=lse.device))
+    return out, layout.unpermute_tokens(lse, dim=-1)

@@ -13,6 +13,7 @@ users (PSA's per-tile pooling level, ring attention) read the same structure.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,6 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # Partial-tile masks are packed 32 keys to an int32 word: bit ``b`` of word ``w`` in row ``r`` says
 # whether query ``r`` of the tile may attend key ``32 * w + b`` of the tile.
 MASK_WORD_BITS = 32
+#: Pooling levels a tile may have (``BlockLayout.kv_levels``): 1 = the raw keys, p = means of groups of p.
+POOL_LEVELS = (1, 2, 4, 8)
 # Partial tiles whose masks are built at once (bounds peak memory at ~chunk * block_q * block_k / 8 bytes).
 _MASK_CHUNK_TILES = 2048
 
@@ -57,7 +60,9 @@ class BlockLayout:
             each visited tile (1, 2, 4 or 8; PSA plans). A level-``p`` tile attends to the means of
             consecutive groups of ``p`` keys and values of its key block (kernel token order; the
             sequence's last group may be shorter, size ``c``), each group's logit plus ``log(p)``
-            (``log(c)``). Entries past ``kv_counts`` are 1 and must not be read.
+            (``log(c)``). Entries past ``kv_counts`` are 1 and must not be read. Pooled tiles
+            (level > 1) are always full tiles (``kv_mask_ids == -1``); validated on construction
+            (:meth:`level_problems`). See :attr:`effective_tile_density`, :attr:`is_pooled`.
 
     A tile is *full* when every pair inside it with both indices ``< N`` is allowed: kernels must
     still mask keys ``>= N`` in the last key block.
@@ -79,6 +84,74 @@ class BlockLayout:
     permutation: torch.Tensor | None = None
     allowed_pairs: tuple[int, ...] = field(default=())
     kv_levels: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        problems = self.level_problems()
+        if problems:
+            raise UserError("invalid BlockLayout.kv_levels: " + "; ".join(problems))
+
+    def with_levels(self, kv_levels: torch.Tensor | None) -> "BlockLayout":
+        """The same tiles with pooling levels ``kv_levels`` (int32, shape of ``kv_indices``; validated).
+
+        Example:
+            >>> from diffattn import Dense, VideoGrid
+            >>> layout = Dense().layout(VideoGrid(1, 4, 16), block_size=32)
+            >>> layout.with_levels(torch.full_like(layout.kv_indices, 4)).tiles_per_level
+            {4: 4}
+        """
+        return dataclasses.replace(self, kv_levels=kv_levels)
+
+    def level_problems(self) -> list[str]:
+        """Why ``kv_levels`` is invalid (``[]`` when it is fine, or None).
+
+        Checked: int32 with the shape of ``kv_indices``; each visited tile's level in
+        :data:`POOL_LEVELS`; a pooled tile (level > 1) is a full tile (no element mask);
+        ``block_k`` a multiple of the largest level used. Values are not read on the meta device.
+
+        Example:
+            >>> from diffattn import Dense, VideoGrid
+            >>> layout = Dense().layout(VideoGrid(1, 4, 16), block_size=32)
+            >>> layout.with_levels(torch.full_like(layout.kv_indices, 3))
+            Traceback (most recent call last):
+            ...
+            diffattn.errors.UserError: invalid BlockLayout.kv_levels: kv_levels holds level 3 at (head 0, query block 0, slot 0); allowed: 1, 2, 4, 8
+        """
+        levels = self.kv_levels
+        if levels is None:
+            return []
+        if not isinstance(levels, torch.Tensor):
+            return [f"kv_levels must be an int32 tensor or None, got {type(levels).__name__}"]
+        problems = []
+        if levels.dtype != torch.int32:
+            problems.append(f"kv_levels must be int32, got {levels.dtype}")
+        if tuple(levels.shape) != tuple(self.kv_indices.shape):
+            problems.append(
+                f"kv_levels has shape {tuple(levels.shape)}, kv_indices has {tuple(self.kv_indices.shape)}; they must match"
+            )
+        if problems or levels.device.type == "meta" or torch.compiler.is_compiling():
+            return problems
+        valid = self._valid_slots()
+        allowed = torch.tensor(POOL_LEVELS, dtype=levels.dtype, device=levels.device)
+        bad = valid & ~torch.isin(levels, allowed)
+        if bool(bad.any()):
+            h, qb, slot = (int(i) for i in bad.nonzero()[0])
+            problems.append(
+                f"kv_levels holds level {int(levels[h, qb, slot])} at (head {h}, query block {qb}, slot {slot}); "
+                f"allowed: {', '.join(map(str, POOL_LEVELS))}"
+            )
+            return problems
+        pooled = valid & (levels > 1)
+        masked = pooled & (self.kv_mask_ids.to(levels.device) >= 0)
+        if bool(masked.any()):
+            h, qb, slot = (int(i) for i in masked.nonzero()[0])
+            problems.append(
+                f"the tile at (head {h}, query block {qb}, slot {slot}) has level {int(levels[h, qb, slot])} and an "
+                f"element mask (kv_mask_ids={int(self.kv_mask_ids[h, qb, slot])}); pooled tiles must be full (-1)"
+            )
+        top = int(levels[pooled].max()) if bool(pooled.any()) else 1
+        if self.block_k % top:
+            problems.append(f"block_k={self.block_k} is not a multiple of the pooling level {top}")
+        return problems
 
     # ----------------------------------------------------------------- shape and statistics
     @property
@@ -125,6 +198,53 @@ class BlockLayout:
         """bool ``[Hl, Mq, max_kv]``: which slots of ``kv_indices`` / ``kv_mask_ids`` hold a tile."""
         slots = torch.arange(self.max_kv_blocks, device=self.device)
         return slots[None, None, :] < self.kv_counts[..., None]
+
+    @cached_property
+    def is_pooled(self) -> bool:
+        """Whether some visited tile has a pooling level above 1 (``kv_levels``)."""
+        if self.kv_levels is None:
+            return False
+        return bool(((self.kv_levels > 1) & self._valid_slots()).any())
+
+    def _slot_levels(self) -> torch.Tensor:
+        """int64 ``[Hl, Mq, max_kv]``: each slot's level (1 where ``kv_levels`` is None)."""
+        if self.kv_levels is None:
+            return torch.ones(self.kv_indices.shape, dtype=torch.int64, device=self.device)
+        return self.kv_levels.to(self.device, torch.int64)
+
+    @cached_property
+    def tiles_per_level(self) -> dict[int, int]:
+        """Visited tiles per pooling level, all heads together (``{1: count}`` for a static layout).
+
+        Example:
+            >>> from diffattn import Dense, VideoGrid
+            >>> Dense().layout(VideoGrid(1, 4, 16), block_size=32).tiles_per_level
+            {1: 4}
+        """
+        levels = self._slot_levels()[self._valid_slots()]
+        values, counts = torch.unique(levels, return_counts=True)
+        return {int(v): int(c) for v, c in zip(values.tolist(), counts.tolist())}
+
+    @cached_property
+    def effective_tile_density(self) -> float:
+        """:attr:`tile_density` with a level-``p`` tile counting ``1 / p`` of its area.
+
+        What a pooled kernel pays for: a level-``p`` tile scores one pooled key per ``p`` keys.
+        The ideal speedup over dense attention is ``1 / effective_tile_density``. Equal to
+        :attr:`tile_density` for a static layout.
+
+        Example:
+            >>> from diffattn import Dense, VideoGrid
+            >>> layout = Dense().layout(VideoGrid(1, 4, 16), block_size=32)
+            >>> halved = layout.with_levels(torch.full_like(layout.kv_indices, 2))
+            >>> layout.effective_tile_density, halved.effective_tile_density
+            (1.0, 0.5)
+        """
+        rows = _block_lengths(self.num_tokens, self.block_q).to(torch.float64).to(self.device)
+        cols = _block_lengths(self.num_tokens, self.block_k).to(torch.float64).to(self.device)
+        col_len = cols[self.kv_indices.long()] * self._valid_slots() / self._slot_levels()
+        total = (col_len.sum(-1) * rows[None, :]).sum()
+        return float(total) / self.num_heads / self.num_tokens**2
 
     @property
     def tile_density(self) -> float:
@@ -218,6 +338,11 @@ class BlockLayout:
     def token_mask(self) -> torch.Tensor:
         """Expand to a dense bool mask in the caller's token order (tests and small grids only).
 
+        For a pooled layout (:attr:`is_pooled`) this is the *visited-tile* mask: a pooled tile
+        marks all its pairs, although the kernels attend to group means there, not to the raw
+        keys. It is then not an attention mask: ``backend="reference"`` runs pooled layouts with
+        :func:`diffattn.kernels.reference.pooled_attention_reference` instead.
+
         Returns:
             ``[N, N]`` for a shared layout, ``[H, N, N]`` for a per-head layout.
         """
@@ -304,6 +429,9 @@ class BlockLayout:
     def stack(cls, layouts: Sequence["BlockLayout"]) -> "BlockLayout":
         """Combine single-head layouts (same N, block sizes and permutation) into a per-head one.
 
+        ``kv_levels`` is carried: if some layouts have levels and others None, the latter get
+        all-1 levels; None only when every layout has None.
+
         Example:
             >>> from diffattn import Dense, Neighborhood, VideoGrid
             >>> grid = VideoGrid(2, 8, 8)
@@ -330,7 +458,8 @@ class BlockLayout:
                 raise UserError(f"layouts[{i}] has a different token permutation than layouts[0]")
         device = first.device
         max_kv = max(lay.max_kv_blocks for lay in layouts)
-        counts, indices, mask_ids, masks, allowed = [], [], [], [], []
+        counts, indices, mask_ids, masks, allowed, levels = [], [], [], [], [], []
+        any_levels = any(lay.kv_levels is not None for lay in layouts)
         offset = 0
         for lay in layouts:
             pad = max_kv - lay.max_kv_blocks
@@ -342,6 +471,9 @@ class BlockLayout:
             masks.append(lay.masks.to(device))
             offset += lay.num_masks
             allowed.extend(lay.allowed_pairs)
+            if any_levels:
+                lev = lay.kv_levels if lay.kv_levels is not None else torch.ones_like(lay.kv_indices)
+                levels.append(torch.nn.functional.pad(lev.to(device, torch.int32), (0, pad), value=1))
         return cls(
             num_tokens=first.num_tokens,
             block_q=first.block_q,
@@ -352,6 +484,7 @@ class BlockLayout:
             masks=torch.cat(masks),
             permutation=first.permutation,
             allowed_pairs=tuple(allowed),
+            kv_levels=torch.cat(levels) if any_levels else None,
         )
 
 

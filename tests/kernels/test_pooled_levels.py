@@ -1,0 +1,130 @@
+"""Pooled tiles (``BlockLayout.kv_levels``, PSA): every backend runs exactly the reference's math.
+
+The reference (:func:`diffattn.kernels.reference.pooled_attention_reference`) is itself checked
+against a per-row brute force written here from the issue's definition, and against dense SDPA
+on keys that are equal within each group (where a level-p tile must equal the full tile).
+Triton runs under ``TRITON_INTERPRET=1`` on CPU (tests/conftest.py), fp32 and fp16 only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffattn import BlockLayout, Dense, Neighborhood, VideoGrid
+from diffattn.errors import UserError
+from diffattn.kernels import block_sparse_attention
+from diffattn.kernels.reference import pooled_attention_reference
+
+GRID = VideoGrid(3, 5, 7, text_tokens=5)  # N = 110: ragged last block, short last groups
+LEVELS = (1, 2, 4, 8)
+
+
+def with_random_levels(layout: BlockLayout, seed: int, choices: tuple[int, ...] = LEVELS) -> BlockLayout:
+    """``layout`` with a random level on every full tile (partial tiles stay at level 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.tensor(choices, dtype=torch.int32)[torch.randint(len(choices), layout.kv_indices.shape, generator=gen)]
+    return layout.with_levels(torch.where(layout.kv_mask_ids == -1, pick, 1).to(torch.int32))
+
+
+def layouts(kind: str, block: int = 32) -> BlockLayout:
+    if kind == "dense":
+        return with_random_levels(Dense().layout(GRID, block_size=block), 1)
+    if kind == "permuted":  # partial tiles, a permutation, pooled full tiles
+        lay = Neighborhood(kernel_size=(3, 3, 5)).layout(GRID, block_size=block, tile_shape=(1, 4, 8))
+        return with_random_levels(lay, 2)
+    if kind == "per_head":
+        a = with_random_levels(Dense().layout(GRID, block_size=block), 3)
+        b = Neighborhood(kernel_size=(1, 3, 3)).layout(GRID, block_size=block)  # no levels: all 1
+        return BlockLayout.stack([a, b])
+    raise AssertionError(kind)
+
+
+def qkv(b: int, h: int, n: int, d: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=gen).to(dtype) for _ in range(3)]
+
+
+def brute_force_row(q_row, k, v, layout: BlockLayout, head: int, row: int, scale: float) -> torch.Tensor:
+    """Output of kernel-order query ``row`` from the issue's definition, one key at a time (float64)."""
+    n, bq, bk = layout.num_tokens, layout.block_q, layout.block_k
+    h = head if layout.num_heads > 1 else 0
+    qb = row // bq
+    logits, values = [], []
+    for slot in range(int(layout.kv_counts[h, qb])):
+        kb = int(layout.kv_indices[h, qb, slot])
+        level = 1 if layout.kv_levels is None else int(layout.kv_levels[h, qb, slot])
+        start, stop = kb * bk, min(kb * bk + bk, n)
+        if level == 1:
+            allowed = layout.tile_masks(layout.kv_mask_ids[h, qb, slot : slot + 1])[0, row - qb * bq]
+            for j in range(start, stop):
+                if allowed[j - start]:
+                    logits.append(scale * float(q_row @ k[j]))
+                    values.append(v[j])
+        else:
+            for g0 in range(start, stop, level):
+                g1 = min(g0 + level, stop)
+                logits.append(scale * float(q_row @ k[g0:g1].mean(0)) + math.log(g1 - g0))
+                values.append(v[g0:g1].mean(0))
+    if not logits:
+        return torch.zeros_like(q_row)
+    weights = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
+    return (weights[:, None] * torch.stack(values)).sum(0)
+
+
+# ---------------------------------------------------------------------------------- the layout side
+def test_levels_are_validated_with_the_value_named():
+    layout = Dense().layout(GRID, block_size=32)
+    with pytest.raises(UserError, match="level 3"):
+        layout.with_levels(torch.full_like(layout.kv_indices, 3))
+    with pytest.raises(UserError, match=r"shape \(1, 4\)"):
+        layout.with_levels(torch.ones(1, 4, dtype=torch.int32))
+    with pytest.raises(UserError, match="int32"):
+        layout.with_levels(torch.ones_like(layout.kv_indices, dtype=torch.int64))
+    partial = Neighborhood(kernel_size=(1, 3, 3)).layout(GRID, block_size=32)
+    with pytest.raises(UserError, match="element mask"):
+        partial.with_levels(torch.where(partial.kv_mask_ids >= 0, 2, 1).to(torch.int32))
+    # Slots past kv_counts are never read, whatever they hold.
+    ok = partial.with_levels(torch.ones_like(partial.kv_indices))
+    assert not ok.is_pooled and ok.tiles_per_level == {1: partial.num_visited_tiles}
+
+
+def test_effective_density_counts_a_level_p_tile_as_one_pth():
+    layout = layouts("per_head")
+    levels = layout._slot_levels()
+    valid = layout._valid_slots()
+    rows = torch.tensor([min(32, GRID.num_tokens - 32 * i) for i in range(layout.num_q_blocks)], dtype=torch.float64)
+    cols = rows  # block_q == block_k
+    area = rows[None, :, None] * cols[layout.kv_indices.long()] * valid / levels
+    expected = float(area.sum()) / layout.num_heads / GRID.num_tokens**2
+    assert layout.effective_tile_density == pytest.approx(expected, rel=1e-12)
+    assert layout.effective_tile_density < layout.tile_density
+    assert sum(layout.tiles_per_level.values()) == layout.num_visited_tiles
+
+
+def test_stack_carries_levels_and_fills_missing_ones_with_one():
+    pooled = with_random_levels(Dense().layout(GRID, block_size=32), 5)
+    plain = Neighborhood(kernel_size=(1, 3, 3)).layout(GRID, block_size=32)
+    both = BlockLayout.stack([plain, pooled])
+    assert both.kv_levels is not None and both.kv_levels.shape == both.kv_indices.shape
+    assert bool((both.kv_levels[0] == 1).all())
+    width = pooled.max_kv_blocks
+    assert torch.equal(both.kv_levels[1, :, :width], pooled.kv_levels[0])
+    assert BlockLayout.stack([plain, plain]).kv_levels is None
+    assert torch.equal(both.select_heads(1, 2).kv_levels, both.kv_levels[1:2])
+
+
+# ---------------------------------------------------------------------------------- the reference
+@pytest.mark.parametrize("kind", ["dense", "permuted", "per_head"])
+def test_reference_matches_a_per_row_brute_force(kind):
+    layout = layouts(kind)
+    q, k, v = qkv(1, 2, GRID.num_tokens, 8, torch.float64)
+    out = pooled_attention_reference(q, k, v, layout, scale=0.3)
+    qk, kk, vk = (layout.permute_tokens(x) for x in (q, k, v))
+    ok = layout.permute_tokens(out)
+    for head in range(2):
+        for row in (0, 31, 50, 97, GRID.num_tokens - 1):
+            want = brute_force_row(qk[0, head, row], kk[0, head], vk[0, head], layout, head, row, 0.3)
+            torch.testing.assert_close(ok[0, head, row], want, atol=1e-10, rtol=1e-10)
