@@ -16,6 +16,7 @@ from .adapters import apply, remove, sparse_processors
 from .errors import DenseFallbackWarning, UserError
 from .kernels import agent_attention, block_sparse_attention
 from .patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
+from .patterns import PyramidSparse
 from .processors import SparsityConfig
 from .profiler import ProfileReport, profile
 
@@ -28,6 +29,7 @@ __all__ = [
     "Neighborhood",
     "Pattern",
     "ProfileReport",
+    "PyramidSparse",
     "Radial",
     "SparsityConfig",
     "UserError",

@@ -8,6 +8,7 @@ from .dense import Dense
 from .grid import VideoGrid, VideoOrder
 from .layout import BlockLayout
 from .neighborhood import Neighborhood, natten_axis_table
+from .pyramid import PyramidSparse
 from .radial import Radial
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "Dense",
     "Neighborhood",
     "Pattern",
+    "PyramidSparse",
     "Radial",
     "VideoGrid",
     "VideoOrder",
