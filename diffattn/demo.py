@@ -21,7 +21,7 @@ import torch
 from .kernels import block_sparse_attention
 from .patterns import VideoGrid
 from .patterns.picture import save_layout_png
-from .processors.presets import list_presets
+from .processors.presets import is_dynamic, list_presets
 
 
 def _reference_rows(q, k, v, mask, rows):
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out", help="folder for the layout pictures (default: out)")
     args = parser.parse_args(argv)
 
-    presets = list_presets("wan")
+    # Static layouts only: a dynamic pattern (PSA) has no layout without a call's q and k.
+    presets = [preset for preset in list_presets("wan") if not is_dynamic(preset.config)]
     wan = VideoGrid(21, 30, 52)
     print(f"Wan presets at 480p 81 frames: {wan.frames}x{wan.height}x{wan.width} = {wan.num_tokens} tokens")
     print(f"{'preset':28s} {'density':>8s} {'tile dens.':>10s} {'tiles':>8s} {'partial':>8s} {'build s':>8s}  picture")

@@ -438,7 +438,7 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
         (True, 5, 'radial-fast')
     """
     from .adapters import apply, sparsity_state
-    from .processors.presets import preset_layout
+    from .processors.presets import preset_density
 
     output = check_output(options.output)
     check_given_positive_ints({"--fps": options.fps})
@@ -456,7 +456,7 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
 
     state = sparsity_state(pipe)
     grid = state.grid if state is not None else None
-    density = preset_layout(preset.config, grid).density if grid is not None else None
+    density = preset_density(preset.config, grid) if grid is not None else None
     return GenerateResult(
         path=output, num_frames=frames.shape[0], height=frames.shape[1], width=frames.shape[2], seconds=seconds,
         preset=preset.name, family=run.family, density=density, grid=grid,

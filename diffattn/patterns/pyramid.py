@@ -245,7 +245,9 @@ def _check_levels(levels: Any) -> tuple[tuple[int, float], ...]:
             raise UserError(f"PyramidSparse.levels[{level}] must be a finite share >= 0; got {share!r}")
     total = sum(levels.values())
     if total > 1 + _SHARE_SLACK:
-        raise UserError(f"PyramidSparse.levels shares sum to {total:g} > 1 ({dict(levels)}); they must sum to at most 1")
+        raise UserError(
+            f"PyramidSparse.levels shares sum to {total:g} > 1 ({dict(levels)}); they must sum to at most 1"
+        )
     return tuple((level, float(levels.get(level, 0.0))) for level in PYRAMID_LEVELS)
 
 

@@ -324,12 +324,12 @@ def fitting_preset(name_or_path: str, num_frames: int, height: int, width: int):
         >>> fitting_preset("dense", 17, 64, 64).name
         'dense'
     """
-    from ..processors.presets import load_preset, preset_layout
+    from ..processors.presets import load_preset, preset_density
 
     preset = load_preset(name_or_path, family="wan")
     grid = latent_grid(num_frames, height, width)
     try:
-        preset_layout(preset.config, grid)
+        preset_density(preset.config, grid)
     except ValueError as error:
         raise UserError(
             f"preset {preset.name!r} does not fit the latent grid {grid.frames}x{grid.height}x{grid.width} of "

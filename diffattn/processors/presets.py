@@ -4,7 +4,7 @@ A preset file (``yaml.safe_load``; nothing else is ever executed or unpickled)::
 
     description: Radial attention, paper-like (dense warm-up and first layer)
     pattern:
-      type: radial          # dense | radial | neighborhood
+      type: radial          # dense | radial | neighborhood | pyramid
       decay: 1.0
     dense_steps: 12
     dense_layers: [0]
@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..patterns import Dense, Neighborhood, Pattern, Radial
+from ..patterns import Dense, Neighborhood, Pattern, PyramidSparse, Radial
 from .config import SparsityConfig
 
 #: Where a wheel installs the presets (``[tool.setuptools.data-files]`` in pyproject.toml).
@@ -48,6 +48,8 @@ _PATTERN_KEYS: dict[str, tuple[type[Pattern], tuple[str, ...]]] = {
     "dense": (Dense, ()),
     "radial": (Radial, ("decay", "sink_frames", "dense_frame_distance", "block_size")),
     "neighborhood": (Neighborhood, ("kernel_size", "stride", "dilation", "causal")),
+    # Dynamic (planned per call from q and k): see preset_density for what a preset list shows.
+    "pyramid": (PyramidSparse, ("levels", "mode", "min_full", "estimate")),
 }
 _CONFIG_KEYS = (
     "dense_layers", "dense_steps", "dense_last_steps", "block_size", "tile_shape", "backend", "on_unsupported",
@@ -152,5 +154,27 @@ def load_preset(name_or_path: str | os.PathLike, family: str | None = None) -> P
 
 
 def preset_layout(config: SparsityConfig, grid):
-    """The :class:`~diffattn.patterns.BlockLayout` that ``config``'s sparse steps run on ``grid``."""
+    """The :class:`~diffattn.patterns.BlockLayout` that ``config``'s sparse steps run on ``grid``
+    (a dynamic pattern such as PyramidSparse has none: :class:`UserError`, see :func:`preset_density`)."""
     return config.pattern.layout(grid, block_size=config.block_size, tile_shape=config.tile_shape)
+
+
+def is_dynamic(config: SparsityConfig) -> bool:
+    """Whether ``config``'s pattern is planned per call from q and k (PyramidSparse)."""
+    return bool(getattr(config.pattern, "dynamic", False))
+
+
+def preset_density(config: SparsityConfig, grid) -> float:
+    """The density a preset list shows for ``grid``: the layout's density, or for a dynamic
+    pattern (checked against the grid) the effective density its shares stand for
+    (:attr:`~diffattn.patterns.PyramidSparse.nominal_density`).
+
+    Example:
+        >>> from diffattn import VideoGrid
+        >>> round(preset_density(load_preset("psa", family="wan").config, VideoGrid(21, 30, 52)), 3)
+        0.15
+    """
+    if is_dynamic(config):
+        config.pattern.validate_grid(grid)
+        return config.pattern.nominal_density
+    return preset_layout(config, grid).density

@@ -24,6 +24,7 @@ split in two:
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections import Counter
 from typing import Any, Callable, Iterable, Protocol, TypeVar
@@ -126,6 +127,8 @@ class SparsityState:
         self._layout: Any = None
         self._layout_problem: str | None = None
         self._compiled_sparse_layers: list[int] = []
+        #: ``(seconds, layout)`` of every plan of a dynamic pattern while a profiler keeps a list here.
+        self.plan_log: list[tuple[float, Any]] | None = None
         self._compiled_fallbacks: list[str] = []
 
     # -- host side, eager under torch.compile (the transformer's hooks call these) -------------
@@ -194,12 +197,30 @@ class SparsityState:
     def _layout_for(self, grid: VideoGrid, device: torch.device | str | None) -> tuple[Any, str | None]:
         """``(layout, None)``, or ``(None, why the pattern refuses the grid)``."""
         cfg = self.config
+        if getattr(cfg.pattern, "dynamic", False):
+            return None, None  # planned per call in attend()
         try:
             layout = cfg.pattern.layout(grid, block_size=cfg.block_size, tile_shape=cfg.tile_shape,
                                         device=device if device is not None else "cpu")
         except UserError as error:
             return None, f"the pattern does not fit the grid: {error}"
         return layout, None
+
+    @torch.compiler.disable
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, grid: VideoGrid) -> Any:
+        """A dynamic pattern's layout for this call (``[B, H, N, D]`` q and k); appended with its
+        planning seconds to :attr:`plan_log` when a profiler set one."""
+        cfg = self.config
+        start = time.perf_counter()
+        try:
+            layout = cfg.pattern.plan(q, k, grid, block_size=cfg.block_size, tile_shape=cfg.tile_shape)
+        except UserError as error:
+            raise SparseUnsupported(f"the pattern does not fit the call: {error}") from None
+        if self.plan_log is not None:
+            if q.is_cuda:
+                torch.cuda.synchronize(q.device)
+            self.plan_log.append((time.perf_counter() - start, layout))
+        return layout
 
     @torch.compiler.disable
     def _record_fallback(self, reason: str, calls: int) -> None:
@@ -290,10 +311,20 @@ class SparsityState:
             layout, problem = self._layout_for(grid, query.device)
         if problem is not None:
             raise SparseUnsupported(problem)
-        if heads is not None:
-            layout = layout.select_heads(*heads)
+        if layout is None:  # a dynamic pattern (PSA): planned from this call's q and k, timed with the kernel
+            return self.observe(layer_index, lambda: self._attend(query, key, value, layer_index, grid, None,
+                                                                  return_lse, processor, heads))
+        return self._attend(query, key, value, layer_index, grid, layout, return_lse, processor, heads)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_index: int,
+                grid: VideoGrid, layout: Any, return_lse: bool, processor: Any,
+                heads: tuple[int, int] | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if layout is None:
+            layout = self._plan(q, k, grid)  # the tensors hold only this rank's heads: no select_heads
+        elif heads is not None:
+            layout = layout.select_heads(*heads)
         problems = support_problems(q, k, v, layout, cfg.backend)
         if problems:
             raise SparseUnsupported("; ".join(problems))

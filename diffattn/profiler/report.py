@@ -70,6 +70,12 @@ class ProfileReport:
         untimed_calls: stock calls whose core op was not visible to the timer (a diffusers
             attention backend other than SDPA); their attention time is missing.
         notes: caveats about this measurement, one sentence each.
+        level_shares: a dynamic pattern's (PSA) share of all (head, query block, key block) tiles
+            at each pooling level over the sparse calls' plans (``0`` = skipped); None otherwise.
+            For such calls ``layout_density`` is the effective density (a level-p tile counting
+            1/p) and ``tile_density`` the visited tiles' area.
+        plan_seconds: a dynamic pattern's planning time per run (median), inside the attention time.
+        plan_share: ``plan_seconds`` over the sparse calls' attention time.
 
     Example:
         >>> import diffattn
@@ -125,6 +131,9 @@ class ProfileReport:
     fallbacks: dict[str, int] = field(default_factory=dict)
     layout_nbytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    level_shares: dict[int, float] | None = None
+    plan_seconds: float | None = None
+    plan_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain Python values (floats may be ``inf``/``nan``; see :meth:`to_json`)."""
@@ -173,6 +182,12 @@ class ProfileReport:
             ("layout / tile density (sparse calls)", f"{_number(self.layout_density)} / {_number(self.tile_density)}"),
             ("layout memory (sparse calls)",
              "-" if self.layout_nbytes is None else _bytes(self.layout_nbytes)),
+            *([] if self.level_shares is None else [
+                ("tiles per pooling level (0 = skipped)",
+                 ", ".join(f"{level}: {_percent(share)}" for level, share in self.level_shares.items())),
+                ("planning time per run (share of sparse attention)",
+                 f"{self.plan_seconds:.3f} s ({_percent(self.plan_share)})"),
+            ]),
             ("attention calls per run (sparse / kept dense)",
              f"{self.attention_calls} ({self.sparse_calls} / {self.dense_calls})"),
             ("attention time in calls kept dense", _percent(self.dense_fraction)),

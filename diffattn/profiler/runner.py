@@ -197,6 +197,9 @@ def _layout_densities(calls: list[AttentionCall]) -> tuple[list[tuple[float, flo
         if not call.sparse or call.grid is None:
             result.append((1.0, 1.0))
             continue
+        if call.plan is not None:  # a dynamic pattern: this call's own plan (not cached)
+            result.append((call.plan["density"], call.plan["tile_density"]))
+            continue
         key = (id(call.config), call.grid)
         if key not in cache:
             layout = preset_layout(call.config, call.grid)
@@ -297,6 +300,7 @@ def _build_report(pipe: Any, family: str, name: str, config: SparsityConfig, see
     if not calls:
         notes.append("no sparsifiable self-attention call ran: attention figures are empty")
 
+    plans = _plan_summary(sparse_runs, calls)
     return ProfileReport(
         preset=name, family=family, pattern=repr(config.pattern), dense_steps=config.dense_steps,
         dense_last_steps=config.dense_last_steps, dense_layers=list(config.dense_layers), block_size=config.block_size,
@@ -321,5 +325,22 @@ def _build_report(pipe: Any, family: str, name: str, config: SparsityConfig, see
         timings=dict(dense_seconds=[r.seconds for r in dense_runs], sparse_seconds=[r.seconds for r in sparse_runs],
                      dense_attention_seconds=[r.attention_seconds for r in dense_runs],
                      sparse_attention_seconds=[r.attention_seconds for r in sparse_runs]),
-        untimed_calls=untimed, fallbacks=sparse_runs[0].fallbacks, notes=notes,
+        untimed_calls=untimed, fallbacks=sparse_runs[0].fallbacks, notes=notes, **plans,
     )
+
+
+def _plan_summary(sparse_runs: list[_Run], calls: list[AttentionCall]) -> dict[str, Any]:
+    """A dynamic pattern's report fields: ``level_shares`` (tiles per level over all planned
+    calls, 0 = skipped), ``plan_seconds`` (median planning time per run) and ``plan_share`` (of
+    the sparse calls' attention time); empty for static patterns."""
+    planned = [call.plan for call in calls if call.plan is not None]
+    if not planned:
+        return {}
+    tiles: Counter = Counter()
+    for plan in planned:
+        tiles.update(plan["level_tiles"])
+    total = sum(tiles.values())
+    plan_seconds = statistics.median(sum(call.plan_seconds for call in run.calls) for run in sparse_runs)
+    sparse_seconds = statistics.median(sum(c.seconds for c in run.calls if c.sparse) for run in sparse_runs)
+    return dict(level_shares={level: count / total for level, count in sorted(tiles.items())},
+                plan_seconds=plan_seconds, plan_share=_ratio(plan_seconds, sparse_seconds))

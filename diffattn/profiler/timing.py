@@ -77,6 +77,11 @@ class AttentionCall:
             ``scaled_dot_product_attention`` inside a stock call: none when the stock path used
             another attention backend, see :attr:`timed`).
         seconds: total core-op time, filled in by :meth:`AttentionTimer.finish`.
+        plan_seconds: time a dynamic pattern (PSA) spent planning this call's layout (part of
+            ``seconds``: planning runs inside the timed op).
+        plan: a dynamic pattern's plan of this call, summarised by :meth:`AttentionTimer.finish`:
+            ``density`` (effective: a level-p tile counts 1/p), ``tile_density`` and ``level_tiles``
+            (``{level: tiles}`` over all heads, 0 = skipped); None for static patterns.
     """
 
     step: int | None
@@ -86,6 +91,8 @@ class AttentionCall:
     config: SparsityConfig
     spans: list
     seconds: float = 0.0
+    plan_seconds: float = 0.0
+    plan: Any = None
 
     @property
     def timed(self) -> bool:
@@ -146,11 +153,13 @@ class AttentionTimer:
     def attach(self, states: list[SparsityState]) -> None:
         for state in states:
             state.observer = self
+            state.plan_log = []  # a dynamic pattern's plans, collected per call by sparse_call
         self._states = list(states)
 
     def detach(self) -> None:
         for state in self._states:
             state.observer = None
+            state.plan_log = None
         self._states = []
 
     def reset(self) -> None:
@@ -163,6 +172,8 @@ class AttentionTimer:
         if self._depth:
             return attention()
         self._depth += 1
+        if state.plan_log:  # plans of calls that fell back afterwards belong to no call
+            state.plan_log.clear()
         try:
             mark = self.clock.start()
             out = attention()
@@ -170,6 +181,11 @@ class AttentionTimer:
         finally:
             self._depth -= 1
         self._record(state, layer_index, True, [span])
+        if state.plan_log:
+            call = self.calls[-1]
+            call.plan_seconds = sum(seconds for seconds, _ in state.plan_log)
+            call.plan = [layout for _, layout in state.plan_log]  # summarised by finish()
+            state.plan_log.clear()
         return out
 
     def dense_call(self, state: SparsityState, layer_index: int, stock: Callable[[], T]) -> T:
@@ -184,4 +200,31 @@ class AttentionTimer:
         self.clock.synchronize()
         for call in self.calls:
             call.seconds = sum(self.clock.seconds(span) for span in call.spans)
+            if isinstance(call.plan, list):
+                call.plan = summarise_plans(call.plan)
         return self.calls
+
+
+def summarise_plans(layouts: list) -> dict[str, Any]:
+    """What the profiler keeps of a call's plan(s) (joint attention may plan more than one part):
+    mean ``density`` (effective, a level-p tile counting 1/p) and ``tile_density``, and
+    ``level_tiles`` ``{level: tiles}`` summed (0 = skipped tiles).
+
+    Example:
+        >>> import torch
+        >>> from diffattn.patterns.pyramid import levels_to_layout
+        >>> summarise_plans([levels_to_layout(torch.tensor([[[1, 0], [2, 8]]]), 64, 32, 32)])
+        {'density': 0.40625, 'tile_density': 0.75, 'level_tiles': {0: 1, 1: 1, 2: 1, 8: 1}}
+    """
+    level_tiles: dict[int, int] = {}
+    for layout in layouts:
+        total = layout.num_heads * layout.num_q_blocks * layout.num_k_blocks
+        counts = layout.tiles_per_level
+        level_tiles[0] = level_tiles.get(0, 0) + total - sum(counts.values())
+        for level, count in counts.items():
+            level_tiles[level] = level_tiles.get(level, 0) + count
+    return dict(
+        density=sum(layout.effective_tile_density for layout in layouts) / len(layouts),
+        tile_density=sum(layout.tile_density for layout in layouts) / len(layouts),
+        level_tiles=dict(sorted(level_tiles.items())),
+    )
