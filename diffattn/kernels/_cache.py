@@ -36,7 +36,8 @@ def layout_key(layout: BlockLayout) -> tuple:
         True
     """
     tensors = (layout.kv_counts, layout.kv_indices, layout.kv_mask_ids, layout.masks)
-    return (*(_tensor_key(x) for x in tensors), layout.num_tokens, layout.block_q, layout.block_k)
+    levels = None if layout.kv_levels is None else _tensor_key(layout.kv_levels)
+    return (*(_tensor_key(x) for x in tensors), levels, layout.num_tokens, layout.block_q, layout.block_k)
 
 
 def cached_per_layout(cache: dict, layout: BlockLayout, build: Callable[[], T], *extra: Hashable) -> T:
