@@ -40,7 +40,7 @@ import torch
 from ..patterns.layout import BlockLayout
 from ._cache import cached_per_layout
 from .op import attention_op
-from .reference import pooled_keys
+from .reference import add_pooled_grad, pooled_keys
 
 # Finite stand-in for -inf: exp(-1e30 - max) == 0 exactly in float32, and a row whose every score
 # is masked gives a finite (uniform) softmax instead of NaN, which is then zeroed explicitly.
@@ -144,10 +144,7 @@ class _KeyBank:
         (``grad``: ``[R, rows, D]``; the mean's Jacobian is ``1 / c`` for each of its ``c`` keys)."""
         n = self.num_tokens
         for p in self.levels:
-            count = -(-n // p)
-            _, sizes = pooled_keys(torch.zeros(n, 1), p)
-            per_key = grad[:, self.offset(p) : self.offset(p) + count] / sizes.to(grad.dtype)[:, None]
-            grad[:, :n] += per_key.repeat_interleave(p, dim=1)[:, :n]
+            add_pooled_grad(grad[:, :n], grad[:, self.offset(p) : self.offset(p) + -(-n // p)], p)
 
 
 def _plan(layout: BlockLayout) -> _Plan:

@@ -19,7 +19,7 @@ from diffattn.kernels import block_sparse_attention
 from diffattn.kernels.reference import pooled_attention_reference
 
 GRID = VideoGrid(3, 5, 7, text_tokens=5)  # N = 110: ragged last block, short last groups
-PERMUTED_GRID = VideoGrid(4, 8, 8, text_tokens=5)  # N = 261: full and partial tiles after tiling
+PERMUTED_GRID = VideoGrid(2, 8, 8, text_tokens=5)  # N = 133: full and partial tiles after tiling
 LEVELS = (1, 2, 4, 8)
 
 
@@ -147,7 +147,8 @@ def run(backend: str, q, k, v, layout, grad_out, grad_lse):
         out, lse = block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
     finite = torch.isfinite(lse)
     loss = (out.float() * grad_out).sum() + (torch.where(finite, lse, 0.0) * grad_lse).sum()
-    return [out.float(), torch.where(finite, lse, 0.0)] + [g.float() for g in torch.autograd.grad(loss, (q, k, v))]
+    grads = torch.autograd.grad(loss, (q, k, v))
+    return [x.detach().float() for x in (out, torch.where(finite, lse, 0.0), *grads)]
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
@@ -192,7 +193,6 @@ def test_equal_keys_in_each_group_give_exactly_the_full_tile(backend, kind):
     mask = static.token_mask()
     oracle = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask.dim() == 2 else mask[None])
     torch.testing.assert_close(out, oracle, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(out, block_sparse_attention(q, k, v, static, backend=backend), atol=2e-5, rtol=1e-5)
 
 
 def test_static_levels_run_exactly_as_without_levels():
