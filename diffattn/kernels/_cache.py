@@ -3,7 +3,7 @@
 The custom op (:mod:`diffattn.kernels.op`) receives a layout as its tensors and rebuilds a
 lightweight :class:`BlockLayout` around them on every call, so a cache keyed by the layout
 *object* would miss every time. These caches key on the tensors themselves (address, shape,
-strides, dtype, device) and drop an entry when the storage of ``kv_counts`` is freed, so an
+strides, dtype, device) and drop an entry when the storage of ``kv_counts`` (or ``kv_levels``) is freed, so an
 address reused by a later layout can never hit a stale entry, and a cached value (which must
 not hold the layout's tensors) never keeps its layout alive.
 """
@@ -36,7 +36,8 @@ def layout_key(layout: BlockLayout) -> tuple:
         True
     """
     tensors = (layout.kv_counts, layout.kv_indices, layout.kv_mask_ids, layout.masks)
-    return (*(_tensor_key(x) for x in tensors), layout.num_tokens, layout.block_q, layout.block_k)
+    levels = None if layout.kv_levels is None else _tensor_key(layout.kv_levels)
+    return (*(_tensor_key(x) for x in tensors), levels, layout.num_tokens, layout.block_q, layout.block_k)
 
 
 def cached_per_layout(cache: dict, layout: BlockLayout, build: Callable[[], T], *extra: Hashable) -> T:
@@ -59,4 +60,8 @@ def cached_per_layout(cache: dict, layout: BlockLayout, build: Callable[[], T], 
         value = build()
         cache[key] = value
         weakref.finalize(layout.kv_counts.untyped_storage(), cache.pop, key, None)
+        if layout.kv_levels is not None:
+            # Layouts that differ only by their levels share kv_counts (BlockLayout.with_levels):
+            # a freed levels tensor's address may come back with other levels.
+            weakref.finalize(layout.kv_levels.untyped_storage(), cache.pop, key, None)
         return value

@@ -159,8 +159,6 @@ def _check(
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     resolved, backend_problems = resolve_backend(backend, device)
     problems += backend_problems + _table_problems(resolved, q, layout)
-    if isinstance(layout, BlockLayout) and resolved in ("cpu", "triton") and layout.is_pooled:
-        problems.append(f"backend={resolved!r} does not run pooled tiles (layout.kv_levels) yet")  # TEMP
     if not problems and resolved == "triton":
         problems = _triton_problems(q, k, v, _layout_on(layout, device))
     return resolved, problems

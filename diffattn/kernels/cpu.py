@@ -40,6 +40,7 @@ import torch
 from ..patterns.layout import BlockLayout
 from ._cache import cached_per_layout
 from .op import attention_op
+from .reference import add_pooled_grad, pooled_keys
 
 # Finite stand-in for -inf: exp(-1e30 - max) == 0 exactly in float32, and a row whose every score
 # is masked gives a finite (uniform) softmax instead of NaN, which is then zeroed explicitly.
@@ -69,7 +70,8 @@ class _Group:
     shared: bool  # every block needs the same keys: fold the blocks into one matmul
     key_slice: slice | None  # shared keys that are a contiguous range: no gather at all
     empty_rows: torch.Tensor | None  # bool [G, block_q]: in-range rows with no allowed key
-    bias: torch.Tensor | None = None  # float32 [G, block_q, L] when cached
+    bias: torch.Tensor | None = None  # float32 [G, block_q, L] when cached (key_bias folded in)
+    key_bias: torch.Tensor | None = None  # float32 [G, 1, L]: log(group size) of pooled keys, else 0
 
     @property
     def has_partial(self) -> bool:
@@ -89,9 +91,60 @@ class _Plan:
     heads: list[list[_Group]]  # one list of buckets per head-layout
     unvisited: list[torch.Tensor]  # per head-layout: int64 query blocks that attend nothing
     computed_pairs: int  # (query, key) scores computed per head-layout (mean), padding included
+    bank: "_KeyBank"  # where each level's keys sit in the key rows
 
 
 _PLANS: dict[tuple, _Plan] = {}
+
+
+@dataclass(frozen=True)
+class _KeyBank:
+    """Key rows the gathers index: raw keys ``[0, N)``, a zero row at ``N`` (what padded key
+    slots point at), then for each pooling level ``p`` used, the ``ceil(N / p)`` group means.
+
+    Pooled tiles (``layout.kv_levels``) list pooled rows: a level-``p`` tile costs ``block_k / p``
+    keys, and its logits get ``log(group size)`` (:attr:`log_sizes`).
+    """
+
+    num_tokens: int
+    levels: tuple[int, ...]  # pooling levels > 1 present, ascending
+
+    def offset(self, level: int) -> int:
+        """First row of ``level``'s means (0 for the raw keys)."""
+        if level == 1:
+            return 0
+        start = self.num_tokens + 1
+        for p in self.levels:
+            if p == level:
+                return start
+            start += -(-self.num_tokens // p)
+        raise KeyError(level)
+
+    @property
+    def rows(self) -> int:
+        return self.num_tokens + 1 + sum(-(-self.num_tokens // p) for p in self.levels)
+
+    def log_sizes(self) -> torch.Tensor:
+        """float32 ``[rows]``: ``log(c)`` for a mean of ``c`` keys, 0 for raw keys and the zero row."""
+        out = torch.zeros(self.rows, dtype=torch.float32)
+        for p in self.levels:
+            _, sizes = pooled_keys(torch.zeros(self.num_tokens, 1), p)
+            out[self.offset(p) : self.offset(p) + sizes.numel()] = sizes.float().log()
+        return out
+
+    def fill(self, x: torch.Tensor) -> None:
+        """Write the group means of ``x[:, :N]`` into ``x``'s pooled rows (``x``: ``[R, rows, D]``)."""
+        n = self.num_tokens
+        for p in self.levels:
+            means, _ = pooled_keys(x[:, :n], p)
+            x[:, self.offset(p) : self.offset(p) + means.shape[1]] = means
+
+    def spread(self, grad: torch.Tensor) -> None:
+        """Add each pooled row's gradient, divided by its group size, to the raw rows of its group
+        (``grad``: ``[R, rows, D]``; the mean's Jacobian is ``1 / c`` for each of its ``c`` keys)."""
+        n = self.num_tokens
+        for p in self.levels:
+            add_pooled_grad(grad[:, :n], grad[:, self.offset(p) : self.offset(p) + -(-n // p)], p)
 
 
 def _plan(layout: BlockLayout) -> _Plan:
@@ -124,15 +177,21 @@ def _build_plan(layout: BlockLayout) -> _Plan:
     layout = layout.to("cpu")
     n, bq, bk = layout.num_tokens, layout.block_q, layout.block_k
     max_kv = layout.max_kv_blocks
+    all_levels = layout._slot_levels()
+    bank = _KeyBank(n, tuple(p for p in sorted(set(all_levels[layout._valid_slots()].tolist())) if p > 1))
+    log_sizes = bank.log_sizes() if bank.levels else None
     per_head = []
     for h in range(layout.num_heads):
         counts = layout.kv_counts[h].long()
         slot_ok = torch.arange(max_kv)[None, :] < counts[:, None]  # [Mq, T]
         mask_ids = torch.where(slot_ok, layout.kv_mask_ids[h].long(), -1)
         partial = mask_ids >= 0
+        levels = all_levels[h]
         # Key columns of each visited tile that some query of the block may attend: all in-range
-        # columns of a full tile, the OR of the rows of a partial tile (bits past N are 0).
+        # columns of a full tile, the OR of the rows of a partial tile (bits past N are 0); a
+        # pooled tile of level p has one key per group: its groups' first columns.
         col_any = slot_ok[:, :, None] & (layout.kv_indices[h].long()[:, :, None] * bk + torch.arange(bk) < n)
+        col_any &= torch.arange(bk) % levels[:, :, None] == 0
         part_ids = mask_ids[partial]
         if part_ids.numel():
             rows_or = torch.empty(part_ids.numel(), bk, dtype=torch.bool)
@@ -143,14 +202,14 @@ def _build_plan(layout: BlockLayout) -> _Plan:
         lengths = col_any.flatten(1).sum(1)
         has_partial = partial.any(1)
         padded = torch.where(has_partial, (lengths + _KEY_ROUND - 1) // _KEY_ROUND * _KEY_ROUND, lengths)
-        per_head.append((counts, mask_ids, col_any, has_partial, padded))
-    bias_bytes = sum(int(padded[has_partial].sum()) * bq * 4 for _, _, _, has_partial, padded in per_head)
+        per_head.append((counts, mask_ids, col_any, has_partial, padded, levels))
+    bias_bytes = sum(int(padded[has_partial].sum()) * bq * 4 for _, _, _, has_partial, padded, _ in per_head)
     cache_bias = bias_bytes <= _BIAS_CACHE_BYTES
 
     heads: list[list[_Group]] = []
     unvisited: list[torch.Tensor] = []
     pairs = 0
-    for h, (counts, mask_ids, col_any, has_partial, padded) in enumerate(per_head):
+    for h, (counts, mask_ids, col_any, has_partial, padded, levels) in enumerate(per_head):
         groups: list[_Group] = []
         for part_flag, length in torch.unique(torch.stack([has_partial.long(), padded], 1), dim=0).tolist():
             if length == 0:
@@ -159,12 +218,12 @@ def _build_plan(layout: BlockLayout) -> _Plan:
             t = int(counts[q_blocks].max())  # visited slots of this bucket's widest block
             groups.append(
                 _make_group(layout, h, q_blocks, col_any[q_blocks, :t].flatten(1), mask_ids[q_blocks, :t],
-                            int(length), bool(part_flag), cache_bias)
+                            int(length), bool(part_flag), cache_bias, levels[q_blocks, :t], bank, log_sizes)
             )
             pairs += q_blocks.numel() * bq * int(length)
         heads.append(groups)
         unvisited.append((padded == 0).nonzero(as_tuple=True)[0])
-    return _Plan(heads, unvisited, pairs // layout.num_heads)
+    return _Plan(heads, unvisited, pairs // layout.num_heads, bank)
 
 
 def _make_group(
@@ -176,8 +235,12 @@ def _make_group(
     length: int,
     has_partial: bool,
     cache_bias: bool,
+    levels: torch.Tensor,
+    bank: _KeyBank,
+    log_sizes: torch.Tensor | None,
 ) -> _Group:
-    """A bucket from its blocks' needed columns ``[G, T * block_k]`` (T = visited slots)."""
+    """A bucket from its blocks' needed columns ``[G, T * block_k]`` (T = visited slots) and the
+    slots' pooling levels ``[G, T]`` (a level-p slot's needed columns are its groups' first)."""
     n, bq, bk = layout.num_tokens, layout.block_q, layout.block_k
     g = q_blocks.numel()
     # Row-major nonzero lists each block's needed columns in ascending (slot, column) = key order.
@@ -186,14 +249,22 @@ def _make_group(
     position = torch.arange(row.numel()) - (torch.cumsum(per_row, 0) - per_row)[row]
     kv_blocks = layout.kv_indices[head, q_blocks, : needed.shape[1] // bk].long()
     keys = torch.full((g, length), n, dtype=torch.int64)
-    keys[row, position] = kv_blocks[row, column // bk] * bk + column % bk
+    token = kv_blocks[row, column // bk] * bk + column % bk
+    level = levels[row, column // bk].long()
+    if bank.levels:  # a pooled key's row: its level's offset + its group's index
+        offsets = torch.tensor([bank.offset(p) if p in bank.levels or p == 1 else 0 for p in range(9)])
+        token = torch.where(level > 1, offsets[level] + token // level, token)
+    keys[row, position] = token
+    key_bias = None
+    if log_sizes is not None and bool((level > 1).any()):
+        key_bias = log_sizes[keys][:, None, :].contiguous()
     shared = bool((keys == keys[:1]).all())
     key_slice = None
     if shared and not has_partial:
         first = int(keys[0, 0])
         if torch.equal(keys[0], torch.arange(first, first + length)):
             key_slice = slice(first, first + length)
-    group = _Group(q_blocks, keys, None, None, shared, key_slice, None)
+    group = _Group(q_blocks, keys, None, None, shared, key_slice, None, key_bias=key_bias)
     if not has_partial:
         return group
     group.tile_mask_ids = mask_ids.contiguous()
@@ -208,6 +279,8 @@ def _make_group(
         has_key[s : s + step] = allowed.any(-1)
         if bias is not None:
             bias[s : s + step] = torch.where(allowed, 0.0, _MASKED)
+            if key_bias is not None:
+                bias[s : s + step] += key_bias[s : s + step]
     empty = ~has_key & (q_blocks[:, None] * bq + torch.arange(bq) < n)
     group.empty_rows = empty if bool(empty.any()) else None
     group.bias = bias
@@ -231,11 +304,14 @@ def _partial_bias(layout: BlockLayout, tile_mask_ids: torch.Tensor, key_columns:
 
 
 def _chunk_bias(layout: BlockLayout, group: _Group, blocks: slice) -> torch.Tensor | None:
+    """What a chunk adds to its scores: ``[G, block_q, L]`` (partial tiles: the mask, plus the
+    pooled keys' log sizes), ``[G, 1, L]`` (pooled keys only) or None."""
     if not group.has_partial:
-        return None
+        return None if group.key_bias is None else group.key_bias[blocks]
     if group.bias is not None:
         return group.bias[blocks]
-    return _partial_bias(layout, group.tile_mask_ids[blocks], group.key_columns[blocks])
+    bias = _partial_bias(layout, group.tile_mask_ids[blocks], group.key_columns[blocks])
+    return bias if group.key_bias is None else bias.add_(group.key_bias[blocks])
 
 
 def _chunks(rows: int, group: _Group, block_q: int) -> Iterator[tuple[slice, slice]]:
@@ -433,6 +509,13 @@ def _run(tasks: list[_Task], fn: Callable[[_Task, _Workspace], None], dtype: tor
         future.result()
 
 
+def _load_keys(rows: _Rows, bank: _KeyBank, x: torch.Tensor) -> torch.Tensor:
+    """K or V as gather rows ``[H * B, bank.rows, D]``: raw keys, the zero row, the pooled means."""
+    out = rows.load(x, bank.rows)
+    bank.fill(out)
+    return out
+
+
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float, need_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -443,7 +526,7 @@ def _forward(
     rows = _Rows(batch, heads, layout.num_heads == 1, _compute_dtype(q))
     q_len = layout.num_q_blocks * bq
     qp = rows.load(q, q_len, scale)
-    kp, vp = rows.load(k, n + 1), rows.load(v, n + 1)  # row n: the zero row padded keys point at
+    kp, vp = _load_keys(rows, plan.bank, k), _load_keys(rows, plan.bank, v)
     out = torch.empty_like(qp)
     lse = torch.full(qp.shape[:2], float("-inf"), dtype=qp.dtype) if need_lse else None
     views = []
@@ -499,7 +582,7 @@ def _backward(
     rows = _Rows(batch, heads, layout.num_heads == 1, _compute_dtype(q))
     q_len = layout.num_q_blocks * bq
     qp = rows.load(q, q_len, scale)
-    kp, vp = rows.load(k, n + 1), rows.load(v, n + 1)
+    kp, vp = _load_keys(rows, plan.bank, k), _load_keys(rows, plan.bank, v)
     dop = rows.load(grad_out, q_len)
     # delta_i = sum_j P_ij dP_ij = dO_i . O_i. A gradient on lse_i adds P_ij * dlse_i to dS_ij,
     # which folds into the same per-row term: dS = P * (dP - (delta - dlse)).
@@ -556,6 +639,8 @@ def _backward(
             dv += extra_v
     else:  # nothing visited at all
         dk, dv = torch.zeros_like(kp), torch.zeros_like(vp)
+    plan.bank.spread(dk)
+    plan.bank.spread(dv)
     dq.mul_(scale)
     return rows.store(dq, n, q.dtype), rows.store(dk, n, k.dtype), rows.store(dv, n, v.dtype)
 

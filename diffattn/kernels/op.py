@@ -7,7 +7,7 @@ them, and the pair is tied together with :func:`torch.library.register_autograd`
 graph calls the same kernels, forward and backward, as eager mode.
 
 A :class:`BlockLayout` is a Python object and custom ops take only tensors and scalars: the op
-takes the layout's four tensors (``kv_counts``, ``kv_indices``, ``kv_mask_ids``, ``masks``) and
+takes the layout's tensors (``kv_counts``, ``kv_indices``, ``kv_mask_ids``, ``masks``, ``kv_levels`` or None) and
 its three sizes and rebuilds a lightweight layout around them inside. The permutation stays
 outside (plain ``index_select`` in :mod:`.api`, traced as is). Per-layout kernel data (CPU
 plans, Triton tile lists) is cached by those tensors (:mod:`._cache`), so the rebuilt object
@@ -30,18 +30,23 @@ from ..patterns.layout import BlockLayout
 from .backends import BACKENDS
 
 _LAYOUT_ARGS = (
-    "Tensor kv_counts, Tensor kv_indices, Tensor kv_mask_ids, Tensor masks, int num_tokens, int block_q, int block_k"
+    "Tensor kv_counts, Tensor kv_indices, Tensor kv_mask_ids, Tensor masks, Tensor? kv_levels, int num_tokens, "
+    "int block_q, int block_k"
 )
 
 
 def _layout_args(layout: BlockLayout) -> tuple:
     """A layout as the op's arguments (the inverse of :func:`_layout_view`)."""
-    return (layout.kv_counts, layout.kv_indices, layout.kv_mask_ids, layout.masks,
+    return (layout.kv_counts, layout.kv_indices, layout.kv_mask_ids, layout.masks, layout.kv_levels,
             layout.num_tokens, layout.block_q, layout.block_k)  # fmt: skip
 
 
-def _layout_view(kv_counts, kv_indices, kv_mask_ids, masks, num_tokens, block_q, block_k) -> BlockLayout:  # type: ignore[no-untyped-def]
-    return BlockLayout(num_tokens, block_q, block_k, kv_counts, kv_indices, kv_mask_ids, masks)
+def _layout_view(kv_counts, kv_indices, kv_mask_ids, masks, kv_levels, num_tokens, block_q, block_k) -> BlockLayout:  # type: ignore[no-untyped-def]
+    layout = BlockLayout(num_tokens, block_q, block_k, kv_counts, kv_indices, kv_mask_ids, masks)
+    # The levels were validated when the caller's layout was built: set them without checking
+    # again (a check reads the tensors: a device sync per call).
+    object.__setattr__(layout, "kv_levels", kv_levels)
+    return layout
 
 
 def _kernels(backend: str) -> ModuleType:
@@ -67,16 +72,16 @@ def _no_lse(q: torch.Tensor) -> torch.Tensor:
 def _forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kv_counts: torch.Tensor, kv_indices: torch.Tensor, kv_mask_ids: torch.Tensor, masks: torch.Tensor,
-    num_tokens: int, block_q: int, block_k: int,
+    kv_levels: torch.Tensor | None, num_tokens: int, block_q: int, block_k: int,
     scale: float, want_lse: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    layout = _layout_view(kv_counts, kv_indices, kv_mask_ids, masks, num_tokens, block_q, block_k)
+    layout = _layout_view(kv_counts, kv_indices, kv_mask_ids, masks, kv_levels, num_tokens, block_q, block_k)
     out, lse = _kernels(backend).kernel_forward(q, k, v, layout, scale, want_lse)
     return out, (lse if want_lse else _no_lse(q))
 
 
 @_forward_op.register_fake
-def _forward_fake(q, k, v, kv_counts, kv_indices, kv_mask_ids, masks, num_tokens, block_q, block_k,  # type: ignore[no-untyped-def]
+def _forward_fake(q, k, v, kv_counts, kv_indices, kv_mask_ids, masks, kv_levels, num_tokens, block_q, block_k,  # type: ignore[no-untyped-def]
                   scale, want_lse, backend):
     out = q.new_empty(q.shape)
     return out, (q.new_empty(q.shape[:-1], dtype=_lse_dtype(q)) if want_lse else _no_lse(q))
@@ -87,10 +92,10 @@ def _backward_op(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None,
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     kv_counts: torch.Tensor, kv_indices: torch.Tensor, kv_mask_ids: torch.Tensor, masks: torch.Tensor,
-    num_tokens: int, block_q: int, block_k: int,
+    kv_levels: torch.Tensor | None, num_tokens: int, block_q: int, block_k: int,
     scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    layout = _layout_view(kv_counts, kv_indices, kv_mask_ids, masks, num_tokens, block_q, block_k)
+    layout = _layout_view(kv_counts, kv_indices, kv_mask_ids, masks, kv_levels, num_tokens, block_q, block_k)
     dq, dk, dv = _kernels(backend).kernel_backward(q, k, v, out, lse, grad_out, grad_lse, layout, scale)
     return dq, dk, dv
 
@@ -101,10 +106,10 @@ def _backward_fake(grad_out, grad_lse, q, k, v, *rest):  # type: ignore[no-untyp
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    q, k, v, *layout_tensors = inputs[:7]
+    q, k, v, *layout_tensors = inputs[:8]  # kv_levels (the 8th) may be None: save_for_backward keeps it
     ctx.save_for_backward(q, k, v, *output, *layout_tensors)
-    ctx.sizes = inputs[7:10]
-    ctx.scale, ctx.want_lse, ctx.backend = inputs[10:13]
+    ctx.sizes = inputs[8:11]
+    ctx.scale, ctx.want_lse, ctx.backend = inputs[11:14]
 
 
 def _backward(ctx, grad_out, grad_lse):  # type: ignore[no-untyped-def]
@@ -115,7 +120,7 @@ def _backward(ctx, grad_out, grad_lse):  # type: ignore[no-untyped-def]
     dq, dk, dv = _backward_op(
         grad_out, grad_lse, q, k, v, out, lse, *layout_tensors, *ctx.sizes, ctx.scale, ctx.backend
     )
-    return (dq, dk, dv) + (None,) * 10
+    return (dq, dk, dv) + (None,) * 11
 
 
 torch.library.register_autograd("diffattn::block_sparse_attention", _backward, setup_context=_setup_context)

@@ -194,3 +194,21 @@ def pooled_attention_reference(
     lse = torch.logsumexp(safe.float(), dim=-1)
     lse = torch.where(has_key[..., 0], lse, torch.full((), float("-inf"), device=lse.device))
     return out, layout.unpermute_tokens(lse, dim=-1)
+
+
+def add_pooled_grad(raw: torch.Tensor, pooled: torch.Tensor, level: int) -> None:
+    """``raw += d(means)/d(raw)^T pooled``: each key of a group of ``c`` gets its mean's gradient / c.
+
+    The backward of :func:`pooled_keys`, in place. ``raw``: ``[..., N, D]``; ``pooled``:
+    ``[..., ceil(N / level), D]`` (same leading dims and dtype).
+
+    Example:
+        >>> raw = torch.zeros(5, 1)
+        >>> add_pooled_grad(raw, torch.tensor([[2.0], [4.0], [3.0]]), 2)
+        >>> raw[:, 0].tolist()
+        [1.0, 1.0, 2.0, 2.0, 3.0]
+    """
+    n = raw.shape[-2]
+    _, sizes = pooled_keys(raw[..., :0, :].new_zeros(n, 1), level)
+    per_key = pooled / sizes.to(pooled.dtype)[:, None]
+    raw += per_key.repeat_interleave(level, dim=-2)[..., :n, :]

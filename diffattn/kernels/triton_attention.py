@@ -15,6 +15,15 @@ Tile lists: a layout lists, per query block, the visited key blocks with a mask 
 full). The kernels want each list split in two: *full* tiles that need no element mask and no
 bounds check, and *masked* tiles (partial, or touching the ragged last block on either side).
 The split is computed once per (layout, device) and cached on the layout object (weakly).
+
+Pooled tiles (``layout.kv_levels``, PSA) are not in those lists. Their keys and values are group
+means, built once per call with torch ops into a pooled bank (:class:`_PoolLists`); each query
+block lists the bank rows of its pooled tiles, and a third loop gathers them ``POOL_N`` rows at a
+time, adding ``log2(group size)`` to each logit. A level-``p`` tile thus costs ``block_k / p``
+keys; gathering across tiles (rather than one ``block_k / p``-row dot per tile) keeps every
+``tl.dot`` at >= 16 rows with level 8 and 32-key blocks, and wastes at most one partial chunk
+per query block. The backward adds the pooled rows' dK, dV atomically in the dQ kernel and
+spreads them back to the raw keys (``1 / c`` each).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from ..patterns.layout import MASK_WORD_BITS, BlockLayout
 from ._cache import cached_per_layout
 from .backends import BACKENDS, triton_interpreter
 from .op import attention_op
+from .reference import add_pooled_grad, pooled_keys
 
 try:
     import triton as _triton  # noqa: F401  (only probed here; kernels import it themselves)
@@ -192,10 +202,49 @@ class _TileLists:
 
 
 @dataclass(frozen=True)
+class _PoolLists:
+    """Pooled tiles (``layout.kv_levels``) as lists of pooled-bank rows per query block.
+
+    The pooled bank of K (and V) holds, for each level ``p`` in ``levels``, the ``ceil(N / p)``
+    group means, level after level. A level-``p`` tile of key block ``kb`` is the bank rows of
+    its groups: ``block_k / p`` of them (fewer in the ragged last block).
+    count int32 [Hl, Mq]; idx int32 [Hl, Mq, width] (ascending; entries past count unread);
+    log2_sizes fp32 [rows]: log2 of each row's group size.
+    """
+
+    levels: tuple[int, ...]
+    count: torch.Tensor
+    idx: torch.Tensor
+    log2_sizes: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return int(self.idx.shape[-1])
+
+    @property
+    def rows(self) -> int:
+        return int(self.log2_sizes.numel())
+
+    def bank(self, x: torch.Tensor) -> torch.Tensor:
+        """Group means of ``x [B, H, N, D]`` for every level: contiguous ``[B, H, rows, D]``, ``x.dtype``
+        (means taken in fp32)."""
+        return torch.cat([pooled_keys(x.float(), p)[0] for p in self.levels], dim=2).to(x.dtype).contiguous()
+
+    def spread(self, raw: torch.Tensor, bank_grad: torch.Tensor) -> None:
+        """Add the pooled rows' gradients ``[B, H, rows, D]`` to ``raw [B, H, N, D]`` (1/c per key)."""
+        start = 0
+        for p in self.levels:
+            count = -(-raw.shape[2] // p)
+            add_pooled_grad(raw, bank_grad[:, :, start : start + count], p)
+            start += count
+
+
+@dataclass(frozen=True)
 class _KernelLayout:
-    rows: _TileLists  # per query block: key blocks (forward, dQ)
-    cols: _TileLists  # per key block: query blocks (dK, dV)
+    rows: _TileLists  # per query block: key blocks (forward, dQ); level-1 tiles only
+    cols: _TileLists  # per key block: query blocks (dK, dV); level-1 tiles only
     masks: torch.Tensor  # int32 [max(P, 1), block_q, block_k // 32], contiguous
+    pool: _PoolLists | None  # pooled tiles, None for a static layout
 
 
 _KERNEL_LAYOUTS: dict[tuple, _KernelLayout] = {}
@@ -248,8 +297,39 @@ def _kernel_layout(layout: BlockLayout, device: torch.device) -> _KernelLayout:
     return cached_per_layout(_KERNEL_LAYOUTS, layout, lambda: _build_kernel_layout(layout, device), str(device))
 
 
+def _pool_lists(lay: BlockLayout) -> _PoolLists:
+    """The pooled-bank rows each query block visits (see :class:`_PoolLists`)."""
+    n, bk, device = lay.num_tokens, lay.block_k, lay.device
+    valid, levels = lay._valid_slots(), lay._slot_levels()
+    used = tuple(p for p in sorted(set(levels[valid].tolist())) if p > 1)
+    candidates, keep, sizes = [], [], []
+    start = 0
+    for p in used:
+        width, groups = bk // p, -(-n // p)
+        group = lay.kv_indices.long()[..., None] * width + torch.arange(width, device=device)  # [Hl, Mq, T, w]
+        keep.append(((valid & (levels == p))[..., None] & (group < groups)).flatten(2))
+        candidates.append((group + start).flatten(2))
+        sizes.append(pooled_keys(torch.zeros(n, 1, device=device), p)[1])
+        start += groups
+    # Bank rows ascend within a level: a row's concatenated position keeps that order.
+    count, idx = _compact(torch.cat(keep, -1), torch.cat(candidates, -1))
+    log2_sizes = torch.cat(sizes).to(torch.float32).log2().contiguous()
+    return _PoolLists(used, count, idx, log2_sizes)
+
+
+def _level_one_tiles(lay: BlockLayout) -> BlockLayout:
+    """The layout's level-1 tiles only (what the full and masked tile loops run)."""
+    keep = lay._valid_slots() & (lay._slot_levels() == 1)
+    counts, indices, mask_ids = _compact(keep, lay.kv_indices, lay.kv_mask_ids)
+    return BlockLayout(lay.num_tokens, lay.block_q, lay.block_k, counts, indices, mask_ids, lay.masks)
+
+
 def _build_kernel_layout(layout: BlockLayout, device: torch.device) -> _KernelLayout:
     lay = layout.to(device)
+    pool = None
+    if lay.is_pooled:
+        pool = _pool_lists(lay)
+        lay = _level_one_tiles(lay)
     n = lay.num_tokens
     last_q = lay.num_q_blocks - 1 if n % lay.block_q else None
     last_k = lay.num_k_blocks - 1 if n % lay.block_k else None
@@ -259,7 +339,7 @@ def _build_kernel_layout(layout: BlockLayout, device: torch.device) -> _KernelLa
     masks = lay.masks.to(device=device, dtype=torch.int32).contiguous()
     if masks.shape[0] == 0:  # the kernels need a valid pointer even when no tile is partial
         masks = torch.full((1, lay.block_q, lay.block_k // MASK_WORD_BITS), -1, dtype=torch.int32, device=device)
-    return _KernelLayout(rows=rows, cols=cols, masks=masks)
+    return _KernelLayout(rows=rows, cols=cols, masks=masks, pool=pool)
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -291,6 +371,34 @@ def _launch(autotuned: Any, raw: Any, grid: tuple[int, int], args: tuple, meta: 
     raw[grid](*args, **meta, **config, num_warps=num_warps, num_stages=num_stages)
 
 
+@dataclass(frozen=True)
+class _PoolArgs:
+    """The pooled-tile kernel arguments of one call (stand-ins of the right kinds when static)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    count: torch.Tensor
+    idx: torch.Tensor
+    bias: torch.Tensor
+    width: int
+    rows: int
+
+
+def _pool_args(kl: _KernelLayout, k: torch.Tensor, v: torch.Tensor, fp32: torch.Tensor) -> _PoolArgs:
+    """Pooled K/V banks (built once per call, torch ops) and lists; for a static layout, unread
+    stand-ins (``fp32``: any float32 tensor of the call)."""
+    pool = kl.pool
+    if pool is None:
+        return _PoolArgs(k, v, kl.rows.full_count, kl.rows.full_idx, fp32, 1, 0)
+    return _PoolArgs(pool.bank(k), pool.bank(v), pool.count, pool.idx, pool.log2_sizes, pool.width, pool.rows)
+
+
+def _pool_meta(kl: _KernelLayout, layout: BlockLayout) -> dict[str, Any]:
+    # Pooled rows are gathered POOL_N at a time (tl.dot needs >= 16 per side); one partly
+    # filled chunk per query block is all the padding, whatever the tiles' levels.
+    return {"HAS_POOL": kl.pool is not None, "POOL_N": 64 if layout.block_k >= 64 else 32}
+
+
 def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -315,6 +423,7 @@ def _forward(
         return out, lse
     kl = _kernel_layout(layout, q.device)
     lists = kl.rows
+    pool = _pool_args(kl, k, v, lse)
     grid = (layout.num_q_blocks, batch * heads)
     args = (
         q, k, v, out, lse,
@@ -323,7 +432,8 @@ def _forward(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lists.full_count, lists.full_idx, lists.part_count, lists.part_idx, lists.part_mid, kl.masks,
-        lists.full_width, lists.part_width, layout.num_heads, heads, n, float(scale) * _LOG2E,
+        pool.k, pool.v, pool.count, pool.idx, pool.bias,
+        lists.full_width, lists.part_width, pool.width, pool.rows, layout.num_heads, heads, n, float(scale) * _LOG2E,
     )  # fmt: skip
     meta = {
         **_head_dim_meta(d),
@@ -331,6 +441,7 @@ def _forward(
         "BLOCK_N": layout.block_k,
         "STORE_LSE": bool(store_lse),
         "PRECISION": _dot_precision(q.dtype),
+        **_pool_meta(kl, layout),
     }
     _launch(triton_fwd.attn_fwd, triton_fwd.attn_fwd_kernel, grid, args, meta, config)
     return out, lse
@@ -358,12 +469,16 @@ def _backward(
 
     configs = configs or {}
     batch, heads, n, d = q.shape
-    dq = torch.empty((batch, heads, n, d), dtype=q.dtype, device=q.device) if need_dq else None
-    dk = torch.empty((batch, heads, n, d), dtype=k.dtype, device=k.device) if need_dkdv else None
-    dv = torch.empty((batch, heads, n, d), dtype=v.dtype, device=v.device) if need_dkdv else None
+    kl = _kernel_layout(layout, q.device)
+    pooled = kl.pool is not None
+    # With pooled tiles, dK and dV get the pooled rows' gradients added afterwards: keep them in
+    # fp32 until then (one rounding), and the dQ kernel (which computes those) always runs.
+    grad_dtype = (lambda x: torch.float32) if pooled else (lambda x: x.dtype)
+    dq = torch.empty((batch, heads, n, d), dtype=q.dtype, device=q.device) if need_dq or pooled else None
+    dk = torch.empty((batch, heads, n, d), dtype=grad_dtype(k), device=k.device) if need_dkdv else None
+    dv = torch.empty((batch, heads, n, d), dtype=grad_dtype(v), device=v.device) if need_dkdv else None
     if q.numel() == 0:
         return dq, dk, dv
-    kl = _kernel_layout(layout, q.device)
     head_meta = _head_dim_meta(d)
     precision = _dot_precision(q.dtype)
     qk_scale = float(scale) * _LOG2E
@@ -396,21 +511,30 @@ def _backward(
         grid = (layout.num_k_blocks, batch * heads)
         _launch(triton_bwd.bwd_dkdv, triton_bwd.bwd_dkdv_kernel, grid, args, common_meta, configs.get("dkdv"))
 
-    if need_dq:
+    if need_dq or pooled:
         rows = kl.rows
+        pool = _pool_args(kl, k, v, delta)
+        pool_grads = [torch.zeros((batch, heads, pool.rows, d), dtype=torch.float32, device=q.device)
+                      if pooled else torch.zeros(1, dtype=torch.float32, device=q.device) for _ in range(2)]
         args = (
-            q, k, v, do, lse, delta, dq,
+            q, k, v, do, lse, delta, dq, pool.k, pool.v, *pool_grads, pool.count, pool.idx, pool.bias,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             rows.full_count, rows.full_idx, rows.part_count, rows.part_idx, rows.part_mid, kl.masks,
-            rows.full_width, rows.part_width, layout.num_heads, heads, n, qk_scale, float(scale),
+            rows.full_width, rows.part_width, pool.width, pool.rows, layout.num_heads, heads, n, qk_scale,
+            float(scale),
         )  # fmt: skip
         grid = (layout.num_q_blocks, batch * heads)
-        _launch(triton_bwd.bwd_dq, triton_bwd.bwd_dq_kernel, grid, args, common_meta, configs.get("dq"))
-    return dq, dk, dv
+        meta = {**common_meta, **_pool_meta(kl, layout)}
+        _launch(triton_bwd.bwd_dq, triton_bwd.bwd_dq_kernel, grid, args, meta, configs.get("dq"))
+        if pooled and need_dkdv:
+            kl.pool.spread(dk, pool_grads[0])
+            kl.pool.spread(dv, pool_grads[1])
+            dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    return (dq if need_dq else None), dk, dv
 
 
 # ------------------------------------------------------------------------------------ autograd

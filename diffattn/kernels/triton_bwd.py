@@ -1,4 +1,4 @@
-"""Block-sparse FlashAttention-2 backward kernels (Triton): delta, dK/dV and dQ, atomic-free.
+"""Block-sparse FlashAttention-2 backward kernels (Triton): delta, dK/dV and dQ.
 
 * :func:`bwd_preprocess_kernel`: ``delta = rowsum(dO * O) - dLSE`` in fp32 (the ``dLSE`` term makes
   the returned log-sum-exp differentiable: ``d lse_i / d s_ij = P_ij``).
@@ -8,8 +8,14 @@
 * :func:`bwd_dq_kernel`: one program per query block over its listed key blocks,
   ``dQ += dS K``.
 
-Each output element is written by exactly one program, so there are no atomics and the
-backward is deterministic. As in the forward, each program runs a *full* tile loop (no masks, no
+Each output element of dQ, dK, dV is written by exactly one program, so the static-layout
+backward has no atomics and is deterministic. Pooled tiles (``layout.kv_levels``) are the
+exception: their keys are group means in a pooled bank, and the dQ program of each query block
+that lists a pooled row adds that row's dK, dV atomically (fp32) into a pooled-gradient bank;
+the launcher then spreads each pooled row's gradient back to the raw keys of its group (``1/c``
+each). A program per pooled row would need, per listed query block, a mask of which of its
+rows the block visits (pooled tiles are scattered by importance), and would pay for the rows it
+does not. As in the forward, each program runs a *full* tile loop (no masks, no
 bounds checks) and a *masked* loop (partial tiles and tiles touching the ragged end).
 
 Rows whose LSE is ``-inf`` (no allowed key) are treated as ``+inf`` here, so ``P = exp2(s - lse)``
@@ -21,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import INTERPRET, load_rows, prune_configs, store_rows, tile_allowed, tuning_configs
+from .triton_fwd import INTERPRET, load_pooled, load_rows, prune_configs, store_rows, tile_allowed, tuning_configs
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -293,6 +299,53 @@ def _dq_tiles(
 
 
 @triton.jit
+def _dq_pooled(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    pk_base,
+    pv_base,
+    dpk_base,
+    dpv_base,
+    idx_ptr,
+    count,
+    bias_ptr,
+    offs_d,
+    d_ok,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    POOL_N: tl.constexpr,
+    PAD_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dQ over the query block's pooled keys, and their dK, dV added atomically (fp32) into the
+    pooled-gradient banks: a pooled row is shared by every query block that lists it, and a
+    program per pooled row would need per-block column masks (see the module docstring)."""
+    for start in range(0, count, POOL_N):
+        offs = start + tl.arange(0, POOL_N)
+        c_ok = offs < count
+        rows = tl.load(idx_ptr + offs, mask=c_ok, other=0)
+        k = load_pooled(pk_base, rows, c_ok, offs_d, d_ok, HEAD_DIM, PAD_D)
+        v = load_pooled(pv_base, rows, c_ok, offs_d, d_ok, HEAD_DIM, PAD_D)
+        bias = tl.load(bias_ptr + rows, mask=c_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias[None, :]
+        p = tl.where(c_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        dv_rows = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dk_rows = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * sm_scale
+        grad_ptrs = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+        grad_ok = c_ok[:, None] & d_ok[None, :]
+        tl.atomic_add(dpv_base + grad_ptrs, dv_rows, mask=grad_ok)
+        tl.atomic_add(dpk_base + grad_ptrs, dk_rows, mask=grad_ok)
+    return dq
+
+
+@triton.jit
 def bwd_dq_kernel(
     Q,
     K,
@@ -301,6 +354,13 @@ def bwd_dq_kernel(
     Lse,
     Delta,
     dQ,
+    PoolK,
+    PoolV,
+    dPoolK,
+    dPoolV,
+    PoolCount,
+    PoolIdx,
+    PoolBias,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -324,6 +384,8 @@ def bwd_dq_kernel(
     Masks,
     full_width,
     part_width,
+    pool_width,
+    pool_rows,
     layout_heads,
     num_heads,
     n_tokens,
@@ -335,9 +397,13 @@ def bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_POOL: tl.constexpr,
+    POOL_N: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    """Grid ``(ceil(N / BLOCK_M), B * H)``; Full*/Part* are the forward's split lists."""
+    """Grid ``(ceil(N / BLOCK_M), B * H)``; Full*/Part* are the forward's split lists; Pool* as
+    in the forward, plus dPoolK, dPoolV: fp32 ``[B, H, pool_rows, HEAD_DIM]`` zeroed buffers that
+    receive the pooled keys' gradients."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
@@ -376,6 +442,13 @@ def bwd_dq_kernel(
         m_ok, offs_d, d_ok, n_tokens, qk_scale,
         True, BLOCK_M, BLOCK_N, SPLIT, PAD_D, PRECISION,
     )  # fmt: skip
+    if HAS_POOL:
+        bank = pid_bh.to(tl.int64) * pool_rows * HEAD_DIM
+        dq = _dq_pooled(
+            dq, q, do, lse2, delta, PoolK + bank, PoolV + bank, dPoolK + bank, dPoolV + bank,
+            PoolIdx + row * pool_width, tl.load(PoolCount + row), PoolBias,
+            offs_d, d_ok, qk_scale, sm_scale, HEAD_DIM, POOL_N, PAD_D, PRECISION,
+        )  # fmt: skip
     dq = dq * sm_scale
     dq_blk = dQ + b * stride_dqb + h * stride_dqh + start * stride_dqn
     store_rows(dq_blk + offs_t[:, None] * stride_dqn + offs_d[None, :], dq.to(dQ.dtype.element_ty), m_ok, d_ok, PAD_D)
@@ -392,7 +465,9 @@ bwd_dkdv = triton.autotune(
 
 bwd_dq = triton.autotune(
     configs=tuning_configs((1, 2, 4)),  # SPLIT chops the iterated *key* block
-    key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION"],
+    key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "HAS_POOL"],
+    # Pooled-key gradients are added atomically: every timed run must start from zero.
+    reset_to_zero=["dPoolK", "dPoolV"],
     prune_configs_by={"early_config_prune": prune_configs("dq")},
     cache_results=True,
 )(bwd_dq_kernel)

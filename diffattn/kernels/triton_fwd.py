@@ -161,6 +161,54 @@ def _fwd_tiles(
 
 
 @triton.jit
+def load_pooled(base, rows, c_ok, offs_d, d_ok, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr):
+    """Gather pooled-bank rows ``rows`` ([POOL_N], masked by ``c_ok``) of a contiguous
+    ``[R, HEAD_DIM]`` bank: ``[POOL_N, BLOCK_D]``, zeros where masked."""
+    return load_rows(base + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], c_ok, d_ok, True, PAD_D)
+
+
+@triton.jit
+def _fwd_pooled(
+    acc,
+    l_i,
+    m_i,
+    q,
+    pk_base,
+    pv_base,
+    idx_ptr,
+    count,
+    bias_ptr,
+    offs_d,
+    d_ok,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    POOL_N: tl.constexpr,
+    PAD_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Online-softmax update over the query block's pooled keys: ``count`` rows of the pooled
+    bank (listed at ``idx_ptr``), gathered ``POOL_N`` at a time, each logit plus its group's
+    ``log2(size)`` (``bias_ptr``, base-2 units like the scores)."""
+    for start in range(0, count, POOL_N):
+        offs = start + tl.arange(0, POOL_N)
+        c_ok = offs < count
+        rows = tl.load(idx_ptr + offs, mask=c_ok, other=0)
+        k = load_pooled(pk_base, rows, c_ok, offs_d, d_ok, HEAD_DIM, PAD_D)
+        v = load_pooled(pv_base, rows, c_ok, offs_d, d_ok, HEAD_DIM, PAD_D)
+        bias = tl.load(bias_ptr + rows, mask=c_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias[None, :]
+        s = tl.where(c_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in the masked loop: no NaN
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def attn_fwd_kernel(
     Q,
     K,
@@ -185,8 +233,15 @@ def attn_fwd_kernel(
     PartIdx,
     PartMid,
     Masks,
+    PoolK,
+    PoolV,
+    PoolCount,
+    PoolIdx,
+    PoolBias,
     full_width,
     part_width,
+    pool_width,
+    pool_rows,
     layout_heads,
     num_heads,
     n_tokens,
@@ -198,6 +253,8 @@ def attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     STORE_LSE: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_POOL: tl.constexpr,
+    POOL_N: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     """Grid ``(ceil(N / BLOCK_M), B * H)``.
@@ -206,6 +263,9 @@ def attn_fwd_kernel(
     [B * H, N] contiguous, natural log, ``-inf`` for rows without an allowed key.
     Full*/Part*: the launcher's split tile lists, [Hl, Mq] counts and [Hl, Mq, width] lists
     (``Hl = layout_heads``, 1 when the layout is shared by all heads).
+    With ``HAS_POOL``: PoolK, PoolV: contiguous ``[B, H, pool_rows, HEAD_DIM]`` group means of K
+    and V (pooled tiles, ``layout.kv_levels``); PoolCount [Hl, Mq] and PoolIdx [Hl, Mq,
+    pool_width]: each query block's pooled rows; PoolBias fp32 [pool_rows]: log2(group size).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -243,6 +303,13 @@ def attn_fwd_kernel(
         m_ok, offs_d, d_ok, n_tokens, qk_scale,
         True, BLOCK_M, BLOCK_N, SPLIT, PAD_D, PRECISION,
     )  # fmt: skip
+    if HAS_POOL:
+        bank = pid_bh.to(tl.int64) * pool_rows * HEAD_DIM
+        acc, l_i, m_i = _fwd_pooled(
+            acc, l_i, m_i, q, PoolK + bank, PoolV + bank,
+            PoolIdx + row.to(tl.int64) * pool_width, tl.load(PoolCount + row), PoolBias,
+            offs_d, d_ok, qk_scale, HEAD_DIM, POOL_N, PAD_D, PRECISION,
+        )  # fmt: skip
 
     # Rows without any allowed key have l_i == 0 (and acc == 0): output 0, lse -inf, no 0/0.
     empty = l_i == 0.0
@@ -321,7 +388,7 @@ def prune_configs(kind: str, min_chunk: int = 32):
 
 attn_fwd = triton.autotune(
     configs=tuning_configs((1, 2)),
-    key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION"],
+    key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "HAS_POOL"],
     prune_configs_by={"early_config_prune": prune_configs("fwd")},
     cache_results=True,
 )(attn_fwd_kernel)

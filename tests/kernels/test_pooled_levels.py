@@ -19,6 +19,7 @@ from diffattn.kernels import block_sparse_attention
 from diffattn.kernels.reference import pooled_attention_reference
 
 GRID = VideoGrid(3, 5, 7, text_tokens=5)  # N = 110: ragged last block, short last groups
+PERMUTED_GRID = VideoGrid(2, 8, 8, text_tokens=5)  # N = 133: full and partial tiles after tiling
 LEVELS = (1, 2, 4, 8)
 
 
@@ -33,7 +34,7 @@ def layouts(kind: str, block: int = 32) -> BlockLayout:
     if kind == "dense":
         return with_random_levels(Dense().layout(GRID, block_size=block), 1)
     if kind == "permuted":  # partial tiles, a permutation, pooled full tiles
-        lay = Neighborhood(kernel_size=(3, 3, 5)).layout(GRID, block_size=block, tile_shape=(1, 4, 8))
+        lay = Neighborhood(kernel_size=(3, 5, 5)).layout(PERMUTED_GRID, block_size=block, tile_shape=(1, 4, 8))
         return with_random_levels(lay, 2)
     if kind == "per_head":
         a = with_random_levels(Dense().layout(GRID, block_size=block), 3)
@@ -120,11 +121,84 @@ def test_stack_carries_levels_and_fills_missing_ones_with_one():
 @pytest.mark.parametrize("kind", ["dense", "permuted", "per_head"])
 def test_reference_matches_a_per_row_brute_force(kind):
     layout = layouts(kind)
-    q, k, v = qkv(1, 2, GRID.num_tokens, 8, torch.float64)
+    n = layout.num_tokens
+    q, k, v = qkv(1, 2, n, 8, torch.float64)
     out = pooled_attention_reference(q, k, v, layout, scale=0.3)
     qk, kk, vk = (layout.permute_tokens(x) for x in (q, k, v))
     ok = layout.permute_tokens(out)
     for head in range(2):
-        for row in (0, 31, 50, 97, GRID.num_tokens - 1):
+        for row in (0, 31, 50, 97, n - 1):
             want = brute_force_row(qk[0, head, row], kk[0, head], vk[0, head], layout, head, row, 0.3)
             torch.testing.assert_close(ok[0, head, row], want, atol=1e-10, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------- every backend
+BACKEND_NAMES = ["cpu", "triton"]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(backend: str, q, k, v, layout, grad_out, grad_lse):
+    """Forward (out, lse) and the gradients of q, k, v for ``sum(out * grad_out) + sum(lse * grad_lse)``."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    if backend == "float64":  # the reference's math on float64 inputs (the dispatcher refuses float64)
+        out, lse = pooled_attention_reference(q, k, v, layout, return_lse=True)
+    else:
+        out, lse = block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
+    finite = torch.isfinite(lse)
+    loss = (out.float() * grad_out).sum() + (torch.where(finite, lse, 0.0) * grad_lse).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    return [x.detach().float() for x in (out, torch.where(finite, lse, 0.0), *grads)]
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["dense", "permuted", "per_head"])
+def test_backend_equals_the_reference_forward_and_backward(backend, dtype, kind):
+    layout = layouts(kind).to(DEVICE)
+    n = layout.num_tokens
+    q, k, v = (x.to(DEVICE) for x in qkv(2, 2, n, 16, dtype, seed=7))
+    gen = torch.Generator().manual_seed(8)
+    grad_out = torch.randn(2, 2, n, 16, generator=gen).to(DEVICE)
+    grad_lse = torch.randn(2, 2, n, generator=gen).to(DEVICE)
+    got = run(backend, q, k, v, layout, grad_out, grad_lse)
+    names = ["out", "lse", "dq", "dk", "dv"]
+    if dtype == torch.float32:
+        want = run("reference", q, k, v, layout, grad_out, grad_lse)
+        for name, a, b in zip(names, got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        return
+    # flash-attention rule: error vs an exact reference <= 2x plain PyTorch's error in dtype + floor
+    exact = run("float64", q.double(), k.double(), v.double(), layout, grad_out.double(), grad_lse.double())
+    plain = run("reference", q, k, v, layout, grad_out, grad_lse)
+    for name, a, p, e in zip(names, got, plain, exact):
+        e = e.float()
+        floor = 1e-3 * float(e.abs().max()) + 1e-5
+        assert float((a - e).abs().max()) <= 2 * float((p - e).abs().max()) + floor, name
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKEND_NAMES)
+@pytest.mark.parametrize("kind", ["dense", "permuted", "per_head"])
+def test_equal_keys_in_each_group_give_exactly_the_full_tile(backend, kind):
+    """The issue's exactness test: pooling changes nothing when a group's keys and values are equal."""
+    pooled = layouts(kind).to(DEVICE)
+    static = pooled.with_levels(None)
+    n = pooled.num_tokens
+    gen = torch.Generator().manual_seed(11)
+    # Equal within every aligned group of 8 in kernel order (so within every group of 2 and 4).
+    base = [torch.randn(2, 2, -(-n // 8), 16, generator=gen) for _ in range(2)]
+    k, v = (pooled.unpermute_tokens(x.repeat_interleave(8, dim=2)[:, :, :n].to(DEVICE)) for x in base)
+    q = torch.randn(2, 2, n, 16, generator=gen).to(DEVICE)
+    out = block_sparse_attention(q, k, v, pooled, backend=backend)
+    mask = static.token_mask()
+    oracle = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask.dim() == 2 else mask[None])
+    torch.testing.assert_close(out, oracle, atol=2e-5, rtol=1e-5)
+
+
+def test_static_levels_run_exactly_as_without_levels():
+    static = Neighborhood(kernel_size=(3, 5, 5)).layout(PERMUTED_GRID, block_size=32, tile_shape=(1, 4, 8))
+    ones = static.with_levels(torch.ones_like(static.kv_indices))
+    q, k, v = qkv(1, 2, static.num_tokens, 16)
+    for backend in ["reference", "cpu"]:
+        assert torch.equal(block_sparse_attention(q, k, v, ones, backend=backend),
+                           block_sparse_attention(q, k, v, static, backend=backend))
