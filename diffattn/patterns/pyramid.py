@@ -279,12 +279,12 @@ def _block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     """``[B, H, N, D]`` -> float32 ``[B, H, ceil(N / block), D]``: mean over each block's tokens
     (the last block's mean over the tokens it has)."""
     b, h, n, d = x.shape
-    blocks = -(-n // block)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, blocks * block - n))
-    sums = padded.view(b, h, blocks, block, d).sum(3)
-    counts = torch.full((blocks,), float(block), device=x.device)
-    counts[-1] = n - (blocks - 1) * block
-    return sums / counts[:, None]
+    whole = n // block
+    # Views and float32 accumulation: no padded or converted copy of q or k.
+    parts = [x[:, :, : whole * block].reshape(b, h, whole, block, d).sum(3, dtype=torch.float32) / block]
+    if n % block:
+        parts.append(x[:, :, whole * block :].sum(2, keepdim=True, dtype=torch.float32) / (n % block))
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 
 
 def block_importance(
