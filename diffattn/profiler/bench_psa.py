@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -58,8 +59,9 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 # ------------------------------------------------------------------------------------ kernel
 def kernel_rows(grid: VideoGrid = VideoGrid(16, 32, 32), heads: int = 4, head_dim: int = 64,
-                repeats: int = 3, block_size: int = 128) -> list[dict[str, Any]]:
-    """One row per share setting: dense SDPA, plan and sparse-call seconds (medians), speedups.
+                repeats: int = 3, block_size: int = 128, threads: tuple[int, ...] = (2,)) -> list[dict[str, Any]]:
+    """One row per torch thread count and share setting: dense SDPA, plan and sparse-call seconds
+    (medians, all with that many threads), speedups, and the machine's load average.
 
     Example:
         >>> rows = kernel_rows(VideoGrid(2, 8, 8), heads=1, head_dim=16, repeats=1, block_size=32)
@@ -69,6 +71,20 @@ def kernel_rows(grid: VideoGrid = VideoGrid(16, 32, 32), heads: int = 4, head_di
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, grid.num_tokens, head_dim, generator=gen) for _ in range(3))
     rows = []
+    saved = torch.get_num_threads()
+    try:
+        for count in threads:
+            torch.set_num_threads(count)
+            rows += _kernel_rows_now(grid, q, k, v, repeats, block_size)
+    finally:
+        torch.set_num_threads(saved)
+    return rows
+
+
+def _kernel_rows_now(grid: VideoGrid, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int,
+                     block_size: int) -> list[dict[str, Any]]:
+    rows = []
+    heads, head_dim = q.shape[1], q.shape[3]
     with torch.no_grad():
         dense = _median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats)
         for name, pattern in SETTINGS.items():
@@ -77,7 +93,8 @@ def kernel_rows(grid: VideoGrid = VideoGrid(16, 32, 32), heads: int = 4, head_di
             sparse = _median_seconds(lambda: block_sparse_attention(q, k, v, layout, backend="cpu"), repeats)
             ideal = 1.0 / layout.effective_tile_density
             rows.append(dict(
-                setting=name, pattern=repr(pattern), tokens=grid.num_tokens, heads=heads, head_dim=head_dim,
+                setting=name, threads=torch.get_num_threads(), load_average=round(os.getloadavg()[0], 1),
+                pattern=repr(pattern), tokens=grid.num_tokens, heads=heads, head_dim=head_dim,
                 block_size=block_size, tiles_per_level=layout.tiles_per_level,
                 effective_tile_density=layout.effective_tile_density, tile_density=layout.tile_density,
                 dense_sdpa_s=dense, plan_s=plan, sparse_s=sparse, speedup=dense / sparse,
@@ -242,7 +259,7 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> l
 
 
 MARKDOWN_COLUMNS = {
-    "kernel": [("setting", "setting", ""), ("tiles per level", "tiles_per_level", ""),
+    "kernel": [("threads", "threads", ""), ("load avg", "load_average", ""), ("setting", "setting", ""), ("tiles per level", "tiles_per_level", ""),
                ("effective density", "effective_tile_density", ".4f"), ("dense SDPA s", "dense_sdpa_s", ".3f"),
                ("PSA call s", "sparse_s", ".3f"), ("plan s", "plan_s", ".4f"), ("speedup", "speedup", ".2f"),
                ("ideal", "ideal_speedup", ".2f"), ("achieved / ideal", "achieved_over_ideal", ".2f"),
@@ -272,7 +289,11 @@ def write(part: str, rows: list[dict[str, Any]], out: str, seconds: float, notes
 NOTES = {
     "kernel": ("Random q, k, v (fp32, B=1, 4 heads x 64), N=16,384 (16x32x32), block 128. speedup = dense SDPA / "
                "PSA block-sparse call (backend cpu, the plan given); ideal = 1 / effective tile density (a level-p "
-               "tile counts 1/p); 'with plan' adds the planning time; plan / call = planning time over the call."),
+               "tile counts 1/p); 'with plan' adds the planning time; plan / call = planning time over the call. Each "
+               "thread count times everything with that many torch threads. The development machine (2 cores) is "
+               "shared: 'load avg' is its 1-minute load when the row was measured; above 2, threads wait for "
+               "cores and the planner's many small operations suffer most with 2 threads (its 1-thread time is "
+               "the robust figure)."),
     "estimate": ("The embedded model's self-attention q and k (every 10th call of a 33-frame 64x64, 25-step run, "
                  "2,112 tokens, 4 heads x 32). For each query block the top ceil(share x key blocks) blocks by each "
                  "estimate; 'true mass / oracle': the exact attention mass they hold over that of the exact top "
@@ -298,7 +319,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
         start = time.perf_counter()
         if part == "kernel":
-            rows = kernel_rows(repeats=args.repeats)
+            rows = kernel_rows(repeats=args.repeats, threads=(1, 2))
         elif part == "estimate":
             rows = estimate_rows(record_embedded_qk())
         elif part == "fidelity":
