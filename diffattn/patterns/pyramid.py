@@ -70,8 +70,10 @@ class PyramidSparse(Pattern):
             importance mass: a block gets the first level ``p`` whose cumulative share exceeds the
             mass of the blocks ranked before it. Shares summing to 1 visit every block.
         mode: ``"topk"`` or ``"mass"``.
-        min_full: level 1 keeps at least ``ceil(M * min_full)`` blocks (both modes); the levels
-            after it shift down the ranking.
+        min_full: level 1 keeps at least ``ceil(M * min_full)`` blocks (both modes). In
+            ``"topk"`` mode a later level's bound never falls below it (the raised level 1 eats
+            into the next levels, the visited total stays ``ceil(M * sum)``); in ``"mass"`` mode
+            the blocks after the forced ones keep their mass-based levels.
         estimate: ``"mean"`` (block-mean q and k) or ``"sampled-max"`` (the reference's
             max-of-sampled estimate with a fixed sample); see the module docstring.
 

@@ -235,7 +235,8 @@ def fidelity_rows(seeds=(0, 1), dense_steps: int = 6, call: dict | None = None,
             radial = psa.with_overrides(pattern=pattern)
         report = profile(pipe, radial, seed=seed, warmup=0, **call)
         rows.append(_fidelity_row(f"radial (decay {radial.pattern.decay:g})", report, seed))
-        log(f"radial seed {seed}: PSNR {report.psnr:.2f} dB, SSIM {report.ssim:.4f}, density {report.layout_density:.3f}")
+        log(f"radial seed {seed}: PSNR {report.psnr:.2f} dB, SSIM {report.ssim:.4f}, "
+            f"density {report.layout_density:.3f}")
     return rows
 
 
@@ -259,7 +260,8 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> l
 
 
 MARKDOWN_COLUMNS = {
-    "kernel": [("threads", "threads", ""), ("load avg", "load_average", ""), ("setting", "setting", ""), ("tiles per level", "tiles_per_level", ""),
+    "kernel": [("threads", "threads", ""), ("load avg", "load_average", ""), ("setting", "setting", ""),
+               ("tiles per level", "tiles_per_level", ""),
                ("effective density", "effective_tile_density", ".4f"), ("dense SDPA s", "dense_sdpa_s", ".3f"),
                ("PSA call s", "sparse_s", ".3f"), ("plan s", "plan_s", ".4f"), ("speedup", "speedup", ".2f"),
                ("ideal", "ideal_speedup", ".2f"), ("achieved / ideal", "achieved_over_ideal", ".2f"),
@@ -268,7 +270,8 @@ MARKDOWN_COLUMNS = {
                  ("key blocks", "key_blocks", ""), ("true mass / oracle", "mass_ratio", ".4f"),
                  ("recall of true top", "recall", ".4f"), ("estimate ms", "estimate_ms", ".1f")],
     "fidelity": [("preset", "preset", ""), ("seed", "seed", ""), ("effective density", "effective_density", ".3f"),
-                 ("PSNR dB", "psnr", ".2f"), ("SSIM", "ssim", ".4f"), ("attention speedup", "attention_speedup", ".2f")],
+                 ("PSNR dB", "psnr", ".2f"), ("SSIM", "ssim", ".4f"),
+                 ("attention speedup", "attention_speedup", ".2f")],
 }
 
 
