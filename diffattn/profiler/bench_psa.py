@@ -12,6 +12,7 @@ Three parts, each written to ``<out>-<part>.json`` and ``.md``:
   each importance estimate (``"mean"``, ``"sampled-max"``) capture, against the oracle choice.
 * ``fidelity``: ``diffattn.profile`` on the embedded model with the same seeds, PSNR/SSIM against
   dense for the ``psa`` preset and for Radial at the nearest effective density (same schedule).
+* ``matched``: the same with PSA's shares raised to Radial's density on that grid.
 """
 
 from __future__ import annotations
@@ -240,6 +241,32 @@ def fidelity_rows(seeds=(0, 1), dense_steps: int = 6, call: dict | None = None,
     return rows
 
 
+#: PSA shares whose effective density at 17 key blocks (33x8x8 tokens, block 128) is Radial's 0.227
+#: there: 3 full, 1 at level 2, 3 at level 8 -> (3 + 1/2 + 3/8) / 17 = 0.228. Radial cannot come down
+#: to PSA's default 0.17 on that grid (two frames per block: its density is 0.227 for every decay).
+MATCHED_TO_RADIAL = PyramidSparse(levels={1: 0.17, 2: 0.06, 8: 0.17})
+
+
+def matched_rows(seeds=(0, 1), dense_steps: int = 6, call: dict | None = None,
+                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """:func:`fidelity_rows`' comparison the other way round: PSA with shares raised to Radial's
+    density (:data:`MATCHED_TO_RADIAL`), same seeds and schedule."""
+    from ..pipelines.embedded import load_embedded_pipeline
+    from ..processors.presets import load_preset
+    from .runner import profile
+
+    pipe = load_embedded_pipeline()
+    config = load_preset("psa", family="wan").config.with_overrides(dense_steps=dense_steps,
+                                                                    pattern=MATCHED_TO_RADIAL)
+    rows = []
+    for seed in seeds:
+        report = profile(pipe, config, seed=seed, warmup=0, **(call or EMBEDDED_CALL))
+        rows.append(_fidelity_row("psa, shares {1: 0.17, 2: 0.06, 8: 0.17}", report, seed))
+        log(f"matched psa seed {seed}: PSNR {report.psnr:.2f} dB, SSIM {report.ssim:.4f}, "
+            f"effective density {report.layout_density:.3f}")
+    return rows
+
+
 def _fidelity_row(name: str, report: Any, seed: int) -> dict[str, Any]:
     return dict(
         preset=name, seed=seed, pattern=report.pattern, dense_steps=report.dense_steps, grid=report.grid,
@@ -269,6 +296,9 @@ MARKDOWN_COLUMNS = {
     "estimate": [("block", "block_size", ""), ("estimate", "estimate", ""), ("share", "share", ".2f"),
                  ("key blocks", "key_blocks", ""), ("true mass / oracle", "mass_ratio", ".4f"),
                  ("recall of true top", "recall", ".4f"), ("estimate ms", "estimate_ms", ".1f")],
+    "matched": [("preset", "preset", ""), ("seed", "seed", ""), ("effective density", "effective_density", ".3f"),
+                ("PSNR dB", "psnr", ".2f"), ("SSIM", "ssim", ".4f"),
+                ("attention speedup", "attention_speedup", ".2f")],
     "fidelity": [("preset", "preset", ""), ("seed", "seed", ""), ("effective density", "effective_density", ".3f"),
                  ("PSNR dB", "psnr", ".2f"), ("SSIM", "ssim", ".4f"),
                  ("attention speedup", "attention_speedup", ".2f")],
@@ -307,6 +337,8 @@ NOTES = {
                  "each preset's video against the dense run with the same seed. Same schedule for both: first 6 "
                  "steps and block 0 dense, block 128. Radial's decay chosen so its density is nearest PSA's "
                  "measured effective density (a level-p tile counting 1/p)."),
+    "matched": ("As psa-fidelity, with PSA's shares raised to Radial's density on this grid (Radial is 0.227 for "
+                "every decay at 33x8x8 tokens and block 128: two frames per block); same seeds and schedule."),
 }
 
 
@@ -327,8 +359,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             rows = estimate_rows(record_embedded_qk())
         elif part == "fidelity":
             rows = fidelity_rows(seeds=tuple(int(s) for s in args.seeds.split(",")))
+        elif part == "matched":
+            rows = matched_rows(seeds=tuple(int(s) for s in args.seeds.split(",")))
         else:
-            parser.error(f"--parts: unknown part {part!r}; allowed: kernel, estimate, fidelity")
+            parser.error(f"--parts: unknown part {part!r}; allowed: kernel, estimate, fidelity, matched")
         paths = write(part, rows, args.out, time.perf_counter() - start, NOTES[part])
         print(*[str(p) for p in paths], sep="\n")
     return 0
