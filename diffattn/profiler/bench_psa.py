@@ -48,21 +48,12 @@ EMBEDDED_CALL = dict(prompt="a red circle moves left", num_frames=33, height=64,
 RADIAL_DECAYS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15)
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up (allocations, caches)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 # ------------------------------------------------------------------------------------ kernel
 def kernel_rows(grid: VideoGrid = VideoGrid(16, 32, 32), heads: int = 4, head_dim: int = 64,
                 repeats: int = 3, block_size: int = 128, threads: tuple[int, ...] = (2,)) -> list[dict[str, Any]]:
     """One row per torch thread count and share setting: dense SDPA, plan and sparse-call seconds
-    (medians, all with that many threads), speedups, and the machine's load average.
+    (medians, all with that many threads), speedups (medians of per-repeat ratios), and the
+    machine's load average.
 
     Example:
         >>> rows = kernel_rows(VideoGrid(2, 8, 8), heads=1, head_dim=16, repeats=1, block_size=32)
@@ -84,23 +75,40 @@ def kernel_rows(grid: VideoGrid = VideoGrid(16, 32, 32), heads: int = 4, head_di
 
 def _kernel_rows_now(grid: VideoGrid, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int,
                      block_size: int) -> list[dict[str, Any]]:
+    """Dense, plan and sparse timed in turn in every repeat (the machine's load drifts: ratios of
+    neighbouring measurements are steadier than ratios of separate medians)."""
     rows = []
     heads, head_dim = q.shape[1], q.shape[3]
+
+    def dense() -> Any:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
     with torch.no_grad():
-        dense = _median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats)
         for name, pattern in SETTINGS.items():
             layout = pattern.plan(q, k, grid, block_size=block_size)
-            plan = _median_seconds(lambda: pattern.plan(q, k, grid, block_size=block_size), repeats)
-            sparse = _median_seconds(lambda: block_sparse_attention(q, k, v, layout, backend="cpu"), repeats)
+            steps = {"dense": dense, "plan": lambda: pattern.plan(q, k, grid, block_size=block_size),
+                     "sparse": lambda: block_sparse_attention(q, k, v, layout, backend="cpu")}
+            times: dict[str, list[float]] = {key: [] for key in steps}
+            for step in steps.values():
+                step()  # warm-up
+            for _ in range(repeats):
+                for key, step in steps.items():
+                    start = time.perf_counter()
+                    step()
+                    times[key].append(time.perf_counter() - start)
+            median = {key: statistics.median(values) for key, values in times.items()}
+            ratio = statistics.median(d / s for d, s in zip(times["dense"], times["sparse"]))
+            plan_share = statistics.median(p / s for p, s in zip(times["plan"], times["sparse"]))
             ideal = 1.0 / layout.effective_tile_density
             rows.append(dict(
                 setting=name, threads=torch.get_num_threads(), load_average=round(os.getloadavg()[0], 1),
                 pattern=repr(pattern), tokens=grid.num_tokens, heads=heads, head_dim=head_dim,
                 block_size=block_size, tiles_per_level=layout.tiles_per_level,
                 effective_tile_density=layout.effective_tile_density, tile_density=layout.tile_density,
-                dense_sdpa_s=dense, plan_s=plan, sparse_s=sparse, speedup=dense / sparse,
-                speedup_with_plan=dense / (sparse + plan), ideal_speedup=ideal,
-                achieved_over_ideal=dense / sparse / ideal, plan_share=plan / sparse,
+                dense_sdpa_s=median["dense"], plan_s=median["plan"], sparse_s=median["sparse"], speedup=ratio,
+                speedup_with_plan=statistics.median(
+                    d / (s + p) for d, s, p in zip(times["dense"], times["sparse"], times["plan"])),
+                ideal_speedup=ideal, achieved_over_ideal=ratio / ideal, plan_share=plan_share,
             ))
     return rows
 
@@ -320,13 +328,15 @@ def write(part: str, rows: list[dict[str, Any]], out: str, seconds: float, notes
 
 
 NOTES = {
-    "kernel": ("Random q, k, v (fp32, B=1, 4 heads x 64), N=16,384 (16x32x32), block 128. speedup = dense SDPA / "
-               "PSA block-sparse call (backend cpu, the plan given); ideal = 1 / effective tile density (a level-p "
+    "kernel": ("Random q, k, v (fp32, B=1, 4 heads x 64), N=16,384 (16x32x32), block 128. Dense, plan and PSA "
+               "call timed in turn each repeat; times are medians, ratios medians of per-repeat ratios. "
+               "speedup = dense SDPA / PSA block-sparse call (backend cpu, the plan given); "
+               "ideal = 1 / effective tile density (a level-p "
                "tile counts 1/p); 'with plan' adds the planning time; plan / call = planning time over the call. Each "
                "thread count times everything with that many torch threads. The development machine (2 cores) is "
                "shared: 'load avg' is its 1-minute load when the row was measured; above 2, threads wait for "
-               "cores and the planner's many small operations suffer most with 2 threads (its 1-thread time is "
-               "the robust figure)."),
+               "cores. The planner always runs with one thread (PyramidSparse.plan; with two it took 460 ms "
+               "instead of 17 ms at load 5)."),
     "estimate": ("The embedded model's self-attention q and k (every 10th call of a 33-frame 64x64, 25-step run, "
                  "2,112 tokens, 4 heads x 32). For each query block the top ceil(share x key blocks) blocks by each "
                  "estimate; 'true mass / oracle': the exact attention mass they hold over that of the exact top "
