@@ -111,10 +111,10 @@ class BlockLayout:
         Example:
             >>> from diffattn import Dense, VideoGrid
             >>> layout = Dense().layout(VideoGrid(1, 4, 16), block_size=32)
-            >>> layout.with_levels(torch.full_like(layout.kv_indices, 3))
+            >>> layout.with_levels(torch.full_like(layout.kv_indices, 3))  # doctest: +ELLIPSIS
             Traceback (most recent call last):
             ...
-            diffattn.errors.UserError: invalid BlockLayout.kv_levels: kv_levels holds level 3 at (head 0, query block 0, slot 0); allowed: 1, 2, 4, 8
+            diffattn.errors.UserError: invalid BlockLayout.kv_levels: ...level 3 at ...; allowed: 1, 2, 4, 8
         """
         levels = self.kv_levels
         if levels is None:
@@ -126,7 +126,8 @@ class BlockLayout:
             problems.append(f"kv_levels must be int32, got {levels.dtype}")
         if tuple(levels.shape) != tuple(self.kv_indices.shape):
             problems.append(
-                f"kv_levels has shape {tuple(levels.shape)}, kv_indices has {tuple(self.kv_indices.shape)}; they must match"
+                f"kv_levels has shape {tuple(levels.shape)}, kv_indices has {tuple(self.kv_indices.shape)}; "
+                "they must match"
             )
         if problems or levels.device.type == "meta" or torch.compiler.is_compiling():
             return problems
