@@ -286,11 +286,15 @@ class BlockLayout:
         return int(self.kv_counts.sum())
 
     def __repr__(self) -> str:
+        pooled = ""
+        if self.is_pooled:
+            pooled = f"tiles_per_level={self.tiles_per_level}, effective_tile_density={self.effective_tile_density:.4f}, "
         return (
             f"BlockLayout(N={self.num_tokens}, block=({self.block_q}, {self.block_k}), heads={self.num_heads}, "
             f"tiles={self.num_visited_tiles} ({self.num_partial_tiles} partial, {self.num_masks} masks), "
             f"density={self.density:.4f}, "
-            f"tile_density={self.tile_density:.4f}, permuted={self.permutation is not None}, device={self.device})"
+            f"tile_density={self.tile_density:.4f}, {pooled}permuted={self.permutation is not None}, "
+            f"device={self.device})"
         )
 
     # ----------------------------------------------------------------- derived views

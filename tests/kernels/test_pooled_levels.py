@@ -191,3 +191,15 @@ def test_static_levels_run_exactly_as_without_levels():
     for backend in ["reference", "cpu"]:
         assert torch.equal(block_sparse_attention(q, k, v, ones, backend=backend),
                            block_sparse_attention(q, k, v, static, backend=backend))
+
+
+def test_cpu_bias_rebuilt_per_chunk_keeps_the_log_sizes(monkeypatch):
+    """Above its budget the CPU path rebuilds partial-tile biases per chunk: the pooled keys'
+    log sizes must be added there too."""
+    import diffattn.kernels.cpu as cpu
+
+    monkeypatch.setattr(cpu, "_BIAS_CACHE_BYTES", 0)
+    layout = layouts("permuted")
+    q, k, v = qkv(2, 1, layout.num_tokens, 16, seed=3)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, layout, backend="cpu"),
+                               block_sparse_attention(q, k, v, layout, backend="reference"), atol=1e-5, rtol=1e-5)
