@@ -288,7 +288,8 @@ class BlockLayout:
     def __repr__(self) -> str:
         pooled = ""
         if self.is_pooled:
-            pooled = f"tiles_per_level={self.tiles_per_level}, effective_tile_density={self.effective_tile_density:.4f}, "
+            pooled = (f"tiles_per_level={self.tiles_per_level}, "
+                      f"effective_tile_density={self.effective_tile_density:.4f}, ")
         return (
             f"BlockLayout(N={self.num_tokens}, block=({self.block_q}, {self.block_k}), heads={self.num_heads}, "
             f"tiles={self.num_visited_tiles} ({self.num_partial_tiles} partial, {self.num_masks} masks), "
