@@ -128,7 +128,7 @@ def log_length_factor(window: tuple[int, int], grid: VideoGrid) -> float:
 
     Example:
         >>> round(log_length_factor((30, 52), VideoGrid(21, 60, 104)), 4)   # 480p -> 960p: 4x tokens
-        1.0907
+        1.0902
         >>> log_length_factor((8, 8), VideoGrid(17, 8, 8))
         1.0
     """
