@@ -42,6 +42,7 @@ class CoarseToFineResult:
         window: FreeSwim's window in latent tokens; grid: the refine pass's token grid.
         density: the window layout's density on that grid.
         guide_steps: the refine steps whose conditional call ran the guide branch.
+        sparse_calls: self-attention calls of the refine that ran the window kernel.
         cache_bytes: the guide cache's size after the refine (freed since).
         base_seconds, refine_seconds: wall time of the two passes.
     """
@@ -52,6 +53,7 @@ class CoarseToFineResult:
     grid: VideoGrid | None
     density: float | None
     guide_steps: list[int | None] = field(default_factory=list)
+    sparse_calls: int = 0
     cache_bytes: int = 0
     base_seconds: float = 0.0
     refine_seconds: float = 0.0
@@ -94,7 +96,7 @@ def is_above_native(pipe: Any, height: int, width: int, config: FreeSwim | None 
 
 
 def coarse_to_fine(pipe: Any, config: FreeSwim | str = "freeswim", *, height: int, width: int,
-                   generator: torch.Generator | None = None, output_type: str = "np", strength: float = STRENGTH,
+                   generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "np", strength: float = STRENGTH,
                    flow_shift: float | None = FLOW_SHIFT, base_size: tuple[int, int] | None = None,
                    **call: Any) -> CoarseToFineResult:
     """Generate above the native size: base pass at ``base_size`` (default: native, see
@@ -149,7 +151,9 @@ def coarse_to_fine(pipe: Any, config: FreeSwim | str = "freeswim", *, height: in
         steps = call.get("num_inference_steps")
         pipe.scheduler.set_timesteps(steps if steps is not None else _default_steps(pipe))
         sigma = float(pipe.scheduler.sigmas[0])
-        noise = torch.randn(upscaled.shape, generator=generator, dtype=torch.float32).to(upscaled.device)
+        from diffusers.utils.torch_utils import randn_tensor  # a generator per video, as the pipelines take
+
+        noise = randn_tensor(upscaled.shape, generator=generator, device=upscaled.device, dtype=torch.float32)
         start_latents = (1.0 - sigma) * upscaled + sigma * noise
         frames = pipe(**call, height=height, width=width, latents=start_latents, generator=generator,
                       output_type=output_type).frames
@@ -160,6 +164,7 @@ def coarse_to_fine(pipe: Any, config: FreeSwim | str = "freeswim", *, height: in
             grid, block_size=config.block_size, tile_shape=config.tile_shape).density
         return CoarseToFineResult(frames=frames, base_size=base, window=state.window, grid=grid, density=density,
                                   guide_steps=list(state.guide_steps), cache_bytes=state.cache_bytes,
+                                  sparse_calls=sum(state.sparse_calls.values()),
                                   base_seconds=base_seconds, refine_seconds=refine_seconds)
     finally:
         remove(pipe)

@@ -483,5 +483,6 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
     return GenerateResult(
         path=output, num_frames=frames.shape[0], height=frames.shape[1], width=frames.shape[2], seconds=seconds,
         preset=preset.name, family=run.family, density=density, grid=grid,
-        sparse_calls=sum(state.sparse_calls.values()) if state is not None else 0,
+        sparse_calls=freeswim.sparse_calls if freeswim is not None else
+        sum(state.sparse_calls.values()) if state is not None else 0,
     )

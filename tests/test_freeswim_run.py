@@ -72,3 +72,12 @@ def test_generate_with_the_freeswim_preset_above_the_native_size_runs_coarse_to_
                                       width=64, steps=2), log=lines.append)
     assert (result.height, result.width, result.num_frames) == (72, 64, 2)
     assert result.grid == diffattn.VideoGrid(2, 9, 8) and any("FreeSwim coarse-to-fine: base 64x64" in x for x in lines)
+    assert result.sparse_calls > 0
+
+
+def test_the_cli_refuses_a_freeswim_target_below_the_native_size(tmp_path, capsys):
+    from diffattn.cli import main
+
+    code = main(["generate", "--preset", "freeswim", "--height", "32", "--num-frames", "1", "--steps", "1",
+                 "--output", str(tmp_path / "out.gif")])
+    assert code == 2 and "height 32 is below the model's native 64" in capsys.readouterr().err
