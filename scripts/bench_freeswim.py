@@ -16,7 +16,7 @@ Part 2 (``geometry``): Wan2.1 1.3B at 480p (30 x 52 latent tokens, 21 frames) ->
 time) at 1080p, the log-length factor, and the guide cache's size (one cross-attention output
 per block) in bf16 for the 1.3B (30 blocks, 12 x 128) and 14B (40 blocks, 40 x 128) models.
 
-    python scripts/bench_freeswim.py --out benchmarks/results            # both parts
+    python scripts/bench_freeswim.py --captions 3 --frames 9 --steps 8 --out benchmarks/results   # both parts, as committed
     python scripts/bench_freeswim.py --part geometry --out /tmp
 """
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 written=datetime.datetime.now().isoformat(timespec="seconds"),
                 embedded=dict(size=args.size, frames=args.frames, steps=args.steps, captions=args.captions,
                               window=list(WINDOW), block_size=BLOCK, tile_shape=list(TILE)))
-    name = {"all": "freeswim", "embedded": "freeswim-embedded", "geometry": "freeswim-geometry"}[args.part]
+    name = {"all": "freeswim-2x", "embedded": "freeswim-embedded", "geometry": "freeswim-geometry"}[args.part]
     out = Path(args.out) / f"{name}-cpu-{DATE}"
     atomic_write_text(out.with_suffix(".json"), json.dumps(dict(meta=meta, embedded=embedded, geometry=geometry),
                                                            indent=1) + "\n")
