@@ -224,7 +224,7 @@ def _conditional_role(state: FreeSwimState, key: tuple) -> str:
     """GUIDE on ``range(0, steps, cache_steps)`` (and whenever the cache cannot serve: empty, another
     size, an unknown step, a new run), else CACHED."""
     step, last = state.step, state.last_guide_step
-    if not state.cache or state.cache_key != key or step is None or last is None or step < last:
+    if not state.cache or state.cache_key != key or step is None or last is None or step <= last:
         return GUIDE
     return GUIDE if step - last >= state.config.cache_steps else CACHED
 

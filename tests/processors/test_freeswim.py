@@ -104,6 +104,9 @@ def test_guide_steps_are_every_cache_steps_th_step(wan):
     try:
         _latents(wan, steps=5)
         assert sparsity_state(wan).guide_steps == [0, 2, 4]
+        _latents(wan, steps=1)  # a new run never reuses the last run's cache, even at the same step
+        _latents(wan, steps=1)
+        assert sparsity_state(wan).guide_steps == [0, 2, 4, 0, 0]
     finally:
         diffattn.remove(wan)
 
