@@ -267,3 +267,44 @@ def test_another_cross_attention_processor_installed_after_freeswim_is_refused(w
             _latents(wan, steps=1)
     finally:
         diffattn.remove(wan)
+
+
+# -- Wan 2.2 A14B (two transformers) and image-to-video -----------------------------------------------
+
+
+def _i2v_or_22(variant):
+    from ..adapters import test_wan22_i2v as wan22
+
+    if variant == "2.2-a14b-t2v":
+        return wan22.tiny_wan22_pipeline(), wan22.call_kwargs()
+    return wan22.tiny_wan_i2v_pipeline(variant), wan22.i2v_call_kwargs(variant)
+
+
+@pytest.mark.parametrize("variant", ["2.2-a14b-t2v", "2.1", "2.2-ti2v"])
+def test_a_covering_window_without_scale_equals_stock_on_wan22_and_image_to_video(variant):
+    pipe, call = _i2v_or_22(variant)
+    stock = pipe(**call)[0]
+    pipe, call = _i2v_or_22(variant)  # fresh generators
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", **QUIET)
+        diffattn.apply(pipe, FreeSwim(window=(64, 64), scale=None, cache_steps=1))
+        try:
+            freeswim = pipe(**call)[0]
+        finally:
+            diffattn.remove(pipe)
+    torch.testing.assert_close(freeswim, stock, rtol=1e-4, atol=1e-5)
+
+
+def test_each_wan22_transformer_keeps_its_own_guide_schedule_and_cache():
+    from ..adapters import test_wan22_i2v as wan22
+
+    pipe = wan22.tiny_wan22_pipeline()
+    diffattn.apply(pipe, FreeSwim(window=(2, 2), cache_steps=2))
+    try:
+        pipe(**wan22.call_kwargs())  # steps 0-1 on transformer, 2-3 on transformer_2
+        high, low = sparsity_state(pipe), sparsity_state(pipe, "transformer_2")
+        assert high.guide_steps == [0] and low.guide_steps == [2]
+        assert high.cache_bytes > 0 and low.cache_bytes > 0
+    finally:
+        diffattn.remove(pipe)
+    assert high.cache_bytes == 0 and low.cache_bytes == 0
