@@ -158,6 +158,8 @@ class FreeSwimState(SparsityState):
         if self.window is None:
             raise UserError("FreeSwimState needs a window: FreeSwim(window=(h, w)) or the model's native size")
         self.window_pattern = window_pattern(self.window)
+        #: ``config`` with the resolved window (what the window branch runs; the profiler's density).
+        self.layout_config = config.with_overrides(window=self.window)
         self.role = PLAIN
         self.query_factor = 1.0
         self.guide_steps: list[int | None] = []

@@ -308,3 +308,19 @@ def test_each_wan22_transformer_keeps_its_own_guide_schedule_and_cache():
     finally:
         diffattn.remove(pipe)
     assert high.cache_bytes == 0 and low.cache_bytes == 0
+
+
+def test_the_profiler_sees_the_resolved_window_not_the_placeholder():
+    from diffattn.profiler.timing import AttentionTimer
+
+    pipe = tiny_embedded_pipeline()
+    diffattn.apply(pipe, "freeswim")  # window None: the embedded model's 8 x 8 tokens
+    timer = AttentionTimer(torch.device("cpu"))
+    try:
+        timer.attach([sparsity_state(pipe)])
+        run_embedded(pipe, size=80, steps=1)
+        calls = timer.finish()
+    finally:
+        timer.detach()
+        diffattn.remove(pipe)
+    assert calls and {call.config.pattern for call in calls} == {Neighborhood(kernel_size=(None, 8, 8))}
