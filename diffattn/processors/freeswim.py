@@ -63,7 +63,9 @@ class FreeSwim(SparsityConfig):
             device when used): for large videos.
         **sparsity: the :class:`SparsityConfig` fields (``block_size``, ``tile_shape``,
             ``backend``, ``dense_steps``, ...) of the window branch; ``pattern`` is the window
-            (a Dense placeholder while ``window`` is None: the adapter resolves it).
+            (a Dense placeholder while ``window`` is None: the adapter resolves it). Steps and
+            layers the schedule keeps dense (``dense_steps``, ``dense_layers``) run the stock
+            self-attention in both branches (no window, no rescale); the guide still runs.
 
     Example:
         >>> config = FreeSwim(window=(8, 8), cache_steps=5)
