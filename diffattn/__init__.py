@@ -17,6 +17,7 @@ from .errors import DenseFallbackWarning, UserError
 from .kernels import agent_attention, block_sparse_attention
 from .patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
 from .processors import SparsityConfig
+from .processors.freeswim import FreeSwim
 from .profiler import ProfileReport, profile
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "BlockLayout",
     "Dense",
     "DenseFallbackWarning",
+    "FreeSwim",
     "Neighborhood",
     "Pattern",
     "ProfileReport",

@@ -426,6 +426,21 @@ def prepare_run(options: RunOptions) -> PreparedRun:
                        is_default=is_default)
 
 
+def _freeswim_coarse_to_fine(run: PreparedRun, generator: torch.Generator):
+    """FreeSwim's coarse-to-fine result when the preset is FreeSwim and the size is above the
+    model's native one, else None (the plain call)."""
+    from .freeswim_run import coarse_to_fine, is_above_native
+    from .processors.freeswim import FreeSwim
+
+    config, call = run.preset.config, dict(run.call)
+    height, width = call.pop("height", None), call.pop("width", None)
+    if not isinstance(config, FreeSwim) or height is None or width is None:
+        return None
+    if not is_above_native(run.pipe, height, width, config):
+        return None
+    return coarse_to_fine(run.pipe, config, height=height, width=width, generator=generator, **call)
+
+
 def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> GenerateResult:
     """Run one generation; see ``diffattn generate --help``.
 
@@ -444,11 +459,17 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
     check_given_positive_ints({"--fps": options.fps})
     run = prepare_run(options)
     pipe, preset = run.pipe, run.preset
-    apply(pipe, preset.config)
     generator = torch.Generator(device="cpu").manual_seed(options.seed)
-
     start = time.perf_counter()
-    result = pipe(**run.call, generator=generator, output_type="np")
+    # FreeSwim above the native size: base pass, upscale, refine (diffattn.freeswim_run).
+    freeswim = _freeswim_coarse_to_fine(run, generator)
+    if freeswim is None:
+        apply(pipe, preset.config)
+        result = pipe(**run.call, generator=generator, output_type="np")
+    else:
+        result = freeswim
+        log(f"FreeSwim coarse-to-fine: base {freeswim.base_size[0]}x{freeswim.base_size[1]}, window "
+            f"{freeswim.window}, guide steps {freeswim.guide_steps}, cache {freeswim.cache_bytes / 2**20:.2f} MiB")
     frames = to_uint8(result.frames[0] if hasattr(result, "frames") else result.images)
     seconds = time.perf_counter() - start
     if is_main_rank():  # under --ulysses-degree every rank has the whole video
@@ -457,8 +478,11 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
     state = sparsity_state(pipe)
     grid = state.grid if state is not None else None
     density = preset_layout(preset.config, grid).density if grid is not None else None
+    if freeswim is not None:
+        grid, density = freeswim.grid, freeswim.density
     return GenerateResult(
         path=output, num_frames=frames.shape[0], height=frames.shape[1], width=frames.shape[2], seconds=seconds,
         preset=preset.name, family=run.family, density=density, grid=grid,
-        sparse_calls=sum(state.sparse_calls.values()) if state is not None else 0,
+        sparse_calls=freeswim.sparse_calls if freeswim is not None else
+        sum(state.sparse_calls.values()) if state is not None else 0,
     )

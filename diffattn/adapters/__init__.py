@@ -13,6 +13,7 @@ import torch
 from ..errors import UserError
 from ..patterns import Pattern, VideoGrid
 from ..processors.config import SparsityConfig
+from ..processors.freeswim import FreeSwim
 from ..processors.presets import load_preset
 from .base import INSTALLED_ATTRIBUTE, DenseFallbackWarning, ModelAdapter, install, uninstall, unwrap_compiled
 from .base import sparse_processors as _sparse_processors
@@ -105,6 +106,9 @@ def sparse_processors(
     """
     adapter = adapter_for_transformer(transformer)
     config = resolve_config(config, adapter.family, **overrides)
+    if isinstance(config, FreeSwim):
+        raise UserError("FreeSwim needs the pipeline (its native size and the transformer hooks): use "
+                        "diffattn.apply(pipe, FreeSwim(...)), not sparse_processors")
     return _sparse_processors(adapter, transformer, config, scheduler)
 
 
@@ -113,7 +117,7 @@ def apply(pipe: Any, config: SparsityConfig | Pattern | str | os.PathLike, **ove
 
     Args:
         pipe: a diffusers pipeline of a supported family.
-        config: a :class:`SparsityConfig`; a bare pattern (then every layer and step is sparse); a
+        config: a :class:`SparsityConfig` (or :class:`~diffattn.FreeSwim`); a bare pattern (then every layer and step is sparse); a
             preset name of the pipeline's family (``"radial"``, see ``configs/<family>/``); or the
             path of a preset YAML file.
         **overrides: :class:`SparsityConfig` fields to replace (e.g. ``dense_steps=10``).
@@ -140,6 +144,10 @@ def apply(pipe: Any, config: SparsityConfig | Pattern | str | os.PathLike, **ove
     adapter = find_adapter(pipe)
     config = resolve_config(config, adapter.family, **overrides)
     remove(pipe)
+    if isinstance(config, FreeSwim):  # FreeSwim: processors on both attention layers and batch hooks
+        from .freeswim import apply_freeswim
+
+        return apply_freeswim(pipe, adapter, config)
     scheduler = getattr(pipe, "scheduler", None)
     for _, transformer in adapter.transformers(pipe):
         install(adapter, transformer, config, scheduler)

@@ -4,7 +4,7 @@ A preset file (``yaml.safe_load``; nothing else is ever executed or unpickled)::
 
     description: Radial attention, paper-like (dense warm-up and first layer)
     pattern:
-      type: radial          # dense | radial | neighborhood
+      type: radial          # dense | radial | neighborhood | freeswim
       decay: 1.0
     dense_steps: 12
     dense_layers: [0]
@@ -48,6 +48,8 @@ _PATTERN_KEYS: dict[str, tuple[type[Pattern], tuple[str, ...]]] = {
     "dense": (Dense, ()),
     "radial": (Radial, ("decay", "sink_frames", "dense_frame_distance", "block_size")),
     "neighborhood": (Neighborhood, ("kernel_size", "stride", "dilation", "causal")),
+    # Not a pattern class: FreeSwim's window, scale and guide cache (the whole config is a FreeSwim).
+    "freeswim": (Pattern, ("window", "cache_steps", "scale", "offload_cache")),
 }
 _CONFIG_KEYS = (
     "dense_layers", "dense_steps", "dense_last_steps", "block_size", "tile_shape", "backend", "on_unsupported",
@@ -98,9 +100,14 @@ def parse_preset(data: Any, source: str) -> tuple[str, SparsityConfig]:
             f"{spec['type']!r}; allowed: {', '.join(allowed) or '(none)'}"
         )
     try:
-        pattern = cls(**{k: _tuple_if_list(v) for k, v in spec.items() if k != "type"})
+        arguments = {k: _tuple_if_list(v) for k, v in spec.items() if k != "type"}
         fields = {k: _tuple_if_list(data[k]) for k in _CONFIG_KEYS if k in data}
-        config = SparsityConfig(pattern=pattern, **fields)
+        if spec["type"] == "freeswim":
+            from .freeswim import FreeSwim  # freeswim imports the processor template, which imports presets' peers
+
+            config = FreeSwim(**arguments, **fields)
+        else:
+            config = SparsityConfig(pattern=cls(**arguments), **fields)
     except (ValueError, TypeError) as error:  # a UserError too: add the file to its message
         raise UserError(f"{source}: {error}") from None
     return description.strip(), config
