@@ -12,12 +12,13 @@ Example:
     >>> _ = diffattn.remove(pipe)         # the stock processors, exactly
 """
 
-from .adapters import apply, remove, sparse_processors
+from .adapters import apply, sparse_processors
 from .errors import DenseFallbackWarning, UserError
 from .kernels import agent_attention, block_sparse_attention
 from .patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
 from .processors import SparsityConfig
 from .profiler import ProfileReport, profile
+from .steering import SteeringHandle, remove, steer
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "ProfileReport",
     "Radial",
     "SparsityConfig",
+    "SteeringHandle",
     "UserError",
     "VideoGrid",
     "__version__",
@@ -39,4 +41,5 @@ __all__ = [
     "profile",
     "remove",
     "sparse_processors",
+    "steer",
 ]
