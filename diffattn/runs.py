@@ -74,6 +74,13 @@ class GenerateOptions(RunOptions):
 
     output: str
     fps: int = 16
+    #: Steering flags (see :func:`steering_arguments`): ``WORD=FACTOR``, ``PHRASE=x0,y0,x1,y1``
+    #: (twice) and ``WORD``, each repeatable.
+    weights: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    captures: tuple[str, ...] = ()
+    steer_strength: float = 3.0
 
 
 @dataclass
@@ -115,6 +122,7 @@ class GenerateResult:
     density: float | None
     grid: object | None
     sparse_calls: int = 0
+    maps: tuple[Path, ...] = ()
 
 
 def check_output(path: str | os.PathLike, suffixes: tuple[str, ...] = VIDEO_SUFFIXES, flag: str = "--output") -> Path:
@@ -426,6 +434,68 @@ def prepare_run(options: RunOptions) -> PreparedRun:
                        is_default=is_default)
 
 
+def _split_flag(value: str, flag: str, what: str) -> tuple[str, str]:
+    word, sep, rest = value.rpartition("=")
+    if not sep or not word.strip() or not rest.strip():
+        raise UserError(f"{flag} must be {what}; got {value!r}")
+    return word.strip(), rest.strip()
+
+
+def steering_arguments(options: GenerateOptions) -> dict | None:
+    """The keyword arguments of :func:`diffattn.steer` the steering flags ask for (None: no
+    steering), checked before any model is loaded (:class:`UserError` naming the flag).
+
+    Example:
+        >>> options = GenerateOptions(output="v.mp4", weights=("red=2",), regions=("red circle=0,0,0.5,1",),
+        ...                           captures=("red",))
+        >>> arguments = steering_arguments(options)
+        >>> arguments["token_weights"], arguments["regions"], arguments["capture"]
+        ({'red': 2.0}, {'red circle': (0.0, 0.0, 0.5, 1.0)}, ['red'])
+    """
+    from .steering import check_box, check_spec
+
+    if not (options.weights or options.regions or options.excludes or options.captures):
+        return None
+    weights = {}
+    for value in options.weights:
+        word, factor = _split_flag(value, "--weight", "WORD=FACTOR (e.g. red=2.0)")
+        try:
+            weights[word] = float(factor)
+        except ValueError:
+            raise UserError(f"--weight {value!r}: FACTOR must be a number; got {factor!r}") from None
+    boxes = {}
+    for flag, values in (("--region", options.regions), ("--exclude", options.excludes)):
+        boxes[flag] = {}
+        for value in values:
+            phrase, box = _split_flag(value, flag, "PHRASE=x0,y0,x1,y1 (fractions of the frame)")
+            boxes[flag][phrase] = check_box(box, f"{flag} {value!r}: the box")
+    arguments = dict(token_weights=weights, regions=boxes["--region"], exclude=boxes["--exclude"],
+                     capture=list(options.captures), strength=options.steer_strength)
+    check_spec(**arguments, steps=(0.0, 1.0), layers=None, decay=True, normalize=False)
+    return arguments
+
+
+def write_maps(handle: Any, frames: np.ndarray, output: Path, fps: int) -> tuple[Path, ...]:
+    """Write each captured word's map next to the video: ``<stem>.<word>.png`` (frames above
+    heat maps) and ``<stem>.<word><suffix>`` (the heat-map video); returns the paths."""
+    import re
+
+    from PIL import Image
+
+    from .steering import heatmap_sheet, heatmap_video
+
+    written = []
+    for word, word_map in handle.maps.items():
+        name = re.sub(r"[^\w-]+", "_", str(word)).strip("_") or "word"
+        sheet = output.with_name(f"{output.stem}.{name}.png")
+        with atomic_path(sheet) as tmp:
+            Image.fromarray(heatmap_sheet(word_map, frames)).save(tmp, format="PNG")
+        video = output.with_name(f"{output.stem}.{name}{output.suffix}")
+        write_video(heatmap_video(word_map, frames), video, fps=fps)
+        written += [sheet, video]
+    return tuple(written)
+
+
 def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> GenerateResult:
     """Run one generation; see ``diffattn generate --help``.
 
@@ -442,17 +512,26 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
 
     output = check_output(options.output)
     check_given_positive_ints({"--fps": options.fps})
+    steering = steering_arguments(options)
     run = prepare_run(options)
     pipe, preset = run.pipe, run.preset
     apply(pipe, preset.config)
+    handle = None
+    if steering is not None:
+        from .steering import steer
+
+        handle = steer(pipe, **steering)
     generator = torch.Generator(device="cpu").manual_seed(options.seed)
 
     start = time.perf_counter()
     result = pipe(**run.call, generator=generator, output_type="np")
     frames = to_uint8(result.frames[0] if hasattr(result, "frames") else result.images)
     seconds = time.perf_counter() - start
+    maps: tuple[Path, ...] = ()
     if is_main_rank():  # under --ulysses-degree every rank has the whole video
         write_video(frames, output, fps=options.fps)
+        if handle is not None:
+            maps = write_maps(handle, frames, output, options.fps)
 
     state = sparsity_state(pipe)
     grid = state.grid if state is not None else None
@@ -460,5 +539,5 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
     return GenerateResult(
         path=output, num_frames=frames.shape[0], height=frames.shape[1], width=frames.shape[2], seconds=seconds,
         preset=preset.name, family=run.family, density=density, grid=grid,
-        sparse_calls=sum(state.sparse_calls.values()) if state is not None else 0,
+        sparse_calls=sum(state.sparse_calls.values()) if state is not None else 0, maps=maps,
     )

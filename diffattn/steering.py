@@ -82,7 +82,7 @@ def check_box(box: Any, name: str = "box") -> Box:
         (0.0, 0.25, 1.0, 0.75)
     """
     try:
-        values = tuple(float(v) for v in box)
+        values = tuple(float(v) for v in (box.split(",") if isinstance(box, str) else box))
     except (TypeError, ValueError):
         values = ()
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
@@ -552,7 +552,7 @@ def steer(
     unsteer(pipe)
     handle = SteeringHandle(pipe, spec)
     for _, transformer in adapter.transformers(pipe):
-        steering = TextSteering(sink=handle._sink)
+        steering = TextSteering(sink=handle._sink, warn=handle._warn)
         text_layers = _text_layers(adapter, transformer)
         known = {index for _, index in text_layers}
         if spec.layers is not None and not spec.layers <= known:
@@ -627,4 +627,38 @@ def remove(pipe: Any) -> Any:
     return remove_sparse(unsteer(pipe))
 
 
-__all__ = ["SteeringHandle", "box_mask", "check_box", "remove", "resolve_tokens", "steer", "unsteer"]
+# -- heat maps ------------------------------------------------------------------------------------
+
+
+def heatmap_video(word_map: torch.Tensor, video: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """A captured map ``[F, h, w]`` over a uint8 video ``[T, H, W, 3]``: the map resized to the
+    video (trilinear), scaled by its maximum, coloured black-red-yellow and blended in.
+
+    Example:
+        >>> heat = heatmap_video(torch.rand(2, 4, 4), np.zeros((3, 16, 16, 3), np.uint8))
+        >>> heat.shape, heat.dtype
+        ((3, 16, 16, 3), dtype('uint8'))
+    """
+    frames, height, width = video.shape[:3]
+    resized = F.interpolate(word_map.float()[None, None], size=(frames, height, width), mode="trilinear",
+                            align_corners=False)[0, 0]
+    level = (resized / resized.max().clamp_min(1e-12)).clamp(0, 1).numpy()[..., None]
+    colour = np.concatenate([np.clip(2 * level, 0, 1), np.clip(2 * level - 1, 0, 1), np.zeros_like(level)], -1)
+    blended = (1 - alpha) * video.astype(np.float32) / 255 + alpha * colour
+    return (np.clip(blended, 0, 1) * 255).round().astype(np.uint8)
+
+
+def heatmap_sheet(word_map: torch.Tensor, video: np.ndarray, columns: int = 8) -> np.ndarray:
+    """A contact sheet (uint8 ``[2 H, k W, 3]``): up to ``columns`` evenly spaced frames of the
+    video above the same frames with the map blended in (:func:`heatmap_video`).
+
+    Example:
+        >>> heatmap_sheet(torch.rand(5, 2, 2), np.zeros((5, 8, 8, 3), np.uint8), columns=3).shape
+        (16, 24, 3)
+    """
+    heat = heatmap_video(word_map, video)
+    picks = np.unique(np.linspace(0, len(video) - 1, min(columns, len(video))).round().astype(int))
+    return np.concatenate([np.concatenate(list(video[picks]), 1), np.concatenate(list(heat[picks]), 1)], 0)
+
+
+__all__ = ["SteeringHandle", "box_mask", "check_box", "heatmap_sheet", "heatmap_video", "remove", "resolve_tokens", "steer", "unsteer"]

@@ -335,6 +335,7 @@ class TextSteering:
 
     call: CallEdit | None = None
     sink: Callable[[int, torch.Tensor], None] | None = None
+    warn: Callable[[str], None] | None = None
     _sample: int = field(default=0, repr=False)
     _valid: torch.Tensor | None = field(default=None, repr=False)
 
@@ -378,30 +379,38 @@ class TextSteering:
         queries, keys = query.shape[2], key.shape[2]
         edit, rows = call.edit, None
         if call.text_position == "cross":
-            if keys != call.text_tokens:
+            if keys != call.text_tokens:  # not the text (an I2V image context): never steered
                 return stock_op()
             text, video = slice(0, keys), slice(0, queries)
-        elif queries != keys or keys < call.video_tokens:
-            return stock_op()
-        elif call.text_position == "start" and keys == call.video_tokens + call.text_tokens:
-            text, video = slice(0, call.text_tokens), slice(call.text_tokens, keys)
-        elif call.text_position == "end" and keys == call.video_tokens + call.text_tokens:
-            text, video = slice(call.video_tokens, keys), slice(0, call.video_tokens)
         elif call.text_position == "end" and self._valid is not None and query.shape[0] == 1:
+            # Mochi's stock processor: one sample at a time, over its valid text tokens only.
             rows = slice(self._sample, self._sample + 1)
             positions = self._valid[self._sample].nonzero().flatten()
             self._sample += 1
-            if keys != call.video_tokens + positions.numel():
-                return stock_op()
             edit = edit.rows(rows).columns(positions)
             text, video = slice(call.video_tokens, keys), slice(0, call.video_tokens)
+            if keys != call.video_tokens + positions.numel():
+                return self._unsteered(stock_op, f"{keys} keys where {call.video_tokens} video + "
+                                                 f"{positions.numel()} valid text tokens were expected")
+        elif queries == keys == call.video_tokens + call.text_tokens:
+            if call.text_position == "start":
+                text, video = slice(0, call.text_tokens), slice(call.text_tokens, keys)
+            else:
+                text, video = slice(call.video_tokens, keys), slice(0, call.video_tokens)
         else:
-            return stock_op()
-        if rows is None and edit.key_factors is not None and edit.key_factors.shape[0] != query.shape[0]:
-            return stock_op()
+            return self._unsteered(stock_op, f"a {queries}x{keys} attention where {call.video_tokens} video and "
+                                             f"{call.text_tokens} text tokens were expected")
+        if edit.capture is not None and edit.capture.shape[0] != query.shape[0] or (
+                edit.key_factors is not None and edit.key_factors.shape[0] != query.shape[0]):
+            return self._unsteered(stock_op, "a batch that is not the transformer call's")
         out, maps = steered_attention(query, key, value, edit, text, video, attn_mask, scale)
         self.record(layer_index, maps, rows)
         return out
+
+    def _unsteered(self, stock_op: Callable[[], torch.Tensor], reason: str) -> torch.Tensor:
+        if self.warn is not None:
+            self.warn(f"an attention call ran unsteered: {reason}")
+        return stock_op()
 
     def sparse_attention(self, processor: SparseAttnProcessor, query: torch.Tensor, key: torch.Tensor,
                          value: torch.Tensor, key_padding: torch.Tensor | None,
@@ -450,8 +459,8 @@ def _steered_call(stock: Any, steering: TextSteering, layer_index: int) -> Calla
     if "F" in names:
         def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
             def stock_op() -> torch.Tensor:
-                return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                                      **kwargs)
+                return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                                      scale=scale, **kwargs)
 
             return steering.op(layer_index, query, key, value, attn_mask, scale, stock_op)
 
