@@ -267,12 +267,15 @@ class SteeringHandle:
             token rows/columns): the attention mass of the word's tokens per video query,
             averaged over heads, steered layers and conditional rows, from the last call.
         maps: ``{word: [F, h, w]}``, ``step_maps`` averaged over the steps.
+        video_maps: ``{word: [rows, F, h, w]}``: the maps of each conditional row (video) of the
+            last call, averaged over the steps.
     """
 
     pipe: Any
     spec: SteeringSpec
     tokens: dict[Key, list[int]] = field(default_factory=dict)
     step_maps: dict[Key, list[torch.Tensor]] = field(default_factory=dict)
+    video_maps: dict[Key, torch.Tensor] = field(default_factory=dict)
     _stock_class: type | None = None
     _hooks: list[Any] = field(default_factory=list)
     _layers: list[tuple[torch.nn.Module, str, int, TextSteering]] = field(default_factory=list)
@@ -332,7 +335,7 @@ class SteeringHandle:
         self._call = _PipelineCall(prompts, embeds if isinstance(embeds, torch.Tensor) else None, positions)
         self.tokens = dict(positions[0])
         self._sums.clear()
-        self.step_maps = {}
+        self.step_maps, self.video_maps = {}, {}
 
     def _encoded(self, output: Any) -> None:
         call = self._call
@@ -398,16 +401,19 @@ class SteeringHandle:
     def _sink(self, layer_index: int, maps: torch.Tensor) -> None:
         """Accumulate the maps ``[rows, Nv, W]`` of one layer of the current step."""
         total = self._sums.setdefault(self._step, [0.0, 0, self._grid])
-        total[0] = total[0] + maps.detach().float().sum(0).cpu()
-        total[1] += maps.shape[0]
+        total[0] = total[0] + maps.detach().float().cpu()
+        total[1] += 1
 
     def _finish_maps(self) -> None:
         captured = self.spec.capture
         self.step_maps = {word: [] for word in captured}
-        for _, (summed, count, (frames, height, width)) in sorted(self._sums.items()):
-            mean = summed / count
+        self.video_maps = {word: [] for word in captured}
+        for _, (summed, layers, (frames, height, width)) in sorted(self._sums.items()):
+            mean = summed / layers  # [rows, Nv, W]
             for w, word in enumerate(captured):
-                self.step_maps[word].append(mean[:, w].reshape(frames, height, width))
+                self.video_maps[word].append(mean[..., w].reshape(-1, frames, height, width))
+                self.step_maps[word].append(self.video_maps[word][-1].mean(0))
+        self.video_maps = {word: torch.stack(steps).mean(0) for word, steps in self.video_maps.items() if steps}
 
 
 def _forward_arguments(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
