@@ -206,16 +206,19 @@ def _tokenizer(pipe: Any) -> Any:
     return None
 
 
-def _templated(pipe: Any, prompt: str, call: Mapping[str, Any]) -> tuple[str, int, int]:
-    """``(text the tokenizer sees, where the prompt starts in it, leading tokens the pipeline drops)``."""
+def _templated(pipe: Any, tokenizer: Any, prompt: str, call: Mapping[str, Any]) -> tuple[str, int, int]:
+    """``(text the tokenizer sees, where the prompt starts in it, leading tokens the pipeline drops)``:
+    HunyuanVideo wraps the prompt in its Llama template and crops the template's tokens."""
     if type(pipe).__name__.startswith("HunyuanVideo"):
         template = call.get("prompt_template")
         if template is None:
             from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
             template = DEFAULT_PROMPT_TEMPLATE
-        text = template["template"].format(prompt)
-        return text, template["template"].index("{}"), int(template.get("crop_start", 0))
+        crop = template.get("crop_start")
+        if crop is None:  # as the pipeline counts it: the template's tokens less <|eot_id|> and "{}"
+            crop = len(tokenizer(template["template"]).input_ids) - 2
+        return template["template"].format(prompt), template["template"].index("{}"), int(crop)
     return prompt, 0, 0
 
 
@@ -327,7 +330,7 @@ class SteeringHandle:
                 raise UserError(f"{type(self.pipe).__name__} has no tokenizer to find {words[0]!r} in the prompt; "
                                 "steer token positions (int keys) instead")
             for text in prompts:
-                templated, offset, dropped = _templated(self.pipe, text, call)
+                templated, offset, dropped = _templated(self.pipe, tokenizer, text, call)
                 positions.append({key: resolve_tokens(tokenizer, text, key, offset, dropped, templated)
                                   if isinstance(key, str) else [key] for key in self.spec.keys})
         else:

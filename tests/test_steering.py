@@ -264,3 +264,15 @@ def test_cli_steering_flags(tmp_path, capsys):
                          (["--weight", "red=lots"], "FACTOR must be a number")):
         assert main(base + bad) == 2
         assert message in capsys.readouterr().err
+
+
+def test_pixel_masks_become_token_fractions_per_latent_frame():
+    from diffattn.steering import _grid_mask
+
+    mask = torch.zeros(4, 16, 32)
+    mask[:2, :, :16] = 1          # the first two pixel frames: the left half
+    tokens = _grid_mask(mask, 2, 2, 4, "regions['x']").reshape(2, 2, 4)
+    torch.testing.assert_close(tokens[0], torch.tensor([[1.0, 1, 0, 0], [1, 1, 0, 0]]))
+    torch.testing.assert_close(tokens[1], torch.zeros(2, 4))
+    boxed = _grid_mask((0.0, 0.0, 0.25, 1.0), 1, 2, 4, "box").reshape(2, 4)
+    torch.testing.assert_close(boxed, torch.tensor([[1.0, 0, 0, 0], [1, 0, 0, 0]]))

@@ -113,7 +113,7 @@ class SparseAttnProcessor:
     ulysses: ClassVar[bool] = False
     #: The extension point of attention edits on the text columns: an object with
     #: ``run_stock(stock, call, layer_index)`` (every stock run of this layer goes through it) and
-    #: ``sparse_attention(processor, q, k, v, key_padding, stock_op)`` (the sparse call's attention,
+    #: ``sparse_attention(processor, q, k, v, key_padding, parallel_config)`` (the sparse call's attention,
     #: or None to run ours). :func:`diffattn.steer` sets it (a
     #: :class:`~diffattn.processors.steering.TextSteering`); None runs the stock processor as it is.
     text_steering: Any = None
@@ -304,9 +304,8 @@ class SparseAttnProcessor:
         the tensors are this rank's shard ``[B, N/P, H, D]`` of the sequence (see
         :func:`~diffattn.processors.parallel.ulysses_attention`).
         """
-
-        if self.text_steering is not None and parallel_config is None:
-            steered = self.text_steering.sparse_attention(self, query, key, value, key_padding, stock_op)
+        if self.text_steering is not None:
+            steered = self.text_steering.sparse_attention(self, query, key, value, key_padding, parallel_config)
             if steered is not None:
                 return steered
 

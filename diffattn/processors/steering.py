@@ -414,12 +414,14 @@ class TextSteering:
 
     def sparse_attention(self, processor: SparseAttnProcessor, query: torch.Tensor, key: torch.Tensor,
                          value: torch.Tensor, key_padding: torch.Tensor | None,
-                         stock_op: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+                         parallel_config: Any = None) -> torch.Tensor | None:
         """A sparse joint layer's attention ``[B, N, H, D]`` with the text columns edited, or None
         when this forward or layer is not steered (the processor then runs its own attention)."""
         call = self.edit_for(processor.layer_index)
         if call is None:
             return None
+        if parallel_config is not None:
+            raise UserError("diffattn.steer does not support context parallelism")
         try:
             out, maps = steered_split_attention(processor.state, processor.layer_index, query, key, value,
                                                 key_padding, call.edit, processor)
