@@ -338,6 +338,7 @@ class TextSteering:
     warn: Callable[[str], None] | None = None
     _sample: int = field(default=0, repr=False)
     _valid: torch.Tensor | None = field(default=None, repr=False)
+    _calls: dict[tuple[type, int], Any] = field(default_factory=dict, repr=False)
 
     def edit_for(self, layer_index: int) -> CallEdit | None:
         call = self.call
@@ -362,7 +363,10 @@ class TextSteering:
         edit = self.edit_for(layer_index)
         if edit is None:
             return stock(**call)
-        function = _steered_call(stock, self, layer_index)
+        key = (type(stock), layer_index)
+        if key not in self._calls:  # built once per stock class and layer
+            self._calls[key] = _steered_call(stock, self, layer_index)
+        function = self._calls[key]
         if function is None:
             raise UserError(f"{type(stock).__name__} has no attention op diffattn's steering can edit "
                             "(dispatch_attention_fn or F.scaled_dot_product_attention)")
@@ -400,8 +404,8 @@ class TextSteering:
         else:
             return self._unsteered(stock_op, f"a {queries}x{keys} attention where {call.video_tokens} video and "
                                              f"{call.text_tokens} text tokens were expected")
-        if edit.capture is not None and edit.capture.shape[0] != query.shape[0] or (
-                edit.key_factors is not None and edit.key_factors.shape[0] != query.shape[0]):
+        if any(t is not None and t.shape[0] != query.shape[0] for t in (edit.key_factors, edit.value_scale,
+                                                                        edit.capture)):
             return self._unsteered(stock_op, "a batch that is not the transformer call's")
         out, maps = steered_attention(query, key, value, edit, text, video, attn_mask, scale)
         self.record(layer_index, maps, rows)
