@@ -145,3 +145,17 @@ def test_edit_rows_and_columns_select_what_mochi_attends():
     assert picked.query_factors.shape == (1, VIDEO, 2)          # shared by all rows: kept
     torch.testing.assert_close(picked.value_scale, edit.value_scale[1:2, [0, 3]])
     torch.testing.assert_close(picked.capture, edit.capture[1:2, [0, 3]])
+
+
+def test_no_token_by_token_tensor_is_allocated():
+    """Joint attention over 8,208 tokens: every allocation stays far below one [N, N] score matrix."""
+    from torch.profiler import ProfilerActivity, profile
+
+    video, text = 8192, 16
+    q, k, v = (torch.randn(1, 2, video + text, 64) for _ in range(3))
+    edit = ColumnEdit(query_factors=torch.randn(1, video, 2), key_factors=torch.ones(1, text, 2),
+                      value_scale=torch.rand(1, text) * 2, capture=torch.ones(1, text, 3))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        steered_attention(q, k, v, edit, slice(0, text), slice(text, video + text))
+    largest = max(event.cpu_memory_usage for event in prof.key_averages())
+    assert largest < 2 * (video + text) ** 2 * 4 / 10  # a tenth of the fp32 scores of both heads
