@@ -151,7 +151,8 @@ def _add_steering_arguments(p: argparse.ArgumentParser) -> None:
                    help="suppress PHRASE inside the box")
     g.add_argument("--capture", action="append", default=[], metavar="WORD",
                    help="write WORD's attention map next to the video (OUTPUT_STEM.WORD.png and a heat-map video)")
-    g.add_argument("--steer-strength", type=float, default=3.0, help="region/exclusion logit bias (default 3; inf: hard)")
+    g.add_argument("--steer-strength", type=float, default=3.0,
+                   help="region/exclusion logit bias (default 3; inf: hard)")
 
 
 def _steering_options(args) -> dict:

@@ -274,8 +274,8 @@ class SteeringHandle:
             last call, averaged over the steps.
     """
 
-    pipe: Any
-    spec: SteeringSpec
+    pipe: Any = field(repr=False)
+    spec: SteeringSpec = field(repr=False)
     tokens: dict[Key, list[int]] = field(default_factory=dict)
     step_maps: dict[Key, list[torch.Tensor]] = field(default_factory=dict)
     video_maps: dict[Key, torch.Tensor] = field(default_factory=dict)
@@ -670,4 +670,5 @@ def heatmap_sheet(word_map: torch.Tensor, video: np.ndarray, columns: int = 8) -
     return np.concatenate([np.concatenate(list(video[picks]), 1), np.concatenate(list(heat[picks]), 1)], 0)
 
 
-__all__ = ["SteeringHandle", "box_mask", "check_box", "heatmap_sheet", "heatmap_video", "remove", "resolve_tokens", "steer", "unsteer"]
+__all__ = ["SteeringHandle", "box_mask", "check_box", "heatmap_sheet", "heatmap_video", "remove", "resolve_tokens",
+           "steer", "unsteer"]

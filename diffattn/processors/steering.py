@@ -218,7 +218,8 @@ def reference_attention(
         maps = probs[:, :, queries][..., text] @ edit.capture.double()[:, None]
     if edit.value_scale is not None:
         factor = torch.ones(q.shape[0], 1, q.shape[2], k.shape[2], dtype=torch.float64)
-        factor[:, :, queries[:, None], torch.arange(k.shape[2])[text][None, :]] = edit.value_scale.double()[:, None, None]
+        columns = torch.arange(k.shape[2])[text]
+        factor[:, :, queries[:, None], columns[None, :]] = edit.value_scale.double()[:, None, None]
         probs = probs * factor
     return probs @ v, maps
 
