@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(p)
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--output", required=True, help=".mp4 (imageio-ffmpeg) or .gif, written atomically")
+    _add_steering_arguments(p)
 
     p = sub.add_parser("profile", help="dense vs preset with the same seed: speedups, density, Amdahl bound, PSNR/SSIM",
                        description=PROFILE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,6 +138,26 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ulysses-degree", type=int, default=1,
                    help="diffusers context parallelism (Ulysses) over N processes: run under "
                         "`torchrun --nproc-per-node N -m diffattn.cli ...` (Wan, LTX-Video, FLUX; default 1)")
+
+
+def _add_steering_arguments(p: argparse.ArgumentParser) -> None:
+    """generate's steering flags (diffattn.steer); each repeatable."""
+    g = p.add_argument_group("steering (text attention; see README 'Steering')")
+    g.add_argument("--weight", action="append", default=[], metavar="WORD=FACTOR",
+                   help="multiply the attention to WORD's tokens by FACTOR (e.g. red=2.0)")
+    g.add_argument("--region", action="append", default=[], metavar="PHRASE=x0,y0,x1,y1",
+                   help="favour PHRASE inside the box (fractions of the frame), suppress it outside")
+    g.add_argument("--exclude", action="append", default=[], metavar="PHRASE=x0,y0,x1,y1",
+                   help="suppress PHRASE inside the box")
+    g.add_argument("--capture", action="append", default=[], metavar="WORD",
+                   help="write WORD's attention map next to the video (OUTPUT_STEM.WORD.png and a heat-map video)")
+    g.add_argument("--steer-strength", type=float, default=3.0,
+                   help="region/exclusion logit bias (default 3; inf: hard)")
+
+
+def _steering_options(args) -> dict:
+    return dict(weights=tuple(args.weight), regions=tuple(args.region), excludes=tuple(args.exclude),
+                captures=tuple(args.capture), steer_strength=args.steer_strength)
 
 
 def _run_options(args) -> dict:
@@ -201,7 +222,7 @@ def cmd_bench(argv: list[str]) -> int:
 def cmd_generate(args) -> int:
     from .runs import GenerateOptions, generate, is_main_rank
 
-    options = GenerateOptions(output=args.output, fps=args.fps, **_run_options(args))
+    options = GenerateOptions(output=args.output, fps=args.fps, **_run_options(args), **_steering_options(args))
     result = generate(options)
     if not is_main_rank():
         return 0
@@ -210,6 +231,8 @@ def cmd_generate(args) -> int:
     print(f"wrote {result.path}: {result.num_frames} frames {result.height}x{result.width} in {result.seconds:.1f} s, "
           f"preset {result.family}/{result.preset}, layout density {density}{grid}, "
           f"{result.sparse_calls} sparse attention calls")
+    if result.maps:
+        print("wrote attention maps: " + ", ".join(str(path) for path in result.maps))
     return 0
 
 

@@ -74,6 +74,13 @@ class GenerateOptions(RunOptions):
 
     output: str
     fps: int = 16
+    #: Steering flags (see :func:`steering_arguments`): ``WORD=FACTOR``, ``PHRASE=x0,y0,x1,y1``
+    #: (twice) and ``WORD``, each repeatable.
+    weights: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    captures: tuple[str, ...] = ()
+    steer_strength: float = 3.0
 
 
 @dataclass
@@ -115,6 +122,7 @@ class GenerateResult:
     density: float | None
     grid: object | None
     sparse_calls: int = 0
+    maps: tuple[Path, ...] = ()
 
 
 def check_output(path: str | os.PathLike, suffixes: tuple[str, ...] = VIDEO_SUFFIXES, flag: str = "--output") -> Path:
@@ -441,6 +449,68 @@ def _freeswim_coarse_to_fine(run: PreparedRun, generator: torch.Generator):
     return coarse_to_fine(run.pipe, config, height=height, width=width, generator=generator, **call)
 
 
+def _split_flag(value: str, flag: str, what: str) -> tuple[str, str]:
+    word, sep, rest = value.rpartition("=")
+    if not sep or not word.strip() or not rest.strip():
+        raise UserError(f"{flag} must be {what}; got {value!r}")
+    return word.strip(), rest.strip()
+
+
+def steering_arguments(options: GenerateOptions) -> dict | None:
+    """The keyword arguments of :func:`diffattn.steer` the steering flags ask for (None: no
+    steering), checked before any model is loaded (:class:`UserError` naming the flag).
+
+    Example:
+        >>> options = GenerateOptions(output="v.mp4", weights=("red=2",), regions=("red circle=0,0,0.5,1",),
+        ...                           captures=("red",))
+        >>> arguments = steering_arguments(options)
+        >>> arguments["token_weights"], arguments["regions"], arguments["capture"]
+        ({'red': 2.0}, {'red circle': (0.0, 0.0, 0.5, 1.0)}, ['red'])
+    """
+    from .steering import check_box, check_spec
+
+    if not (options.weights or options.regions or options.excludes or options.captures):
+        return None
+    weights = {}
+    for value in options.weights:
+        word, factor = _split_flag(value, "--weight", "WORD=FACTOR (e.g. red=2.0)")
+        try:
+            weights[word] = float(factor)
+        except ValueError:
+            raise UserError(f"--weight {value!r}: FACTOR must be a number; got {factor!r}") from None
+    boxes = {}
+    for flag, values in (("--region", options.regions), ("--exclude", options.excludes)):
+        boxes[flag] = {}
+        for value in values:
+            phrase, box = _split_flag(value, flag, "PHRASE=x0,y0,x1,y1 (fractions of the frame)")
+            boxes[flag][phrase] = check_box(box, f"{flag} {value!r}: the box")
+    arguments = dict(token_weights=weights, regions=boxes["--region"], exclude=boxes["--exclude"],
+                     capture=list(options.captures), strength=options.steer_strength)
+    check_spec(**arguments, steps=(0.0, 1.0), layers=None, decay=True, normalize=False)
+    return arguments
+
+
+def write_maps(handle: Any, frames: np.ndarray, output: Path, fps: int) -> tuple[Path, ...]:
+    """Write each captured word's map next to the video: ``<stem>.<word>.png`` (frames above
+    heat maps) and ``<stem>.<word><suffix>`` (the heat-map video); returns the paths."""
+    import re
+
+    from PIL import Image
+
+    from .steering import heatmap_sheet, heatmap_video
+
+    written = []
+    for word, word_map in handle.maps.items():
+        name = re.sub(r"[^\w-]+", "_", str(word)).strip("_") or "word"
+        sheet = output.with_name(f"{output.stem}.{name}.png")
+        with atomic_path(sheet) as tmp:
+            Image.fromarray(heatmap_sheet(word_map, frames)).save(tmp, format="PNG")
+        video = output.with_name(f"{output.stem}.{name}{output.suffix}")
+        write_video(heatmap_video(word_map, frames), video, fps=fps)
+        written += [sheet, video]
+    return tuple(written)
+
+
 def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> GenerateResult:
     """Run one generation; see ``diffattn generate --help``.
 
@@ -453,18 +523,30 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
         (True, 5, 'radial-fast')
     """
     from .adapters import apply, sparsity_state
+    from .processors.freeswim import FreeSwim
     from .processors.presets import preset_layout
 
     output = check_output(options.output)
     check_given_positive_ints({"--fps": options.fps})
+    steering = steering_arguments(options)
     run = prepare_run(options)
     pipe, preset = run.pipe, run.preset
+    if steering is not None and isinstance(preset.config, FreeSwim):
+        raise UserError(
+            f"the steering flags (--weight/--region/--exclude/--capture) do not compose with the FreeSwim preset "
+            f"{preset.name!r}: FreeSwim owns the cross-attention layers; drop one of them"
+        )
     generator = torch.Generator(device="cpu").manual_seed(options.seed)
     start = time.perf_counter()
     # FreeSwim above the native size: base pass, upscale, refine (diffattn.freeswim_run).
     freeswim = _freeswim_coarse_to_fine(run, generator)
+    handle = None
     if freeswim is None:
         apply(pipe, preset.config)
+        if steering is not None:
+            from .steering import steer
+
+            handle = steer(pipe, **steering)
         result = pipe(**run.call, generator=generator, output_type="np")
     else:
         result = freeswim
@@ -472,8 +554,11 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
             f"{freeswim.window}, guide steps {freeswim.guide_steps}, cache {freeswim.cache_bytes / 2**20:.2f} MiB")
     frames = to_uint8(result.frames[0] if hasattr(result, "frames") else result.images)
     seconds = time.perf_counter() - start
+    maps: tuple[Path, ...] = ()
     if is_main_rank():  # under --ulysses-degree every rank has the whole video
         write_video(frames, output, fps=options.fps)
+        if handle is not None:
+            maps = write_maps(handle, frames, output, options.fps)
 
     state = sparsity_state(pipe)
     grid = state.grid if state is not None else None
@@ -485,4 +570,5 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
         preset=preset.name, family=run.family, density=density, grid=grid,
         sparse_calls=freeswim.sparse_calls if freeswim is not None else
         sum(state.sparse_calls.values()) if state is not None else 0,
+        maps=maps,
     )

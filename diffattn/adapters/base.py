@@ -140,8 +140,8 @@ def sparse_processors(
     transformer = unwrap_compiled(transformer)
     processors = attention_processors(transformer)
     for key, processor in processors.items():
-        if isinstance(processor, SparseAttnProcessor):
-            processors[key] = processor.stock  # re-installing: start from the stock processors
+        if isinstance(processor, SparseAttnProcessor) or getattr(processor, "wraps_stock", False):
+            processors[key] = processor.stock  # re-installing (or steered): start from the stock processors
     layers = adapter.self_attention_layers(transformer)
     state = adapter.make_state(config, scheduler, f"{adapter.family} transformer ({type(transformer).__name__})")
     state.dense_layer_indices = dense_layer_indices(config, layers)
