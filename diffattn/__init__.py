@@ -17,11 +17,14 @@ from .errors import DenseFallbackWarning, UserError
 from .kernels import agent_attention, block_sparse_attention
 from .patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
 from .processors import SparsityConfig
+from .processors.agent import AgentSD, PooledAgents
 from .profiler import ProfileReport, profile
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgentSD",
+    "PooledAgents",
     "BlockLayout",
     "Dense",
     "DenseFallbackWarning",

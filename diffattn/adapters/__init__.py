@@ -21,6 +21,7 @@ from .flux import FluxAdapter
 from .hunyuan_video import HunyuanVideoAdapter
 from .ltx_video import LTXVideoAdapter
 from .mochi import MochiAdapter
+from .unet import StableDiffusionAdapter, StableDiffusionXLAdapter
 from .wan import WanAdapter
 
 ADAPTERS: tuple[ModelAdapter, ...] = (
@@ -30,6 +31,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
     LTXVideoAdapter(),
     HunyuanVideoAdapter(),
     MochiAdapter(),
+    StableDiffusionAdapter(),
+    StableDiffusionXLAdapter(),
 )
 
 
@@ -39,7 +42,9 @@ def find_adapter(pipe: Any) -> ModelAdapter:
         if adapter.matches(pipe):
             return adapter
     names = ", ".join(a.family for a in ADAPTERS)
-    found = getattr(getattr(pipe, "transformer", None), "__class__", type(None)).__name__
+    model = getattr(pipe, "transformer", None)
+    model = getattr(pipe, "unet", None) if model is None else model
+    found = getattr(model, "__class__", type(None)).__name__
     raise UserError(
         f"{type(pipe).__name__} (transformer {found}) is not a supported pipeline; supported model families: {names}"
     )
@@ -154,15 +159,18 @@ def remove(pipe: Any) -> Any:
     if isinstance(pipe, torch.nn.Module):
         uninstall(pipe)
         return pipe
-    for attribute in ("transformer", "transformer_2"):
+    for attribute in ("transformer", "transformer_2", "unet"):
         module = getattr(pipe, attribute, None)
         if module is not None and hasattr(module, INSTALLED_ATTRIBUTE):
             uninstall(module)
     return pipe
 
 
-def sparsity_state(pipe: Any, attribute: str = "transformer"):
-    """The :class:`SparsityState` installed on ``pipe.<attribute>`` (None if not applied)."""
+def sparsity_state(pipe: Any, attribute: str | None = None):
+    """The :class:`SparsityState` installed on ``pipe.<attribute>`` (None if not applied); by
+    default ``pipe.transformer``, or ``pipe.unet`` for a UNet pipeline."""
+    if attribute is None:
+        attribute = "unet" if getattr(pipe, "transformer", None) is None and hasattr(pipe, "unet") else "transformer"
     installed = getattr(getattr(pipe, attribute, None), INSTALLED_ATTRIBUTE, None)
     return None if installed is None else installed.state
 

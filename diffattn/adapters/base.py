@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import fnmatch
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -70,6 +70,11 @@ class ModelAdapter(abc.ABC):
             return stock
         return self.processor_class(stock, state, layer_index)
 
+    def extra_hooks(self, transformer: torch.nn.Module, layers: list[tuple[str, int]],
+                    state: SparsityState) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks on submodules the family's processors read from (removed with the installation)."""
+        return []
+
 
 def call_argument(args: tuple, kwargs: dict, name: str, position: int, required: bool = True) -> Any:
     """A transformer forward's argument ``name``, passed by keyword or at ``position``."""
@@ -91,6 +96,7 @@ class Installed:
     end_hook: torch.utils.hooks.RemovableHandle
     state: SparsityState
     assigned_directly: bool
+    extra_hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
 
 
 INSTALLED_ATTRIBUTE = "_diffattn_installed"
@@ -169,7 +175,8 @@ def sparse_processors(
     hook = transformer.register_forward_pre_hook(torch.compiler.disable(publish), with_kwargs=True)
     end_hook = transformer.register_forward_hook(torch.compiler.disable(book), with_kwargs=True)
     direct = not hasattr(transformer, "set_attn_processor")
-    setattr(transformer, INSTALLED_ATTRIBUTE, Installed(layers, hook, end_hook, state, direct))
+    extra = adapter.extra_hooks(transformer, layers, state)
+    setattr(transformer, INSTALLED_ATTRIBUTE, Installed(layers, hook, end_hook, state, direct, extra))
     return processors
 
 
@@ -268,6 +275,8 @@ def _forget(transformer: torch.nn.Module) -> None:
     if installed is not None:
         installed.hook.remove()
         installed.end_hook.remove()
+        for extra in installed.extra_hooks:
+            extra.remove()
         delattr(transformer, INSTALLED_ATTRIBUTE)
 
 

@@ -4,7 +4,7 @@ A preset file (``yaml.safe_load``; nothing else is ever executed or unpickled)::
 
     description: Radial attention, paper-like (dense warm-up and first layer)
     pattern:
-      type: radial          # dense | radial | neighborhood
+      type: radial          # dense | radial | neighborhood | agent | pooled-agent
       decay: 1.0
     dense_steps: 12
     dense_layers: [0]
@@ -28,6 +28,7 @@ import yaml
 
 from ..errors import UserError
 from ..patterns import Dense, Neighborhood, Pattern, Radial
+from .agent import AGENT_PATTERN_KEYS
 from .config import SparsityConfig
 
 #: Where a wheel installs the presets (``[tool.setuptools.data-files]`` in pyproject.toml).
@@ -48,6 +49,7 @@ _PATTERN_KEYS: dict[str, tuple[type[Pattern], tuple[str, ...]]] = {
     "dense": (Dense, ()),
     "radial": (Radial, ("decay", "sink_frames", "dense_frame_distance", "block_size")),
     "neighborhood": (Neighborhood, ("kernel_size", "stride", "dilation", "causal")),
+    **AGENT_PATTERN_KEYS,  # agent (AgentSD, UNets) and pooled-agent (PooledAgents)
 }
 _CONFIG_KEYS = (
     "dense_layers", "dense_steps", "dense_last_steps", "block_size", "tile_shape", "backend", "on_unsupported",
