@@ -246,7 +246,7 @@ def pooled_agents(query: torch.Tensor, grid: VideoGrid, pool: tuple[int, int, in
     Example:
         >>> q = torch.arange(8.0).reshape(1, 1, 8, 1)          # a 1 x 2 x 4 grid
         >>> pooled_agents(q, VideoGrid(1, 2, 4), (1, 2, 3)).flatten().tolist()
-        [3.0, 5.5]
+        [3.0, 5.0]
     """
     batch, heads, tokens, dim = query.shape
     if tokens != grid.video_tokens or grid.text_tokens:
@@ -339,7 +339,7 @@ def tome_merges(metric: torch.Tensor, height: int, width: int, settings: AgentSD
         metric: ``[B, N, C]``, the similarity metric (the transformer block's input).
         settings: the :meth:`AgentSD.settings` in force.
         generator: draws the cells' destinations (on ``metric``'s device); unused without
-            ``use_rand`` or with an odd batch.
+            ``use_rand`` or with an odd batch; None: each cell's top-left token.
     Returns:
         None when nothing is merged (``int(N * ratio) == 0``, or no whole ``sy x sx`` cell).
     """
@@ -350,7 +350,7 @@ def tome_merges(metric: torch.Tensor, height: int, width: int, settings: AgentSD
         return None
     agent_r = min(int(tokens * settings.agent_ratio), tokens - cells)
     use_agents = (tokens - agent_r) * 2 < tokens - r
-    no_rand = not settings.use_rand or batch % 2 == 1  # ToMe's rule: an odd batch is no CFG pair
+    no_rand = not settings.use_rand or batch % 2 == 1 or generator is None  # odd batch: no CFG pair (ToMe)
     matching = _tomesd_matching()
     draws = generator.get_state() if generator is not None and not no_rand else None
     merge, unmerge = matching(metric, width, height, settings.sx, settings.sy, r, no_rand=no_rand,
