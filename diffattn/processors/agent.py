@@ -60,6 +60,11 @@ class _AgentPattern(Pattern):
     def validate_grid(self, grid: VideoGrid) -> None:
         raise UserError(f"{type(self).__name__} {_NOT_A_LAYOUT}")
 
+    def pair_density(self, grid: VideoGrid, step: int | None = 0) -> float:
+        """Score pairs the agent op computes on ``grid``'s tokens, as a fraction of ``N^2`` (what
+        a layout's density is for the block-sparse patterns)."""
+        raise NotImplementedError
+
 
 def _check_open_unit(name: str, value: Any) -> float:
     if not (is_finite_number(value) and 0 < value < 1):
@@ -203,6 +208,21 @@ class AgentSD(_AgentPattern):
                 changes.update(overrides)
         return replace(self, steps=(), layers=(), **changes) if changes or self.steps or self.layers else self
 
+    def pair_density(self, grid: VideoGrid, step: int | None = 0) -> float:
+        """On one UNet level ``grid`` at ``step``: ``2 M A / N^2`` with agents (M merged tokens, A
+        agents), ``M^2 / N^2`` for plain ToMe, 1 when nothing is merged.
+
+        Example:
+            >>> AgentSD().pair_density(VideoGrid(1, 64, 64)), AgentSD().pair_density(VideoGrid(1, 64, 64), step=20)
+            (0.075, 0.36)
+        """
+        tokens = grid.height * grid.width
+        counts = merge_counts(tokens, grid.height, grid.width, self.settings(step))
+        if counts is None:
+            return 1.0
+        merged, agents = counts
+        return round((2 * merged * agents if agents else merged * merged) / tokens**2, 12)
+
 
 @dataclass(frozen=True)
 class PooledAgents(_AgentPattern):
@@ -231,6 +251,10 @@ class PooledAgents(_AgentPattern):
         object.__setattr__(self, "pool", check_per_axis("PooledAgents.pool", self.pool, int))
         object.__setattr__(self, "k_scale2", _check_finite("PooledAgents.k_scale2", self.k_scale2))
         object.__setattr__(self, "shortcut", _check_finite("PooledAgents.shortcut", self.shortcut))
+
+    def pair_density(self, grid: VideoGrid, step: int | None = 0) -> float:
+        """``2 A / N`` (queries read A agents, agents read N keys)."""
+        return min(1.0, 2 * self.num_agents(grid) / grid.video_tokens)
 
     def num_agents(self, grid: VideoGrid) -> int:
         """The agent count on ``grid``'s video tokens."""
@@ -331,6 +355,19 @@ class Merges:
     num_agents: int
 
 
+def merge_counts(tokens: int, height: int, width: int, settings: AgentSD) -> tuple[int, int] | None:
+    """``(merged tokens M, agents A)`` of AgentSD on a ``height x width`` level (A = 0: plain
+    ToMe), or None when nothing is merged. The reference's counts: ``r = int(N * ratio)`` and
+    ``agent_r = int(N * agent_ratio)``, each at most the ``N - cells`` source tokens; agents only
+    when ``(N - agent_r) * 2 < N - r``."""
+    cells = (height // settings.sy) * (width // settings.sx)
+    r = min(int(tokens * settings.ratio), tokens - cells)
+    if cells == 0 or r <= 0:
+        return None
+    agent_r = min(int(tokens * settings.agent_ratio), tokens - cells)
+    return tokens - r, (tokens - agent_r if (tokens - agent_r) * 2 < tokens - r else 0)
+
+
 def tome_merges(metric: torch.Tensor, height: int, width: int, settings: AgentSD,
                 generator: torch.Generator | None) -> Merges | None:
     """AgentSD's merges for one call whose tokens form a ``height x width`` raster grid.
@@ -344,24 +381,23 @@ def tome_merges(metric: torch.Tensor, height: int, width: int, settings: AgentSD
         None when nothing is merged (``int(N * ratio) == 0``, or no whole ``sy x sx`` cell).
     """
     batch, tokens, _ = metric.shape
-    cells = (height // settings.sy) * (width // settings.sx)
-    r = min(int(tokens * settings.ratio), tokens - cells)
-    if cells == 0 or r <= 0:
+    counts = merge_counts(tokens, height, width, settings)
+    if counts is None:
         return None
-    agent_r = min(int(tokens * settings.agent_ratio), tokens - cells)
-    use_agents = (tokens - agent_r) * 2 < tokens - r
+    merged, agents = counts
+    r, agent_r = tokens - merged, tokens - agents
     no_rand = not settings.use_rand or batch % 2 == 1 or generator is None  # odd batch: no CFG pair (ToMe)
     matching = _tomesd_matching()
     draws = generator.get_state() if generator is not None and not no_rand else None
     merge, unmerge = matching(metric, width, height, settings.sx, settings.sy, r, no_rand=no_rand,
                               generator=generator)
     agent_merge = None
-    if use_agents:
+    if agents:
         if draws is not None:  # the same destinations: the second merge shares the first's matching
             generator.set_state(draws)
         agent_merge, _ = matching(metric, width, height, settings.sx, settings.sy, agent_r, no_rand=no_rand,
                                   generator=generator)
-    return Merges(merge, unmerge, agent_merge, tokens - r, tokens - agent_r if use_agents else 0)
+    return Merges(merge, unmerge, agent_merge, merged, agents)
 
 
 class AgentRuntime:

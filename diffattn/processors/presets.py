@@ -153,6 +153,19 @@ def load_preset(name_or_path: str | os.PathLike, family: str | None = None) -> P
     return load_preset_file(path, family)
 
 
+def preset_density(config: SparsityConfig, grid) -> float:
+    """The fraction of the ``N x N`` (query, key) pairs ``config``'s sparse steps compute on ``grid``:
+    the layout's density, or an agent pattern's pair density (an op, not a layout).
+
+    Example:
+        >>> from diffattn import VideoGrid
+        >>> preset_density(load_preset("agent", family="sd").config, VideoGrid(1, 64, 64))
+        0.075
+    """
+    pair_density = getattr(config.pattern, "pair_density", None)
+    return pair_density(grid) if pair_density is not None else preset_layout(config, grid).density
+
+
 def preset_layout(config: SparsityConfig, grid):
     """The :class:`~diffattn.patterns.BlockLayout` that ``config``'s sparse steps run on ``grid``."""
     return config.pattern.layout(grid, block_size=config.block_size, tile_shape=config.tile_shape)
