@@ -6,6 +6,7 @@ One adapter per model family knows its token order, latent grid and self-attenti
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -52,9 +53,12 @@ def find_adapter(pipe: Any) -> ModelAdapter:
 
 def adapter_for_transformer(transformer: Any) -> ModelAdapter:
     """The adapter whose family's transformer ``transformer`` is, or :class:`UserError`."""
-    name = type(unwrap_compiled(transformer)).__name__
+    transformer = unwrap_compiled(transformer)
+    name = type(transformer).__name__
     for adapter in ADAPTERS:
-        if name in adapter.transformer_classes:
+        # As its pipeline's model: tells SD from SDXL UNets (one class, two families).
+        as_pipe = SimpleNamespace(**dict.fromkeys(adapter.transformer_attributes, transformer))
+        if name in adapter.transformer_classes and adapter.matches(as_pipe):
             return adapter
     supported = ", ".join(c for a in ADAPTERS for c in a.transformer_classes)
     raise UserError(f"transformer must be one of {supported}; got a {name}")

@@ -21,6 +21,7 @@ know them runs the stock attention with a :class:`~diffattn.errors.DenseFallback
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import weakref
 from dataclasses import dataclass, fields, replace
@@ -194,8 +195,6 @@ class AgentSD(_AgentPattern):
 
         Unknown step: only the base values and layer overrides apply.
         """
-        import fnmatch
-
         changes: dict[str, Any] = {}
         if step is not None:
             for first, overrides in self.steps:
@@ -213,8 +212,9 @@ class AgentSD(_AgentPattern):
         agents), ``M^2 / N^2`` for plain ToMe, 1 when nothing is merged.
 
         Example:
-            >>> AgentSD().pair_density(VideoGrid(1, 64, 64)), AgentSD().pair_density(VideoGrid(1, 64, 64), step=20)
-            (0.075, 0.36)
+            >>> grid = VideoGrid(1, 64, 64)       # 256 agents, 2458 merged tokens; then 2458 merged tokens
+            >>> round(AgentSD().pair_density(grid), 4), round(AgentSD().pair_density(grid, step=20), 4)
+            (0.075, 0.3601)
         """
         tokens = grid.height * grid.width
         counts = merge_counts(tokens, grid.height, grid.width, self.settings(step))

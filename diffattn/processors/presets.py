@@ -159,7 +159,7 @@ def preset_density(config: SparsityConfig, grid) -> float:
 
     Example:
         >>> from diffattn import VideoGrid
-        >>> preset_density(load_preset("agent", family="sd").config, VideoGrid(1, 64, 64))
+        >>> round(preset_density(load_preset("agent", family="sd").config, VideoGrid(1, 64, 64)), 4)
         0.075
     """
     pair_density = getattr(config.pattern, "pair_density", None)

@@ -20,6 +20,7 @@ count (:func:`~diffattn.processors.agent.level_grid`).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -53,12 +54,13 @@ class UNetSparseAttnProcessor(
         self.layer_name: str | None = None
         self._level: Any = None  # VideoGrid of the running call
         self._agents: torch.Tensor | None = None  # [B, H, A, D] of the running AgentSD call
+        self._settings: AgentSD | None = None  # its AgentSD settings
 
     def process(self, call: dict[str, Any]) -> Any:
         try:
             return super().process(call)
         finally:  # never keep an activation alive between calls
-            self.block_input, self._level, self._agents = None, None, None
+            self.block_input, self._level, self._agents, self._settings = None, None, None, None
 
     def fallback_reason(self, call: dict[str, Any]) -> str | None:
         reason = super().fallback_reason(call)
@@ -121,6 +123,18 @@ class UNetSparseAttnProcessor(
         except SparseUnsupported as unsupported:
             self.fall_back(unsupported.reason)
             return state.run_dense(self.layer_index, stock_op)
+
+
+def _with_var_arguments(function: Any) -> None:
+    """Give the template's ``__call__`` the stock one's trailing ``*args, **kwargs`` (diffusers
+    filters the keyword arguments it passes by the processor's signature)."""
+    signature = inspect.signature(function)
+    extra = [inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+             inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    function.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+
+
+_with_var_arguments(UNetSparseAttnProcessor.__call__)
 
 
 def _heads(attn: Any, tokens: torch.Tensor) -> torch.Tensor:

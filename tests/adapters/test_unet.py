@@ -315,3 +315,14 @@ def test_missing_tomesd_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tomesd.merge", None)
     with pytest.raises(UserError, match="pip install 'diffattn\\[unet\\]'"):
         agent_module.tome_merges(torch.randn(1, 64, 4), 8, 8, AgentSD(), None)
+
+
+def test_sparse_processors_on_a_bare_unet_use_its_family_presets():
+    """The diffusers way on ``pipe.unet`` alone: an SDXL UNet gets the sdxl presets (its first
+    attention level is downsampled 2x), an SD one the sd presets."""
+    for build, ran in ((tiny_sd_pipeline, {0, 2, 3}), (tiny_sdxl_pipeline, {0, 1, 2, 3})):
+        pipe = build()
+        pipe.unet.set_attn_processor(diffattn.sparse_processors(pipe.unet, "agent", scheduler=pipe.scheduler))
+        pipe(**unet_call_kwargs(xl=build is tiny_sdxl_pipeline, size=SIZE, steps=1))
+        assert {layer for _, layer in sparsity_state(pipe).sparse_calls} == ran
+        remove(pipe.unet)
