@@ -326,3 +326,9 @@ def test_sparse_processors_on_a_bare_unet_use_its_family_presets():
         pipe(**unet_call_kwargs(xl=build is tiny_sdxl_pipeline, size=SIZE, steps=1))
         assert {layer for _, layer in sparsity_state(pipe).sparse_calls} == ran
         remove(pipe.unet)
+
+
+def test_the_profiler_refuses_unet_pipelines_instead_of_reporting_latent_grid_densities():
+    with pytest.raises(UserError, match="does not cover the sd"):
+        diffattn.profile(tiny_sd_pipeline(), "agent", prompt_embeds=torch.zeros(1, 7, 32), height=SIZE, width=SIZE,
+                         num_inference_steps=1)
