@@ -172,7 +172,7 @@ def _run_options(args) -> dict:
 
 def cmd_presets(args) -> int:
     from .adapters import family_default_grid
-    from .processors.presets import families, list_presets, preset_layout
+    from .processors.presets import families, list_presets, preset_density
 
     names = families()
     if args.family is not None and args.family not in names:
@@ -182,7 +182,7 @@ def cmd_presets(args) -> int:
         text = f" + {grid.text_tokens} text ({grid.text_position})" if grid.text_tokens else ""
         print(f"{family}  (density at {grid.frames}x{grid.height}x{grid.width}{text} tokens)")
         for preset in list_presets(family):
-            density = preset_layout(preset.config, grid).density
+            density = preset_density(preset.config, grid)
             print(f"  {preset.name:<18} {density:7.4f}  {preset.description}")
     return 0
 

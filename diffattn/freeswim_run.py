@@ -96,7 +96,8 @@ def is_above_native(pipe: Any, height: int, width: int, config: FreeSwim | None 
 
 
 def coarse_to_fine(pipe: Any, config: FreeSwim | str = "freeswim", *, height: int, width: int,
-                   generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "np", strength: float = STRENGTH,
+                   generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "np",
+                   strength: float = STRENGTH,
                    flow_shift: float | None = FLOW_SHIFT, base_size: tuple[int, int] | None = None,
                    **call: Any) -> CoarseToFineResult:
     """Generate above the native size: base pass at ``base_size`` (default: native, see

@@ -16,7 +16,8 @@ Part 2 (``geometry``): Wan2.1 1.3B at 480p (30 x 52 latent tokens, 21 frames) ->
 time) at 1080p, the log-length factor, and the guide cache's size (one cross-attention output
 per block) in bf16 for the 1.3B (30 blocks, 12 x 128) and 14B (40 blocks, 40 x 128) models.
 
-    python scripts/bench_freeswim.py --captions 3 --frames 9 --steps 8 --out benchmarks/results   # both parts, as committed
+    # both parts, as committed:
+    python scripts/bench_freeswim.py --captions 3 --frames 9 --steps 8 --out benchmarks/results
     python scripts/bench_freeswim.py --part geometry --out /tmp
 """
 
@@ -44,8 +45,7 @@ from diffattn.freeswim_run import coarse_to_fine  # noqa: E402
 from diffattn.patterns import clear_layout_cache  # noqa: E402
 from diffattn.pipelines.embedded import load_embedded_pipeline  # noqa: E402
 from diffattn.pipelines.eval_embedded import held_out_specs  # noqa: E402
-from diffattn.pipelines.shape_detector import (  # noqa: E402
-    BASE_SIZE, MIN_AREA, colour_labels, largest_component, score_video)
+from diffattn.pipelines.shape_detector import BASE_SIZE, MIN_AREA, colour_labels, largest_component, score_video  # noqa: E402
 from diffattn.pipelines.shapes import COLOURS, caption, render_clip  # noqa: E402
 from diffattn.processors.freeswim import log_length_factor  # noqa: E402
 from diffattn.profiler.timing import AttentionTimer  # noqa: E402
@@ -161,8 +161,9 @@ def geometry_rows() -> list[dict]:
     for model, blocks, heads in (("Wan2.1 1.3B", 30, 12), ("Wan2.1 14B", 40, 40)):
         for grid in (native, target):
             per_block = grid.num_tokens * heads * 128 * 2  # one [1, N, H, 128] bf16 cross-attention output
-            rows.append(dict(kind="guide cache (bf16, batch 1)", model=model, grid=[grid.frames, grid.height, grid.width],
-                             tokens=grid.num_tokens, bytes_per_block=per_block, cache_bytes=per_block * blocks))
+            rows.append(dict(kind="guide cache (bf16, batch 1)", model=model,
+                             grid=[grid.frames, grid.height, grid.width], tokens=grid.num_tokens,
+                             bytes_per_block=per_block, cache_bytes=per_block * blocks))
     return rows
 
 
@@ -175,7 +176,8 @@ def markdown(meta: dict, embedded: list[dict], geometry: list[dict]) -> str:
                   f"pixels, {meta['embedded']['frames']} frames, {meta['embedded']['steps']} steps, "
                   f"{meta['embedded']['captions']} held-out captions, seeds 0..{meta['embedded']['captions'] - 1})", "",
                   "| case | size | time s | attention share | spurious colours / video | duplicated colours / video "
-                  "| adherence | guide steps | cache |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+                  "| adherence | guide steps | cache |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
         for r in embedded:
             cache = f"{r['cache_bytes'] / 2**20:.1f} MiB" if "cache_bytes" in r else ""
             share = "" if r["attention_share"] is None else f"{r['attention_share']:.3f}"

@@ -74,6 +74,11 @@ class ModelAdapter(abc.ABC):
             return stock
         return self.processor_class(stock, state, layer_index)
 
+    def extra_hooks(self, transformer: torch.nn.Module, layers: list[tuple[str, int]],
+                    state: SparsityState) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks on submodules the family's processors read from (removed with the installation)."""
+        return []
+
 
 def call_argument(args: tuple, kwargs: dict, name: str, position: int, required: bool = True) -> Any:
     """A transformer forward's argument ``name``, passed by keyword or at ``position``."""
@@ -175,7 +180,8 @@ def sparse_processors(
     hook = transformer.register_forward_pre_hook(torch.compiler.disable(publish), with_kwargs=True)
     end_hook = transformer.register_forward_hook(torch.compiler.disable(book), with_kwargs=True)
     direct = not hasattr(transformer, "set_attn_processor")
-    setattr(transformer, INSTALLED_ATTRIBUTE, Installed(layers, hook, end_hook, state, direct))
+    undo = [extra.remove for extra in adapter.extra_hooks(transformer, layers, state)]
+    setattr(transformer, INSTALLED_ATTRIBUTE, Installed(layers, hook, end_hook, state, direct, undo))
     return processors
 
 

@@ -4,7 +4,7 @@ A preset file (``yaml.safe_load``; nothing else is ever executed or unpickled)::
 
     description: Radial attention, paper-like (dense warm-up and first layer)
     pattern:
-      type: radial          # dense | radial | neighborhood | freeswim
+      type: radial          # dense | radial | neighborhood | freeswim | agent | pooled-agent
       decay: 1.0
     dense_steps: 12
     dense_layers: [0]
@@ -28,6 +28,7 @@ import yaml
 
 from ..errors import UserError
 from ..patterns import Dense, Neighborhood, Pattern, Radial
+from .agent import AGENT_PATTERN_KEYS
 from .config import SparsityConfig
 
 #: Where a wheel installs the presets (``[tool.setuptools.data-files]`` in pyproject.toml).
@@ -50,6 +51,7 @@ _PATTERN_KEYS: dict[str, tuple[type[Pattern], tuple[str, ...]]] = {
     "neighborhood": (Neighborhood, ("kernel_size", "stride", "dilation", "causal")),
     # Not a pattern class: FreeSwim's window, scale and guide cache (the whole config is a FreeSwim).
     "freeswim": (Pattern, ("window", "cache_steps", "scale", "offload_cache")),
+    **AGENT_PATTERN_KEYS,  # agent (AgentSD, UNets) and pooled-agent (PooledAgents)
 }
 _CONFIG_KEYS = (
     "dense_layers", "dense_steps", "dense_last_steps", "block_size", "tile_shape", "backend", "on_unsupported",
@@ -156,6 +158,19 @@ def load_preset(name_or_path: str | os.PathLike, family: str | None = None) -> P
         names = ", ".join(p.stem for p in sorted(family_dir.glob("*.yaml"))) if family_dir.is_dir() else ""
         raise UserError(f"unknown preset {text!r} for model family {family!r}; available: {names or '(none)'}")
     return load_preset_file(path, family)
+
+
+def preset_density(config: SparsityConfig, grid) -> float:
+    """The fraction of the ``N x N`` (query, key) pairs ``config``'s sparse steps compute on ``grid``:
+    the layout's density, or an agent pattern's pair density (an op, not a layout).
+
+    Example:
+        >>> from diffattn import VideoGrid
+        >>> round(preset_density(load_preset("agent", family="sd").config, VideoGrid(1, 64, 64)), 4)
+        0.075
+    """
+    pair_density = getattr(config.pattern, "pair_density", None)
+    return pair_density(grid) if pair_density is not None else preset_layout(config, grid).density
 
 
 def preset_layout(config: SparsityConfig, grid):
