@@ -17,7 +17,7 @@ from .errors import DenseFallbackWarning, UserError
 from .kernels import agent_attention, block_sparse_attention
 from .patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
 from .processors import SparsityConfig
-from .processors.agent import AgentSD, PooledAgents
+from .processors.agent import AgentSD
 from .processors.freeswim import FreeSwim
 from .profiler import ProfileReport, profile
 from .steering import SteeringHandle, remove, steer
@@ -26,7 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgentSD",
-    "PooledAgents",
     "BlockLayout",
     "Dense",
     "DenseFallbackWarning",

@@ -7,9 +7,10 @@ Parts:
   ``tome``), the time of the self-attention layers (``attn1`` module calls, projections, merging
   and unmerging included) at each resolution level, the attention share, the attention speedup,
   the end-to-end speedup those predict (Amdahl) and the bound at the op's pair density.
-* ``embedded``: PooledAgents (our DiT extension) on the embedded Wan model: PSNR/SSIM of the
-  videos against dense with the same seeds (diffattn.profiler.metrics), next to Radial with the
-  same dense warm-up for scale.
+
+The ``embedded`` part (agents pooled over the video grid on the embedded Wan model, PSNR/SSIM vs
+dense) measured an extension that did not ship; its result stays in
+``benchmarks/results/agent-embedded-cpu-2026-12-07.*`` and its code in commit 039ef00.
 
 Run: ``PYTHONPATH=. python scripts/bench_agent.py --part unet`` (minutes on 2 busy cores).
 """
@@ -20,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffattn  # noqa: E402
 from diffattn.processors.agent import AgentSD, level_grid  # noqa: E402
-from diffattn.profiler.metrics import amdahl_bound, predicted_speedup, psnr, ssim  # noqa: E402
+from diffattn.profiler.metrics import amdahl_bound, predicted_speedup, psnr  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 TEXT_TOKENS, TEXT_DIM = 77, 64
@@ -173,41 +173,6 @@ def _unit(latents: torch.Tensor) -> np.ndarray:
     return np.clip((x + 4) / 8, 0, 1)
 
 
-def bench_embedded(args) -> dict:
-    from diffattn.pipelines.embedded import load_embedded_pipeline
-    from diffattn.pipelines.shapes import caption, sample_clip
-
-    pipe = load_embedded_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    rng = np.random.default_rng(7)
-    captions = [caption(sample_clip(rng)) for _ in range(args.captions)]
-    warm = args.dense_steps
-    configs = {
-        "pooled-agent (1,2,2), every step": diffattn.SparsityConfig(pattern=diffattn.PooledAgents(pool=(1, 2, 2))),
-        f"pooled-agent (1,2,2), {warm} dense steps + layer 0": diffattn.SparsityConfig(
-            pattern=diffattn.PooledAgents(pool=(1, 2, 2)), dense_steps=warm, dense_layers=(0,)),
-        f"pooled-agent (1,4,4), {warm} dense steps + layer 0": diffattn.SparsityConfig(
-            pattern=diffattn.PooledAgents(pool=(1, 4, 4)), dense_steps=warm, dense_layers=(0,)),
-        f"radial (reference), {warm} dense steps + layer 0": diffattn.SparsityConfig(
-            pattern=diffattn.Radial(), dense_steps=warm, dense_layers=(0,)),
-    }
-    call = dict(num_frames=args.frames, num_inference_steps=args.steps)
-    scores: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for index, text in enumerate(captions):
-        diffattn.remove(pipe)
-        dense = pipe(text, generator=torch.Generator().manual_seed(index), **call).frames[0]
-        for name, config in configs.items():
-            diffattn.apply(pipe, config)
-            video = pipe(text, generator=torch.Generator().manual_seed(index), **call).frames[0]
-            diffattn.remove(pipe)
-            scores[name].append((psnr(dense, video), ssim(dense, video)))
-            print(f"{text!r} {name}: PSNR {scores[name][-1][0]:.2f} SSIM {scores[name][-1][1]:.4f}", flush=True)
-    rows = [dict(config=name, psnr_db=statistics.mean(p for p, _ in values), ssim=statistics.mean(s for _, s in values),
-                 per_caption=values) for name, values in scores.items()]
-    return dict(part="embedded", captions=captions, frames=args.frames, steps=args.steps,
-                grid=f"{args.frames}x8x8 tokens", rows=rows)
-
-
 def markdown(result: dict) -> str:
     head = f"**Agent attention, {result['part']} (cpu, {result['date']})**\n\n"
     meta = (f"{result['machine']}; load average at start {result['load_average']}; "
@@ -228,29 +193,19 @@ def markdown(result: dict) -> str:
             f"{k}: {v['dense_s']:.2f} s ({v['calls_per_step']} calls)" for k, v in levels)
             + f"; all attn1 layers: {100 * result['all_attn1_share']:.1f} % of the dense run")
         return "\n".join(lines) + "\n"
-    lines = [head + f"Embedded Wan model, {result['frames']} frames 64x64 ({result['grid']}), {result['steps']} steps, "
-             f"CFG 7, {len(result['captions'])} captions, seeds 0..{len(result['captions']) - 1}; PSNR/SSIM of each "
-             "video against the dense run with the same seed.\n\n" + meta,
-             "| configuration | PSNR vs dense | SSIM vs dense |", "| --- | ---: | ---: |"]
-    for r in result["rows"]:
-        lines.append(f"| {r['config']} | {r['psnr_db']:.2f} dB | {r['ssim']:.4f} |")
-    return "\n".join(lines) + "\n"
+    raise ValueError(f"unknown part {result['part']!r}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("unet", "embedded"), required=True)
-    parser.add_argument("--steps", type=int, default=10, help="denoising steps (embedded)")
+    parser.add_argument("--part", choices=("unet",), default="unet")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (unet)")
-    parser.add_argument("--captions", type=int, default=2, help="captions (embedded)")
-    parser.add_argument("--frames", type=int, default=17, help="frames (embedded)")
-    parser.add_argument("--dense-steps", type=int, default=4, help="dense warm-up steps of the warm-up variants")
     parser.add_argument("--date", default="2026-12-07")
     args = parser.parse_args()
-    torch.set_num_threads(1 if args.part == "unet" else 2)
+    torch.set_num_threads(1)
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    result = bench_unet(args) if args.part == "unet" else bench_embedded(args)
+    result = bench_unet(args)
     result.update(date=args.date, device="cpu", machine=f"{platform.processor() or platform.machine()}, "
                   f"{os.cpu_count()} cores, torch {torch.__version__}", load_average=round(load, 1),
                   minutes=(time.perf_counter() - start) / 60)

@@ -1,10 +1,10 @@
-"""Agent attention in pipelines: AgentSD for UNets, pooled agents over a video grid for DiTs.
+"""Agent attention in pipelines: AgentSD for the Stable Diffusion UNets.
 
-Two configurations, both :class:`~diffattn.patterns.Pattern` values so that a
-:class:`~diffattn.processors.SparsityConfig`, :func:`diffattn.apply` and YAML presets take them
-like any pattern. Neither is a block layout (agent attention is an op of its own,
-:func:`diffattn.agent_attention`): asked for a layout they refuse, so a processor that does not
-know them runs the stock attention with a :class:`~diffattn.errors.DenseFallbackWarning`.
+:class:`AgentSD` is a :class:`~diffattn.patterns.Pattern` value so that a
+:class:`~diffattn.processors.SparsityConfig`, :func:`diffattn.apply` and YAML presets take it
+like any pattern. It is not a block layout (agent attention is an op of its own,
+:func:`diffattn.agent_attention`): asked for a layout it refuses, so a processor that does not
+know it runs the stock attention with a :class:`~diffattn.errors.DenseFallbackWarning`.
 
 * :class:`AgentSD`: the AgentSD algorithm (Han et al., "Agent Attention", reference code
   LeapLabTHU/Agent-Attention ``agentsd/``) for Stable Diffusion UNets. ToMe bipartite soft
@@ -14,27 +14,23 @@ know them runs the stock attention with a :class:`~diffattn.errors.DenseFallback
   projected by the layer's ``to_q``. Agents are used only when ``(N - agent_r) * 2 < (N - r)``;
   otherwise the layer runs plain ToMe (softmax attention over the merged tokens). The output is
   unmerged back to the N tokens. The default schedule is the paper's.
-* :class:`PooledAgents`: our extension, not the paper's: the agents are the means of the queries
-  over ``pool = (t, h, w)`` cells of the token grid (no merging; every token is a query), for the
-  video transformers.
+
+Agents pooled over a video grid for the DiT families were measured and did not ship (12.6-15.1 dB
+PSNR against dense on the embedded model, Radial 27.2 dB: benchmarks/results/agent-embedded-cpu-2026-12-07.md).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
 import weakref
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError
-from ..kernels import agent_attention
 from ..patterns import Pattern, VideoGrid
-from ..patterns._checks import check_per_axis, check_positive_int, is_finite_number
-from .state import SparseUnsupported
+from ..patterns._checks import check_positive_int, is_finite_number
 
 #: The AgentSD fields a per-step or per-layer override may change.
 OVERRIDABLE = ("ratio", "agent_ratio", "sx", "sy", "max_downsample", "k_scale2", "shortcut", "use_rand")
@@ -44,7 +40,7 @@ PAPER_STEPS: tuple[tuple[int, tuple[tuple[str, Any], ...]], ...] = (
 )
 
 _NOT_A_LAYOUT = ("is agent attention, not a block-sparse pattern: it runs only in processors that support it "
-                 "(the UNet family for AgentSD; Wan-style video-only self-attention for PooledAgents)")
+                 "(the UNet family)")
 
 
 class _AgentPattern(Pattern):
@@ -224,77 +220,6 @@ class AgentSD(_AgentPattern):
         return round((2 * merged * agents if agents else merged * merged) / tokens**2, 12)
 
 
-@dataclass(frozen=True)
-class PooledAgents(_AgentPattern):
-    """Agent attention for video transformers with pooled agents (our extension, not AgentSD's).
-
-    The agents of a self-attention call are the means of its queries (after the layer's norms and
-    rotary embedding) over ``pool = (t, h, w)`` cells of the token grid (partial cells at the
-    borders average what they hold), so ``A = ceil(F/t) * ceil(H/h) * ceil(W/w)``; then
-    :func:`diffattn.agent_attention` over all N tokens. Only for self-attention over video tokens
-    alone (Wan's ``attn1``, a UNet's ``attn1``); a ``[video, text]`` sequence falls back to the
-    stock attention.
-
-    Example:
-        >>> PooledAgents(pool=(1, 4, 4)).num_agents(VideoGrid(17, 8, 8))
-        68
-        >>> PooledAgents(pool=(1, 0, 4))
-        Traceback (most recent call last):
-        diffattn.errors.UserError: PooledAgents.pool[h] must be an int >= 1, got 0
-    """
-
-    pool: tuple[int, int, int] = (1, 4, 4)
-    k_scale2: float = 0.3
-    shortcut: float = 0.075
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "pool", check_per_axis("PooledAgents.pool", self.pool, int))
-        object.__setattr__(self, "k_scale2", _check_finite("PooledAgents.k_scale2", self.k_scale2))
-        object.__setattr__(self, "shortcut", _check_finite("PooledAgents.shortcut", self.shortcut))
-
-    def pair_density(self, grid: VideoGrid, step: int | None = 0) -> float:
-        """``2 A / N`` (queries read A agents, agents read N keys)."""
-        return min(1.0, 2 * self.num_agents(grid) / grid.video_tokens)
-
-    def num_agents(self, grid: VideoGrid) -> int:
-        """The agent count on ``grid``'s video tokens."""
-        cells = zip((grid.frames, grid.height, grid.width), self.pool)
-        return math.prod(-(-size // cell) for size, cell in cells)
-
-
-def pooled_agents(query: torch.Tensor, grid: VideoGrid, pool: tuple[int, int, int]) -> torch.Tensor:
-    """Means of ``query`` ``[B, H, N, D]`` (raster ``(t, h, w)`` token order, video only) over
-    ``pool`` cells: ``[B, H, A, D]``, cells in raster order, partial border cells averaged over the
-    tokens they hold.
-
-    Example:
-        >>> q = torch.arange(8.0).reshape(1, 1, 8, 1)          # a 1 x 2 x 4 grid
-        >>> pooled_agents(q, VideoGrid(1, 2, 4), (1, 2, 3)).flatten().tolist()
-        [3.0, 5.0]
-    """
-    batch, heads, tokens, dim = query.shape
-    if tokens != grid.video_tokens or grid.text_tokens:
-        raise UserError(f"pooled_agents needs the grid's {grid.video_tokens} video tokens and no text; "
-                        f"got {tokens} tokens, grid {grid}")
-    sizes = (grid.frames, grid.height, grid.width)
-    x = query.reshape(batch * heads, *sizes, dim).permute(0, 4, 1, 2, 3).float()  # [BH, D, F, H, W]
-    pads = [(-size) % cell for size, cell in zip(sizes, pool)]
-    padding = (0, pads[2], 0, pads[1], 0, pads[0])
-    sums = F.avg_pool3d(F.pad(x, padding), pool, divisor_override=1)
-    counts = F.avg_pool3d(F.pad(torch.ones_like(x[:1, :1]), padding), pool, divisor_override=1)
-    agents = (sums / counts).flatten(2).transpose(1, 2)  # [BH, A, D]
-    return agents.reshape(batch, heads, -1, dim).to(query.dtype)
-
-
-def pooled_agent_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: VideoGrid,
-                           pattern: PooledAgents) -> torch.Tensor:
-    """:class:`PooledAgents` attention for ``[B, N, H, D]`` tensors (diffusers' layout), ``[B, N, H, D]``."""
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    agents = pooled_agents(q, grid, pattern.pool)
-    out = agent_attention(q, k, v, agents, k_scale2=pattern.k_scale2, shortcut=pattern.shortcut)
-    return out.transpose(1, 2)
-
-
 def run_agent_op(processor: Any, op: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Run an agent op of ``processor``'s layer as one sparse call (the profiler's observer times it)."""
     state = processor.state
@@ -304,29 +229,6 @@ def run_agent_op(processor: Any, op: Callable[[], torch.Tensor]) -> torch.Tensor
     else:
         state.sparse_calls[(state.step, processor.layer_index)] += 1
     return out
-
-
-def pooled_agent_call(processor: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      key_padding: torch.Tensor | None, stock_op: Callable[[], torch.Tensor] | None,
-                      parallel_config: Any) -> torch.Tensor:
-    """A DiT processor's self-attention ``[B, N, H, D]`` under :class:`PooledAgents`: the agent op
-    over the published grid, or (a fallback, with its reason) ``stock_op()``."""
-    state = processor.state
-    grid = state.grid
-    reason = None
-    if parallel_config is not None:
-        reason = "PooledAgents under context parallelism"
-    elif grid.text_tokens or query.shape[1] != grid.video_tokens:
-        reason = "PooledAgents over a [video, text] sequence (it supports video-only self-attention)"
-    elif key_padding is not None and not bool(key_padding.all()):
-        reason = "PooledAgents with a key-padding mask"
-    if reason is not None:
-        if stock_op is None:
-            raise SparseUnsupported(reason)
-        processor.fall_back(reason)
-        return state.run_dense(processor.layer_index, stock_op)
-    pattern = state.config.pattern
-    return run_agent_op(processor, lambda: pooled_agent_attention(query, key, value, grid, pattern))
 
 
 # -- AgentSD's token merging (tomesd) ---------------------------------------------------------
@@ -457,11 +359,10 @@ def level_grid(latent: VideoGrid, tokens: int) -> tuple[int, VideoGrid] | None:
 
 AGENT_PATTERN_KEYS: dict[str, tuple[type[Pattern], tuple[str, ...]]] = {
     "agent": (AgentSD, tuple(f.name for f in fields(AgentSD))),
-    "pooled-agent": (PooledAgents, tuple(f.name for f in fields(PooledAgents))),
 }
 
 
 __all__ = [
-    "AGENT_PATTERN_KEYS", "AgentRuntime", "AgentSD", "Merges", "PooledAgents", "level_grid", "pooled_agent_attention",
-    "pooled_agent_call", "pooled_agents", "run_agent_op", "runtime_for", "tome_merges",
+    "AGENT_PATTERN_KEYS", "AgentRuntime", "AgentSD", "Merges", "level_grid", "run_agent_op", "runtime_for",
+    "tome_merges",
 ]

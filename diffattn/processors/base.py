@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DenseFallbackWarning
-from .agent import PooledAgents, pooled_agent_call
 from .joint import joint_attention
 from .parallel import context_parallel_problem, ulysses_attention, ulysses_degree
 from .state import SparseUnsupported, SparsityState
@@ -309,9 +308,6 @@ class SparseAttnProcessor:
             steered = self.text_steering.sparse_attention(self, query, key, value, key_padding, parallel_config)
             if steered is not None:
                 return steered
-
-        if isinstance(self.state.config.pattern, PooledAgents):  # an op, not a layout (see processors.agent)
-            return pooled_agent_call(self, query, key, value, key_padding, stock_op, parallel_config)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    heads: tuple[int, int] | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ A preset file (``yaml.safe_load``; nothing else is ever executed or unpickled)::
 
     description: Radial attention, paper-like (dense warm-up and first layer)
     pattern:
-      type: radial          # dense | radial | neighborhood | freeswim | agent | pooled-agent
+      type: radial          # dense | radial | neighborhood | freeswim | agent
       decay: 1.0
     dense_steps: 12
     dense_layers: [0]
@@ -51,7 +51,7 @@ _PATTERN_KEYS: dict[str, tuple[type[Pattern], tuple[str, ...]]] = {
     "neighborhood": (Neighborhood, ("kernel_size", "stride", "dilation", "causal")),
     # Not a pattern class: FreeSwim's window, scale and guide cache (the whole config is a FreeSwim).
     "freeswim": (Pattern, ("window", "cache_steps", "scale", "offload_cache")),
-    **AGENT_PATTERN_KEYS,  # agent (AgentSD, UNets) and pooled-agent (PooledAgents)
+    **AGENT_PATTERN_KEYS,  # agent (AgentSD, UNets)
 }
 _CONFIG_KEYS = (
     "dense_layers", "dense_steps", "dense_last_steps", "block_size", "tile_shape", "backend", "on_unsupported",

@@ -14,8 +14,6 @@ count (:func:`~diffattn.processors.agent.level_grid`).
   ``attn.to_q``) or, when AgentSD uses no agents, left as the stock op over the merged tokens
   (plain ToMe); the output is unmerged. The matching's metric is the transformer block's input
   (as in AgentSD), captured by a block pre-hook the UNet adapter installs.
-* :class:`~diffattn.processors.agent.PooledAgents`: agent attention with agents pooled over the
-  level's grid.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import torch
 
 from ..errors import UserError
 from ..kernels import agent_attention
-from .agent import AgentSD, PooledAgents, level_grid, pooled_agent_attention, run_agent_op, runtime_for, tome_merges
+from .agent import AgentSD, level_grid, run_agent_op, runtime_for, tome_merges
 from .base import SparseAttnProcessor
 from .state import SparseUnsupported
 
@@ -103,7 +101,7 @@ class UNetSparseAttnProcessor(
                   key_padding: torch.Tensor | None = None, stock_op: Callable[[], torch.Tensor] | None = None,
                   parallel_config: Any = None) -> torch.Tensor:
         """``[B, N, H, D]`` attention of the running call: agent attention, ToMe's stock op over
-        the merged tokens, pooled agents, or the block-sparse kernel over the level's grid."""
+        the merged tokens, or the block-sparse kernel over the level's grid."""
         state, pattern = self.state, self.state.config.pattern
         if isinstance(pattern, AgentSD):
             agents, settings = self._agents, self._settings
@@ -116,8 +114,6 @@ class UNetSparseAttnProcessor(
                                           shortcut=settings.shortcut)
                     return out.transpose(1, 2)
             return run_agent_op(self, op)
-        if isinstance(pattern, PooledAgents):
-            return run_agent_op(self, lambda: pooled_agent_attention(query, key, value, self._level, pattern))
         try:
             return state.attend(query, key, value, self.layer_index, grid=self._level, processor=self)
         except SparseUnsupported as unsupported:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import diffattn
-from diffattn import AgentSD, Dense, Neighborhood, PooledAgents, Radial, UserError, VideoGrid
+from diffattn import AgentSD, Dense, Neighborhood, Radial, UserError, VideoGrid
 from diffattn.adapters import apply, find_adapter, remove, sparsity_state
 from diffattn.processors import agent as agent_module
 from diffattn.processors import unet as unet_module
@@ -226,84 +226,11 @@ def test_neighborhood_runs_on_each_level_grid(recorded):
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_pooled_agents_run_on_the_unet():
-    pipe = tiny_sd_pipeline()
-    apply(pipe, PooledAgents(pool=(1, 4, 4)))
-    latents = pipe(**unet_call_kwargs(size=SIZE, steps=1)).images
-    assert torch.isfinite(latents).all() and len(sparsity_state(pipe).sparse_calls) == 4
-
-
-# -- LoRA, batch, CFG ------------------------------------------------------------------------
-
-
-def test_lora_loaded_before_or_after_apply_gives_the_same_agent_output(tmp_path):
-    peft = pytest.importorskip("peft")
-    from diffusers import StableDiffusionPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    source = tiny_sd_pipeline()
-    source.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(source.unet))
-    outputs = {}
-    for order in ("none", "lora_then_apply", "apply_then_lora"):
-        pipe = tiny_sd_pipeline()
-        if order == "lora_then_apply":
-            pipe.load_lora_weights(tmp_path)
-        apply(pipe, "agent")
-        if order == "apply_then_lora":
-            pipe.load_lora_weights(tmp_path)
-        outputs[order] = pipe(**unet_call_kwargs(size=SIZE, steps=2)).images
-        assert len(sparsity_state(pipe).sparse_calls) == 2 * 3, order
-    torch.testing.assert_close(outputs["lora_then_apply"], outputs["apply_then_lora"], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(outputs["none"], outputs["lora_then_apply"], atol=1e-3)
-
-
-def test_batch_and_cfg_match_per_prompt_runs(family):
-    """Without random destinations ToMe matches each image alone, so a batch of two prompts with
-    CFG (UNet batch 4) gives each prompt's single run."""
-    name, pipe, _, _ = family
-    xl = name == "sdxl"
-    apply(pipe, AgentSD(use_rand=False, max_downsample=2))
-    try:
-        batch = unet_call_kwargs(xl=xl, batch=2, size=SIZE, steps=2, guidance_scale=3.0)
-        batch["latents"] = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-        together = pipe(**batch).images
-        for i in range(2):
-            single = {k: (v[i: i + 1] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            torch.testing.assert_close(pipe(**single).images[0], together[i],
-                                       atol=1e-5 * float(together.abs().max()), rtol=1e-4)
-        assert torch.isfinite(together).all()
-    finally:
-        remove(pipe)
-
-
-# -- bad input ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(ratio=0.0), "AgentSD.ratio must be a number in the open interval"),
-    (dict(ratio=1.0), "AgentSD.ratio"),
-    (dict(agent_ratio=1.2), "AgentSD.agent_ratio"),
-    (dict(agent_ratio=float("nan")), "AgentSD.agent_ratio"),
-    (dict(sx=0), "AgentSD.sx must be an int >= 1"),
-    (dict(steps={-1: {"sx": 2}}), "first step"),
-    (dict(steps={3: {"speed": 2}}), "unknown field 'speed'"),
-    (dict(steps={3: {"ratio": 1.5}}), r"AgentSD.steps\[3\].ratio"),
-    (dict(layers={1.5: {"ratio": 0.2}}), "layer indices"),
-])
-def test_bad_agentsd_settings_are_user_errors(kwargs, message):
-    with pytest.raises(UserError, match=message):
-        AgentSD(**kwargs)
-
-
-def test_bad_agent_counts_and_pools_are_user_errors():
+def test_bad_agent_counts_and_ratios_are_user_errors():
     q = torch.randn(1, 2, 16, 8)
     for agents in (q[:, :, :0], torch.randn(1, 2, 17, 8)):
         with pytest.raises(UserError, match="agent count A="):
             diffattn.agent_attention(q, q, q, agents)
-    with pytest.raises(UserError, match=r"PooledAgents.pool\[t\]"):
-        PooledAgents(pool=(0, 2, 2))
     with pytest.raises(UserError, match="ratio"):
         parse_preset({"description": "x", "pattern": {"type": "agent", "ratio": 2}}, "bad.yaml")
     with pytest.raises(UserError, match="not a block-sparse pattern"):

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from diffattn import AgentSD, PooledAgents, VideoGrid
+from diffattn import AgentSD, VideoGrid
 from diffattn.adapters import ADAPTERS, apply, remove, sparsity_state
 from diffattn.adapters import family_default_grid as default_grid
 from diffattn.processors.presets import families, list_presets, preset_layout
@@ -23,7 +23,7 @@ FAMILIES = sorted({adapter.family for adapter in ADAPTERS})
 PRESETS = [(family, preset.name) for family in FAMILIES for preset in list_presets(family)]
 # Agent presets are an op, not a block layout (their layout refuses): only the end-to-end test runs them.
 LAYOUT_PRESETS = [(family, preset.name) for family in FAMILIES for preset in list_presets(family)
-                  if not isinstance(preset.config.pattern, (AgentSD, PooledAgents))]
+                  if not isinstance(preset.config.pattern, AgentSD)]
 
 
 def _preset(family, name):
