@@ -134,7 +134,7 @@ def _add_train_lora_parser(sub) -> None:
     p.add_argument("--output", required=True, help="output folder (LoRA, checkpoint/, training.json)")
     p.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the embedded model)")
     p.add_argument("--data", default=None, help="folder of videos + metadata.jsonl/csv (default: procedural clips)")
-    p.add_argument("--preset", default="radial", help="sparsity preset (name or YAML) active in training (default radial)")
+    p.add_argument("--preset", default="radial", help="sparsity preset or YAML, active in training (default radial)")
     p.add_argument("--num-frames", type=int, default=65, help="training clip length (default 65)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's)")
@@ -186,7 +186,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--cpu-offload", action="store_true", help="diffusers model CPU offload (needs an accelerator)")
-    p.add_argument("--lora", default=None, help="LoRA weights: a .safetensors file or a folder (diffattn train-lora --output)")
+    p.add_argument("--lora", default=None, help="LoRA weights: .safetensors file or train-lora output folder")
     p.add_argument("--ulysses-degree", type=int, default=1,
                    help="diffusers context parallelism (Ulysses) over N processes: run under "
                         "`torchrun --nproc-per-node N -m diffattn.cli ...` (Wan, LTX-Video, FLUX; default 1)")

@@ -422,6 +422,9 @@ def prepare_run(options: RunOptions) -> PreparedRun:
             pipe.load_lora_weights(str(lora))
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise UserError(f"--lora {str(lora)!r} could not be loaded: {error_message(error)}") from None
+    from .training.length import install_rope_fit
+
+    install_rope_fit(pipe.transformer)  # Wan's RoPE tables grow for videos longer than it was built for
     if options.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

@@ -123,7 +123,8 @@ def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None = None
     if not info_path.is_file():
         return None
     info = json.loads(info_path.read_text())
-    info["tensors"] = {name: load_file(str(folder / f"{name}.safetensors")) for name in (groups if groups is not None else info.get("groups", []))}
+    names = groups if groups is not None else info.get("groups", [])
+    info["tensors"] = {name: load_file(str(folder / f"{name}.safetensors")) for name in names}
     if optimizer is not None:
         restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), info["optimizer"])
     return info

@@ -4,7 +4,7 @@ The default run is the shortest useful one: the embedded model trained at 65 fra
 17-frame base length) on procedural clips under the ``radial`` preset::
 
     diffattn train-lora --preset radial --num-frames 65 --steps 200 --output runs/lora65
-    diffattn generate --lora runs/lora65 --preset radial --num-frames 65 --prompt "a red circle moves left" --output out.mp4
+    diffattn generate --lora runs/lora65 --preset radial --num-frames 65 --prompt "a red circle" --output out.mp4
 
 How it works:
 
@@ -313,7 +313,11 @@ def train_lora(options: TrainLoraOptions, log: Callable[[str], None] = print) ->
     if options.full_finetune:
         transformer.requires_grad_(True)
     else:
-        from peft import LoraConfig
+        try:
+            from peft import LoraConfig
+        except ImportError:
+            raise UserError("LoRA training needs peft: pip install 'diffattn[train]' "
+                            "(or use --full-finetune)") from None
 
         lora_config = LoraConfig(r=options.rank, lora_alpha=options.lora_alpha, init_lora_weights=True,
                                  target_modules=lora_targets(transformer, options.targets))
