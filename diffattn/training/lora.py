@@ -216,7 +216,7 @@ def _check_size(options: TrainLoraOptions, pipe: Any, family: Any) -> tuple[int,
     return height, width
 
 
-def _load(options: TrainLoraOptions, log: Callable[[str], None]):
+def _load(options: TrainLoraOptions):
     """Load the model and the data, check everything (sizes, preset, data files) and encode the
     data cache: all of it before any training starts."""
     from ..processors.presets import load_preset, preset_layout
@@ -254,7 +254,7 @@ def _load(options: TrainLoraOptions, log: Callable[[str], None]):
 
 
 def _latent_shape(pipe: Any, family: Any, num_frames: int, height: int, width: int) -> tuple[int, ...]:
-    """The clean input shape ``[C, f, h, w]`` of one clip, by encoding a black clip."""
+    """The clean input shape ``[C, f, h, w]`` of one clip (pixels, or the VAE's latent grid)."""
     if family.name == "embedded":
         return (3, num_frames, height, width)
     temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
@@ -288,7 +288,12 @@ def train_lora(options: TrainLoraOptions, log: Callable[[str], None] = print) ->
     if options.threads:
         torch.set_num_threads(options.threads)
     output = Path(options.output)
-    pipe, family, preset, data, (height, width), latent_shape, grid, density = _load(options, log)
+    pipe, family, preset, data, (height, width), latent_shape, grid, density = _load(options)
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one AcceleratorState per process and refuses a second run's other precision;
+    # the process group (PartialState) stays, so repeated runs in one process (tests, notebooks) work.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=options.mixed_precision)
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -385,8 +390,9 @@ def train_lora(options: TrainLoraOptions, log: Callable[[str], None] = print) ->
                     sigma = noise_levels(len(keys), options.timestep_shift, generator)[own]
                     text = {k: v.to(device) for k, v in text.items()}
                     sync = micro == options.grad_accum - 1
-                    with _maybe_no_sync(accelerator, wrapped, sync), accelerator.autocast():
-                        loss = family.loss(wrapped, clean.to(device), noise.to(device), sigma.to(device), text)
+                    with _maybe_no_sync(accelerator, wrapped, sync):
+                        with accelerator.autocast():
+                            loss = family.loss(wrapped, clean.to(device), noise.to(device), sigma.to(device), text)
                         accelerator.backward(loss / options.grad_accum)
                     micro_losses.append(loss.detach())
                 accelerator.clip_grad_norm_(parameters, options.max_grad_norm)

@@ -81,11 +81,12 @@ def test_resumed_run_equals_the_uninterrupted_one(embedded_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_full_finetune_and_ffn_targets(embedded_dir, tmp_path):
+def test_full_finetune_ffn_targets_bf16_accumulation_and_checkpointing(embedded_dir, tmp_path):
     from diffattn.pipelines.embedded import load_embedded_pipeline
 
-    ffn = train_lora(embedded_options(embedded_dir, tmp_path / "ffn", steps=1, targets="attention+ffn"), **QUIET)
-    assert any(".ffn." in key for key in load_file(str(ffn.weights)))
+    ffn = train_lora(embedded_options(embedded_dir, tmp_path / "ffn", steps=1, targets="attention+ffn",
+                                      mixed_precision="bf16", grad_accum=2, gradient_checkpointing=True), **QUIET)
+    assert any(".ffn." in key for key in load_file(str(ffn.weights))) and np.isfinite(ffn.losses[0])
     full = train_lora(embedded_options(embedded_dir, tmp_path / "full", steps=1, full_finetune=True, preset="dense"),
                       **QUIET)
     tuned, base = load_embedded_pipeline(full.output), load_embedded_pipeline(embedded_dir)
@@ -146,3 +147,14 @@ def test_bad_input_is_refused_before_training(embedded_dir, wan_dir, tmp_path, c
     assert not out.exists()  # nothing was trained or written
     with pytest.raises(UserError, match="--num-frames"):
         train_lora(embedded_options(embedded_dir, out, num_frames=0), **QUIET)
+
+
+def test_lora_flag_takes_a_file_or_a_train_lora_folder(tmp_path):
+    from diffattn.runs import check_lora
+
+    (tmp_path / LORA_FILE).write_bytes(b"")
+    assert check_lora(str(tmp_path)) == tmp_path / LORA_FILE
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="has no pytorch_lora_weights.safetensors"):
+        check_lora(str(empty))
