@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(REPO / "benchmarks/results/length-extension-cpu-2026-12-07.json"))
     p.add_argument("--work", default=str(REPO / "runs/length-extension"), help="training outputs")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--num-frames", type=int, default=65, help="4L")
     p.add_argument("--base-frames", type=int, default=17, help="L")
     p.add_argument("--rank", type=int, default=16)
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout-clips", type=int, default=2)
     p.add_argument("--captions", type=int, default=2, help="held-out captions for the detector")
     p.add_argument("--sample-steps", type=int, default=6)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default="abcde")
     p.add_argument("--timing-only", type=int, default=0, metavar="STEPS",

@@ -150,7 +150,10 @@ def training_family(pipe: Any) -> TrainingFamily:
     if isinstance(pipe, EmbeddedVideoPipeline):
         return TRAINING_FAMILIES["embedded"]
     family = find_adapter(pipe).family
-    if family == "wan" and type(pipe).__name__ in ("WanPipeline",):
+    if family == "wan" and type(pipe).__name__ == "WanPipeline":
+        if getattr(pipe, "transformer_2", None) is not None:
+            raise UserError("train-lora does not train two-expert Wan 2.2 pipelines (transformer_2: each expert "
+                            "owns a noise range); train a single-transformer Wan pipeline")
         return TRAINING_FAMILIES["wan"]
     raise UserError(f"train-lora trains the embedded model and Wan text-to-video pipelines (WanPipeline); "
                     f"got {type(pipe).__name__} (family {family!r}): its text conditioning and latent "
