@@ -424,7 +424,9 @@ def prepare_run(options: RunOptions) -> PreparedRun:
             raise UserError(f"--lora {str(lora)!r} could not be loaded: {error_message(error)}") from None
     from .training.length import install_rope_fit
 
-    install_rope_fit(pipe.transformer)  # Wan's RoPE tables grow for videos longer than it was built for
+    for name in ("transformer", "transformer_2"):  # Wan's RoPE tables grow for videos longer than built for
+        if isinstance(getattr(pipe, name, None), torch.nn.Module):
+            install_rope_fit(getattr(pipe, name))
     if options.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

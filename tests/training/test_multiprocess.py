@@ -18,11 +18,12 @@ from tests.threads import one_thread  # noqa: F401 (autouse fixture)
 from tests.training.tiny import saved_tiny_embedded
 
 STEPS = 2
+LR = 1e-2
 
 
 def options(model: Path, output: Path, batch_size: int) -> TrainLoraOptions:
     return TrainLoraOptions(output=str(output), model=str(model), preset="radial", num_frames=5, height=16,
-                            width=16, steps=STEPS, batch_size=batch_size, rank=4, lr=1e-2, warmup=0, save_every=10)
+                            width=16, steps=STEPS, batch_size=batch_size, rank=4, lr=LR, warmup=0, save_every=10)
 
 
 def _worker(rank: int, world: int, port: int, model: str, output: str, queue) -> None:
@@ -62,4 +63,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         assert results[rank] == pytest.approx(single.losses, rel=1e-5)
     a, b = load_file(str(tmp_path / "one" / LORA_FILE)), load_file(str(tmp_path / "two" / LORA_FILE))
     assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    # Adam's first steps move a weight by about lr whatever its gradient's size, so the all-reduce's
+    # rounding of tiny gradients shows at ~1e-5 (lr 1e-2): the bound is 1 % of one step.
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-2 * LR, worst
