@@ -81,6 +81,40 @@ def test_resumed_run_equals_the_uninterrupted_one(embedded_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_interrupted_run_saves_its_last_step_and_resumes_without_loss(embedded_dir, tmp_path, monkeypatch):
+    from diffattn.training.families import TRAINING_FAMILIES
+
+    straight = train_lora(embedded_options(embedded_dir, tmp_path / "straight", steps=4, save_every=10), **QUIET)
+    family = TRAINING_FAMILIES["embedded"]
+    calls = []
+
+    def interrupted_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C during step 3: steps 1 and 2 are done
+            raise KeyboardInterrupt
+        return type(family).loss(family, *args, **kwargs)
+
+    monkeypatch.setattr(family, "loss", interrupted_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(embedded_options(embedded_dir, tmp_path / "resumed", steps=4, save_every=10), **QUIET)
+    monkeypatch.undo()
+    info = json.loads((tmp_path / "resumed" / CHECKPOINT_DIR / "checkpoint.json").read_text())
+    assert info["step"] == 2  # saved on the interrupt, though --save-every is 10
+    resumed = train_lora(embedded_options(embedded_dir, tmp_path / "resumed", steps=4, save_every=10, resume=True),
+                         **QUIET)
+    assert info["losses"] + resumed.losses == straight.losses
+
+
+def test_the_script_wrapper_runs_the_command():
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, str(repo / "scripts" / "train_lora.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "--gradient-checkpointing" in result.stdout
+
+
 def test_full_finetune_ffn_targets_bf16_accumulation_and_checkpointing(embedded_dir, tmp_path):
     from diffattn.pipelines.embedded import load_embedded_pipeline
 
