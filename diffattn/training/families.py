@@ -3,8 +3,9 @@ transformer's clean input (the VAE, or pixels for the embedded model), how a cap
 text conditioning, and what the transformer predicts (the loss).
 
 Training families: ``embedded`` (diffattn's pixel-space model: x-prediction, the plain x0 loss
-of its own recipe) and ``wan`` (Wan 2.1/2.2 text-to-video: rectified flow, the transformer
-predicts the velocity ``noise - x0``). Other families are refused by name
+of its own recipe), ``wan`` (Wan 2.1/2.2 single-transformer text-to-video) and ``ltx_video``
+(LTX-Video text-to-video): rectified flow, the transformer predicts the velocity ``noise - x0``.
+HunyuanVideo, CogVideoX, Mochi, image-to-video and two-expert pipelines are refused by name
 (:func:`training_family`) until their conditioning is written here.
 """
 
@@ -45,9 +46,43 @@ class TrainingFamily(abc.ABC):
         """Captions -> the transformer's text keyword arguments, each ``[B, ...]`` (float32, CPU)."""
 
     @abc.abstractmethod
-    def loss(self, transformer: torch.nn.Module, clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
-             text: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The denoising loss of one batch noised to ``sigma [B]``: scalar."""
+    def loss(self, pipe: Any, transformer: torch.nn.Module, clean: torch.Tensor, noise: torch.Tensor,
+             sigma: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The denoising loss of one batch noised to ``sigma [B]`` (``transformer``: the pipeline's,
+        possibly wrapped for DDP): scalar."""
+
+    def latent_shape(self, pipe: Any, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """The clean input ``[C, f, h, w]`` of one clip: the VAE's latent grid."""
+        temporal, spatial = self._compression(pipe)
+        return (self._latent_channels(pipe), (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
+
+    def token_grid(self, pipe: Any, latent_shape: tuple[int, ...]):
+        """The transformer's token grid for clean inputs of ``latent_shape`` ``[C, f, h, w]``."""
+        from ..patterns import VideoGrid
+
+        p_t, p_h, p_w = self._patch(pipe)
+        _, frames, height, width = latent_shape
+        return VideoGrid(frames // p_t, height // p_h, width // p_w)
+
+    def _patch(self, pipe: Any) -> tuple[int, int, int]:
+        return tuple(int(p) for p in pipe.transformer.config.patch_size)
+
+    def _compression(self, pipe: Any) -> tuple[int, int]:
+        return int(getattr(pipe, "vae_scale_factor_temporal", 4)), int(getattr(pipe, "vae_scale_factor_spatial", 8))
+
+    def _latent_channels(self, pipe: Any) -> int:
+        return int(pipe.vae.config.z_dim)
+
+    def _check_vae_size(self, pipe: Any, num_frames: int, height: int, width: int, family: str) -> None:
+        temporal, spatial = self._compression(pipe)
+        if num_frames < 1 or (num_frames - 1) % temporal:
+            raise UserError(f"--num-frames must be 1 + {temporal}k (1, {1 + temporal}, {1 + 2 * temporal}, ...) "
+                            f"for {family}; got {num_frames}")
+        multiple = spatial * self._patch(pipe)[1]
+        for flag, value in (("--height", height), ("--width", width)):
+            if value < multiple or value % multiple:
+                raise UserError(f"{flag} must be a positive multiple of {multiple} pixels for this {family} model "
+                                f"(VAE x patch); got {value}")
 
 
 def _pixels(videos: np.ndarray) -> torch.Tensor:
@@ -81,7 +116,10 @@ class EmbeddedFamily(TrainingFamily):
         device = pipe.text_encoder.device
         return {"encoder_hidden_states": encode_text(pipe.tokenizer, pipe.text_encoder, captions, device).float().cpu()}
 
-    def loss(self, transformer, clean, noise, sigma, text):
+    def latent_shape(self, pipe: Any, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (3, num_frames, height, width)
+
+    def loss(self, pipe, transformer, clean, noise, sigma, text):
         prediction = transformer(noised(clean, noise, sigma), sigma * 1000, return_dict=False, **text)[0]
         return denoising_loss(prediction.float(), clean, sigma, 1.0)
 
@@ -94,15 +132,7 @@ class WanFamily(TrainingFamily):
     name = "wan"
 
     def check_size(self, pipe: Any, num_frames: int, height: int, width: int) -> None:
-        temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
-        if num_frames < 1 or (num_frames - 1) % temporal:
-            raise UserError(f"--num-frames must be 1 + {temporal}k (1, {1 + temporal}, {1 + 2 * temporal}, ...) "
-                            f"for a Wan model; got {num_frames}")
-        multiple = int(getattr(pipe, "vae_scale_factor_spatial", 8)) * int(pipe.transformer.config.patch_size[1])
-        for flag, value in (("--height", height), ("--width", width)):
-            if value < multiple or value % multiple:
-                raise UserError(f"{flag} must be a positive multiple of {multiple} pixels for this Wan model "
-                                f"(VAE x patch); got {value}")
+        self._check_vae_size(pipe, num_frames, height, width, "a Wan model")
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         return 480, 832
@@ -127,12 +157,66 @@ class WanFamily(TrainingFamily):
         embeds, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=pipe.text_encoder.device)
         return {"encoder_hidden_states": embeds.float().cpu()}
 
-    def loss(self, transformer, clean, noise, sigma, text):
+    def loss(self, pipe, transformer, clean, noise, sigma, text):
         prediction = transformer(noised(clean, noise, sigma), sigma * 1000, return_dict=False, **text)[0]
         return torch.mean((prediction.float() - (noise - clean)) ** 2)
 
 
-TRAINING_FAMILIES: dict[str, TrainingFamily] = {family.name: family for family in (EmbeddedFamily(), WanFamily())}
+class LTXVideoFamily(TrainingFamily):
+    """LTX-Video text-to-video: the VAE's normalised latents (``LTXPipeline._normalize_latents``),
+    packed into patch tokens for the transformer, T5 embeddings with their attention mask, and the
+    velocity ``noise - x0`` as the target (rectified flow)."""
+
+    name = "ltx_video"
+    preset_family = "ltx_video"
+    #: The pipeline's default frame rate: it sets the temporal RoPE scale, as at inference.
+    frame_rate = 25
+
+    def check_size(self, pipe: Any, num_frames: int, height: int, width: int) -> None:
+        self._check_vae_size(pipe, num_frames, height, width, "an LTX-Video model")
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        return 480, 704
+
+    def _patch(self, pipe: Any) -> tuple[int, int, int]:
+        config = pipe.transformer.config
+        return int(config.patch_size_t), int(config.patch_size), int(config.patch_size)
+
+    def _compression(self, pipe: Any) -> tuple[int, int]:
+        return int(pipe.vae_temporal_compression_ratio), int(pipe.vae_spatial_compression_ratio)
+
+    def _latent_channels(self, pipe: Any) -> int:
+        return int(pipe.vae.config.latent_channels)
+
+    @torch.no_grad()
+    def encode_videos(self, pipe: Any, videos: np.ndarray) -> torch.Tensor:
+        vae = pipe.vae
+        latents = vae.encode(_pixels(videos).to(vae.device, vae.dtype)).latent_dist.mode().float().cpu()
+        mean, std = vae.latents_mean.cpu(), vae.latents_std.cpu()
+        return pipe._normalize_latents(latents, mean, std, vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def encode_captions(self, pipe: Any, captions: list[str]) -> dict[str, torch.Tensor]:
+        if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+            raise UserError("--model has no tokenizer/text_encoder: train-lora needs them to encode the captions")
+        embeds, mask, _, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False,
+                                                device=pipe.text_encoder.device)
+        return {"encoder_hidden_states": embeds.float().cpu(), "encoder_attention_mask": mask.cpu()}
+
+    def loss(self, pipe, transformer, clean, noise, sigma, text):
+        p_t, p, _ = self._patch(pipe)
+        temporal, spatial = self._compression(pipe)
+        _, _, frames, height, width = clean.shape
+        prediction = transformer(
+            hidden_states=pipe._pack_latents(noised(clean, noise, sigma), p, p_t), timestep=sigma * 1000,
+            num_frames=frames // p_t, height=height // p, width=width // p,
+            rope_interpolation_scale=(temporal / self.frame_rate, spatial, spatial), return_dict=False, **text)[0]
+        target = pipe._pack_latents(noise - clean, p, p_t)
+        return torch.mean((prediction.float() - target) ** 2)
+
+
+TRAINING_FAMILIES: dict[str, TrainingFamily] = {
+    family.name: family for family in (EmbeddedFamily(), WanFamily(), LTXVideoFamily())}
 
 
 def training_family(pipe: Any) -> TrainingFamily:
@@ -155,6 +239,9 @@ def training_family(pipe: Any) -> TrainingFamily:
             raise UserError("train-lora does not train two-expert Wan 2.2 pipelines (transformer_2: each expert "
                             "owns a noise range); train a single-transformer Wan pipeline")
         return TRAINING_FAMILIES["wan"]
-    raise UserError(f"train-lora trains the embedded model and Wan text-to-video pipelines (WanPipeline); "
+    if family == "ltx_video" and type(pipe).__name__ == "LTXPipeline":
+        return TRAINING_FAMILIES["ltx_video"]
+    raise UserError(f"train-lora trains the embedded model and the Wan and LTX-Video text-to-video pipelines "
+                    f"(WanPipeline, LTXPipeline); "
                     f"got {type(pipe).__name__} (family {family!r}): its text conditioning and latent "
                     f"packing are not written for training yet")

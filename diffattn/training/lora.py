@@ -243,31 +243,14 @@ def _load(options: TrainLoraOptions):
     else:
         data = VideoFolderData(options.data, pipe, family, options.num_frames, height, width,
                                model_id=str(options.model), cache_dir=options.cache_dir)
-    sample = _latent_shape(pipe, family, options.num_frames, height, width)
-    grid = _grid(pipe, sample)
+    sample = family.latent_shape(pipe, options.num_frames, height, width)
+    grid = family.token_grid(pipe, sample)
     try:
         density = preset_layout(preset.config, grid).density
     except ValueError as error:
         raise UserError(f"--preset {preset.name!r} does not fit the token grid {grid.frames}x{grid.height}x"
                         f"{grid.width} of {options.num_frames} frames at {height}x{width}: {error}") from None
     return pipe, family, preset, data, (height, width), sample, grid, float(density)
-
-
-def _latent_shape(pipe: Any, family: Any, num_frames: int, height: int, width: int) -> tuple[int, ...]:
-    """The clean input shape ``[C, f, h, w]`` of one clip (pixels, or the VAE's latent grid)."""
-    if family.name == "embedded":
-        return (3, num_frames, height, width)
-    temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
-    spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
-    return (int(pipe.vae.config.z_dim), (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
-
-
-def _grid(pipe: Any, latent_shape: tuple[int, ...]):
-    from ..patterns import VideoGrid
-
-    p_t, p_h, p_w = pipe.transformer.config.patch_size
-    _, frames, height, width = latent_shape
-    return VideoGrid(frames // p_t, height // p_h, width // p_w)
 
 
 def train_lora(options: TrainLoraOptions, log: Callable[[str], None] = print) -> TrainResult:
@@ -392,7 +375,8 @@ def train_lora(options: TrainLoraOptions, log: Callable[[str], None] = print) ->
                     sync = micro == options.grad_accum - 1
                     with _maybe_no_sync(accelerator, wrapped, sync):
                         with accelerator.autocast():
-                            loss = family.loss(wrapped, clean.to(device), noise.to(device), sigma.to(device), text)
+                            loss = family.loss(pipe, wrapped, clean.to(device), noise.to(device), sigma.to(device),
+                                               text)
                         accelerator.backward(loss / options.grad_accum)
                     micro_losses.append(loss.detach())
                 accelerator.clip_grad_norm_(parameters, options.max_grad_norm)

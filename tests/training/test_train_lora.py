@@ -17,7 +17,7 @@ from diffattn.errors import UserError
 from diffattn.training import TrainLoraOptions, train_lora
 from diffattn.training.lora import CHECKPOINT_DIR, LORA_FILE
 from tests.threads import one_thread  # noqa: F401 (autouse fixture)
-from tests.training.tiny import saved_tiny_embedded, saved_tiny_wan, video_folder
+from tests.training.tiny import saved_tiny_embedded, saved_tiny_ltx, saved_tiny_wan, video_folder
 
 QUIET = dict(log=lambda line: None)
 
@@ -144,6 +144,20 @@ def test_wan_video_folder_caches_once_and_trains(wan_dir, tmp_path):
 
     pipe = WanPipeline.from_pretrained(str(wan_dir), local_files_only=True)
     pipe.load_lora_weights(str(tmp_path / "wan-lora"))
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_ltx_video_folder_trains_and_loads(tmp_path):
+    from diffusers import LTXPipeline
+
+    model = saved_tiny_ltx(tmp_path / "ltx")
+    data = video_folder(tmp_path / "videos", frames=9, size=32)
+    result = train_lora(TrainLoraOptions(output=str(tmp_path / "ltx-lora"), model=str(model), data=str(data),
+                                         preset="radial", num_frames=9, height=32, width=32, steps=2, rank=4,
+                                         warmup=0), **QUIET)
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses)) and result.sparse_calls > 0
+    pipe = LTXPipeline.from_pretrained(str(model), local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "ltx-lora"))
     assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
 
 

@@ -21,20 +21,37 @@ def saved_tiny_embedded(folder: Path) -> Path:
 def saved_tiny_wan(folder: Path) -> Path:
     """The tiny WanPipeline of the adapter tests plus a word-level tokenizer and a 1-layer UMT5
     text encoder (width 32 = the transformer's text_dim), saved as a pipeline folder."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from diffattn.pipelines.embedded import build_tokenizer
     from tests.adapters.tiny_pipelines import tiny_wan_pipeline
 
     pipe = tiny_wan_pipeline(num_layers=2, seed=0)
+    tokenizer, encoder = _tiny_text(32)
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=encoder)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def _tiny_text(d_model: int):
+    """The embedded model's word-level tokenizer and a 1-layer encoder of width ``d_model``."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from diffattn.pipelines.embedded import build_tokenizer
+
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    pipe.tokenizer = tokenizer
-    pipe.text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+    encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
         relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
         eos_token_id=0, decoder_start_token_id=0))
-    pipe.register_modules(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    return tokenizer, encoder
+
+
+def saved_tiny_ltx(folder: Path) -> Path:
+    """The tiny LTXPipeline of the adapter tests with a tokenizer and text encoder, saved."""
+    from tests.adapters.test_ltx_video import tiny_ltx_pipeline
+
+    pipe = tiny_ltx_pipeline(num_layers=2, seed=0)
+    tokenizer, encoder = _tiny_text(32)
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=encoder)
     pipe.save_pretrained(str(folder))
     return folder
 
