@@ -114,7 +114,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", action="store_true",
                    help="also run the diagnostics on the tuning captions: one-step denoising profile and "
                         "caption-word sensitivity (about 3x the evaluation's model calls)")
+    _add_train_lora_parser(sub)
     return parser
+
+
+# --- train-lora (diffattn.training) ------------------------------------------------------------
+TRAIN_LORA_HELP = """\
+LoRA (or full) fine-tuning with the preset's sparse attention in forward and backward, e.g. for
+length extension: the default trains the embedded model at 65 frames (4x its base length) on
+procedural clips. --data FOLDER trains on captioned videos (metadata.jsonl or metadata.csv);
+--model a local Wan or LTX-Video pipeline folder. Output: OUTPUT/pytorch_lora_weights.safetensors (diffusers
+format: pipe.load_lora_weights(OUTPUT), diffattn generate --lora OUTPUT), checkpoints in
+OUTPUT/checkpoint (--resume), training.json. Several processes: accelerate launch -m diffattn.cli
+train-lora ... (data parallel)."""
+
+
+def _add_train_lora_parser(sub) -> None:
+    p = sub.add_parser("train-lora", help="LoRA fine-tuning with sparse attention (length extension)",
+                       description=TRAIN_LORA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="output folder (LoRA, checkpoint/, training.json)")
+    p.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the embedded model)")
+    p.add_argument("--data", default=None, help="folder of videos + metadata.jsonl/csv (default: procedural clips)")
+    p.add_argument("--preset", default="radial", help="sparsity preset or YAML, active in training (default radial)")
+    p.add_argument("--num-frames", type=int, default=65, help="training clip length (default 65)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many of --steps (then --resume)")
+    p.add_argument("--batch-size", type=int, default=1, help="clips per step and process (default 1)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-steps (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 LoRA, 1e-4 full)")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (default 10)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--targets", default="attention", choices=("attention", "attention+ffn"))
+    p.add_argument("--full-finetune", action="store_true", help="train every transformer weight instead of LoRA")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--timestep-shift", type=float, default=3.0, help="training noise-level shift (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    p.add_argument("--validate-every", type=int, default=0, help="validation video every K steps (0: never)")
+    p.add_argument("--validation-prompt", default="a red circle moves right")
+    p.add_argument("--validation-steps", type=int, default=10, help="denoising steps of a validation video")
+    p.add_argument("--cache-dir", default=None, help="latent/text cache (default DATA/.diffattn-cache)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def cmd_train_lora(args) -> int:
+    from .training import TrainLoraOptions, train_lora
+
+    options = TrainLoraOptions(**{k: v for k, v in vars(args).items() if k != "command"})
+    train_lora(options, log=lambda line: print(line, file=sys.stderr))
+    return 0
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,7 +187,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--cpu-offload", action="store_true", help="diffusers model CPU offload (needs an accelerator)")
-    p.add_argument("--lora", default=None, help="LoRA weights (.safetensors only)")
+    p.add_argument("--lora", default=None, help="LoRA weights: .safetensors file or train-lora output folder")
     p.add_argument("--ulysses-degree", type=int, default=1,
                    help="diffusers context parallelism (Ulysses) over N processes: run under "
                         "`torchrun --nproc-per-node N -m diffattn.cli ...` (Wan, LTX-Video, FLUX; default 1)")
@@ -297,6 +350,8 @@ def _dispatch(argv: list[str]) -> int:
         return cmd_profile(args)
     if args.command == "eval-embedded":
         return cmd_eval_embedded(args)
+    if args.command == "train-lora":
+        return cmd_train_lora(args)
     return cmd_generate(args)
 
 

@@ -260,7 +260,8 @@ def is_main_rank() -> bool:
 
 def check_lora(path: str | None) -> Path | None:
     """``path`` as a Path (None stays None); UserError unless it is an existing ``.safetensors``
-    file (pickled weights are never loaded).
+    file (pickled weights are never loaded) or a folder holding ``pytorch_lora_weights.safetensors``
+    (what ``diffattn train-lora`` and diffusers' ``save_lora_weights`` write).
 
     Example:
         >>> check_lora(None) is None
@@ -272,8 +273,13 @@ def check_lora(path: str | None) -> Path | None:
     if path is None:
         return None
     lora = Path(path)
+    if lora.is_dir():
+        lora = lora / "pytorch_lora_weights.safetensors"
+        if not lora.is_file():
+            raise UserError(f"--lora folder {str(path)!r} has no pytorch_lora_weights.safetensors")
     if lora.suffix.lower() != ".safetensors":
-        raise UserError(f"--lora must be a .safetensors file (pickled weights are never loaded); got {str(lora)!r}")
+        raise UserError(f"--lora must be a .safetensors file or a folder holding pytorch_lora_weights.safetensors "
+                        f"(pickled weights are never loaded); got {str(lora)!r}")
     if not lora.is_file():
         raise UserError(f"--lora file {str(lora)!r} does not exist")
     return lora
@@ -424,6 +430,11 @@ def prepare_run(options: RunOptions) -> PreparedRun:
             pipe.load_lora_weights(str(lora))
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise UserError(f"--lora {str(lora)!r} could not be loaded: {error_message(error)}") from None
+    from .training.length import install_rope_fit
+
+    for name in ("transformer", "transformer_2"):  # Wan's RoPE tables grow for videos longer than built for
+        if isinstance(getattr(pipe, name, None), torch.nn.Module):
+            install_rope_fit(getattr(pipe, name))
     if options.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
