@@ -1,20 +1,35 @@
 """Cross-attention steering: word weights, regions, exclusions and attention maps of chosen words.
 
-:func:`steer` edits the attention of the video queries to the prompt's text tokens, in the
-cross-attention of Wan, LTX-Video and the embedded model and in the text columns of the joint
-attention of FLUX, HunyuanVideo, CogVideoX and Mochi (the math: :mod:`diffattn.processors.steering`).
+:func:`steer` edits the attention of the video (or image) queries to the prompt's text tokens, in
+the cross-attention of Wan, LTX-Video, the embedded model and the Stable Diffusion UNets (SD 1.x/2.x,
+SDXL: ``attn2`` of every transformer block, at every resolution level) and in the text columns of
+the joint attention of FLUX, HunyuanVideo, CogVideoX and Mochi (the math:
+:mod:`diffattn.processors.steering`).
 
 How words reach token positions (decided here, at call time): :func:`steer` swaps the pipeline's
 class for a subclass of the same name that wraps ``__call__`` and ``encode_prompt`` (nothing of
 the pipeline is copied or forked; :meth:`SteeringHandle.remove` puts the class back). Each call
 reads the ``prompt`` actually passed and tokenizes it with the pipeline's own tokenizer (FLUX:
 ``tokenizer_2``, the T5 that makes its sequence; HunyuanVideo: its Llama prompt template, minus
-the cropped template tokens); every token whose characters overlap the word or phrase (sub-word
-pieces included, all occurrences, case-insensitive) is steered. The first ``encode_prompt``
+the cropped template tokens; SD/SDXL: the CLIP ``tokenizer``, see below); every token whose
+characters overlap the word or phrase (sub-word pieces included, all occurrences,
+case-insensitive) is steered. The first ``encode_prompt``
 result of the call (or the ``prompt_embeds`` passed) are the conditional embeddings: a
 transformer batch row is steered only when its text embeddings equal one of them, so the
 negative prompt and the unconditional CFG pass run unchanged. A pipeline called with
 ``prompt_embeds`` and no prompt can be steered by token position (int keys) only.
+
+UNets (SD 1.x/2.x, SDXL): a UNet's cross-attention runs at several resolution levels, each a 2-D
+grid (frames 1) of ``ceil(h/d) x ceil(w/d)`` tokens, ``h x w`` the latent grid and ``d`` the
+level's downsampling. A mask is resized to the latent grid by area, then each level's token
+takes the mean over the ``d x d`` latent tokens it covers (so a hard region is exact at a level
+whose token borders follow the mask's). Captured maps are kept at the latent grid, ``[1, h, w]``:
+each level's map is repeated over the latent tokens under each of its tokens, and all steered
+layers are averaged (``layers=`` picks levels: the indices are the UNet adapter's, down blocks,
+mid block, up blocks). SDXL's keys are the two CLIP encoders' embeddings concatenated along the
+features, at the same token positions: words are resolved with ``tokenizer`` (``tokenizer_2``
+when a pipeline has only that one, as the refiner), both the same CLIP BPE. A ``prompt_2`` other
+than ``prompt`` is not tokenized: the second encoder's half of each key then holds its tokens.
 
 Example:
     >>> import torch, diffattn
@@ -36,8 +51,8 @@ import inspect
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +62,8 @@ from .adapters import find_adapter
 from .adapters import remove as remove_sparse
 from .adapters.base import ModelAdapter
 from .errors import DenseFallbackWarning, UserError
+from .patterns import VideoGrid
+from .processors.agent import level_grid
 from .processors.base import SparseAttnProcessor
 from .processors.state import _current_step
 from .processors.steering import HARD_BIAS, CallEdit, ColumnEdit, SteeredAttnProcessor, TextSteering, steered_processor
@@ -54,7 +71,9 @@ from .processors.steering import HARD_BIAS, CallEdit, ColumnEdit, SteeredAttnPro
 Key = str | int
 Box = tuple[float, float, float, float]
 #: Families whose text enters through cross-attention (``attn2``); the others attend jointly.
-CROSS_ATTENTION_FAMILIES = ("wan", "ltx_video")
+CROSS_ATTENTION_FAMILIES = ("wan", "ltx_video", "sd", "sdxl")
+#: Families whose cross-attention runs at several resolution levels (UNets; 2-D, frames 1).
+LEVEL_FAMILIES = ("sd", "sdxl")
 _HANDLE_ATTRIBUTE = "_diffattn_steering"
 
 
@@ -198,8 +217,14 @@ def check_spec(token_weights: Mapping | None, regions: Mapping | None, exclude: 
 
 
 def _tokenizer(pipe: Any) -> Any:
-    """The tokenizer that makes the transformer's text sequence (FLUX: the T5 one)."""
-    for name in ("tokenizer_2", "tokenizer") if type(pipe).__name__.startswith("Flux") else ("tokenizer",):
+    """The tokenizer that makes the transformer's text sequence (FLUX: the T5 one; SDXL: the first
+    CLIP one, or the second where it is the only one: same BPE, same token positions)."""
+    names = ("tokenizer",)
+    if type(pipe).__name__.startswith("Flux"):
+        names = ("tokenizer_2", "tokenizer")
+    elif type(pipe).__name__.startswith("StableDiffusionXL"):
+        names = ("tokenizer", "tokenizer_2")
+    for name in names:
         tokenizer = getattr(pipe, name, None)
         if tokenizer is not None:
             return tokenizer
@@ -238,7 +263,12 @@ def resolve_tokens(tokenizer: Any, prompt: str, key: Key, offset: int = 0, dropp
     text = prompt if text is None else text
     spans = [(offset + m.start(), offset + m.end())
              for m in re.finditer(r"(?<!\w)" + re.escape(key) + r"(?!\w)", prompt, flags=re.IGNORECASE)]
-    encoding = tokenizer(text, return_offsets_mapping=True)
+    try:
+        encoding = tokenizer(text, return_offsets_mapping=True)
+    except NotImplementedError as error:  # transformers 4's Python ("slow") tokenizers
+        raise UserError(f"{type(tokenizer).__name__} gives no character offsets, needed to find {key!r} in the "
+                        "prompt: give the pipeline the fast tokenizer (transformers' *TokenizerFast, or transformers "
+                        ">= 5) or steer token positions (int keys)") from error
     positions = [i - dropped for i, (a, b) in enumerate(encoding["offset_mapping"])
                  if b > a and i >= dropped and any(a < end and b > start for start, end in spans)]
     if not positions:
@@ -267,8 +297,9 @@ class SteeringHandle:
     Attributes:
         tokens: ``{word: token positions}`` in the last call's (first) prompt.
         step_maps: ``{word: [map per denoising step]}``, each ``[F, h, w]`` (latent frames and
-            token rows/columns): the attention mass of the word's tokens per video query,
-            averaged over heads, steered layers and conditional rows, from the last call.
+            token rows/columns; UNets: ``[1, h, w]`` at the latent grid): the attention mass of the
+            word's tokens per video query, averaged over heads, steered layers and conditional
+            rows, from the last call.
         maps: ``{word: [F, h, w]}``, ``step_maps`` averaged over the steps.
         video_maps: ``{word: [rows, F, h, w]}``: the maps of each conditional row (video) of the
             last call, averaged over the steps.
@@ -395,16 +426,18 @@ class SteeringHandle:
         self._grid = (grid.frames, grid.height, grid.width)
         self._step = self._step_key(step)
         position = "cross" if adapter.family in CROSS_ATTENTION_FAMILIES else grid.text_position
+        levels = _level_edits(spec, edit, grid, strength) if adapter.family in LEVEL_FAMILIES else None
         return CallEdit(edit, position, text.shape[1], grid.frames * grid.height * grid.width, spec.layers,
-                        capture_rows=rows >= 0)
+                        capture_rows=rows >= 0, level_edit=levels)
 
     def _step_key(self, step: int | None) -> int:
         return -1 if step is None else step
 
     def _sink(self, layer_index: int, maps: torch.Tensor) -> None:
-        """Accumulate the maps ``[rows, Nv, W]`` of one layer of the current step."""
+        """Accumulate the maps ``[rows, Nq, W]`` of one layer of the current step (a UNet level's
+        ``Nq`` queries repeated up to the latent grid)."""
         total = self._sums.setdefault(self._step, [0.0, 0, self._grid])
-        total[0] = total[0] + maps.detach().float().cpu()
+        total[0] = total[0] + _to_latent_grid(maps.detach().float().cpu(), VideoGrid(*self._grid))
         total[1] += 1
 
     def _finish_maps(self) -> None:
@@ -456,27 +489,17 @@ def _column_edit(spec: SteeringSpec, positions: list[dict[Key, list[int]]], rows
 
     value_scale, queries, keys = None, [], []
     if editing:
-        hard = math.isinf(strength)
         for key, factor in spec.token_weights.items():
             if factor == 1:
                 continue
             where = indicator(key)
             if spec.normalize:
-                queries.append(torch.ones(grid.video_tokens))
                 keys.append(where * math.log(max(factor, 1e-30)))
             else:
                 value_scale = torch.ones(batch, text_tokens) if value_scale is None else value_scale
                 value_scale = torch.where(where > 0, value_scale * factor, value_scale)
-        for masks, favour in ((spec.regions, True), (spec.exclude, False)):
-            for key, mask in masks.items():
-                inside = _grid_mask(mask, grid.frames, grid.height, grid.width,
-                                    f"{'regions' if favour else 'exclude'}[{key!r}]")
-                if hard:
-                    bias = -HARD_BIAS * ((inside < 0.5) if favour else (inside >= 0.5)).float()
-                else:
-                    bias = strength * (2 * inside - 1) if favour else -strength * inside
-                queries.append(bias)
-                keys.append(indicator(key))
+        keys += [indicator(key) for masks in (spec.regions, spec.exclude) for key in masks]
+        queries = _query_factors(spec, grid, strength)
     capture = torch.stack([indicator(key) for key in spec.capture], -1) if spec.capture else None
     return ColumnEdit(
         query_factors=torch.stack(queries, -1)[None] if queries else None,
@@ -484,6 +507,61 @@ def _column_edit(spec: SteeringSpec, positions: list[dict[Key, list[int]]], rows
         value_scale=value_scale,
         capture=capture,
     )
+
+
+def _query_factors(spec: SteeringSpec, grid: Any, strength: float, downsample: int = 1) -> list[torch.Tensor]:
+    """The query factors ``u`` (``[tokens]`` per rank, in :func:`_column_edit`'s key order: the
+    ``normalize`` weights, the regions, the exclusions) at the forward's token grid, or at its
+    UNet level downsampled ``downsample`` times (each level token: the mean of its latent tokens)."""
+    frames, height, width = grid.frames, grid.height, grid.width
+    tokens = frames * -(-height // downsample) * -(-width // downsample)
+    out = [torch.ones(tokens) for factor in spec.token_weights.values() if spec.normalize and factor != 1]
+    hard = math.isinf(strength)
+    for masks, favour in ((spec.regions, True), (spec.exclude, False)):
+        for key, mask in masks.items():
+            inside = _grid_mask(mask, frames, height, width, f"{'regions' if favour else 'exclude'}[{key!r}]")
+            if downsample > 1:
+                inside = F.avg_pool2d(inside.reshape(frames, height, width), downsample, ceil_mode=True).flatten()
+            if hard:
+                bias = -HARD_BIAS * ((inside < 0.5) if favour else (inside >= 0.5)).float()
+            else:
+                bias = strength * (2 * inside - 1) if favour else -strength * inside
+            out.append(bias)
+    return out
+
+
+def _level_edits(spec: SteeringSpec, edit: ColumnEdit, grid: Any,
+                 strength: float) -> Callable[[int], ColumnEdit | None]:
+    """``edit`` for a UNet level's cross-attention with ``queries`` tokens (None: no level of
+    ``grid`` has that many); the query factors are made once per level and forward."""
+    made: dict[int, ColumnEdit | None] = {}
+
+    def at_level(queries: int) -> ColumnEdit | None:
+        if queries not in made:
+            found = level_grid(VideoGrid(1, grid.height, grid.width), queries) if grid.frames == 1 else None
+            if found is None or edit.query_factors is None:
+                made[queries] = None if found is None else edit
+            else:
+                factors = _query_factors(spec, grid, strength, found[0])
+                made[queries] = replace(edit, query_factors=torch.stack(factors, -1)[None])
+        return made[queries]
+
+    return at_level
+
+
+def _to_latent_grid(maps: torch.Tensor, grid: VideoGrid) -> torch.Tensor:
+    """Maps ``[rows, Nq, W]`` of a UNet level (``Nq`` tokens) repeated over the latent tokens under
+    each level token, ``[rows, grid.video_tokens, W]``; maps at the grid pass unchanged."""
+    if maps.shape[1] == grid.video_tokens:
+        return maps
+    found = level_grid(grid, maps.shape[1]) if grid.frames == 1 else None
+    if found is None:
+        raise RuntimeError(f"captured maps of {maps.shape[1]} queries on the token grid {grid}")  # op checked it
+    downsample, level = found
+    rows = torch.arange(grid.height) // downsample
+    cols = torch.arange(grid.width) // downsample
+    per_level = maps.reshape(maps.shape[0], level.height, level.width, maps.shape[-1])
+    return per_level[:, rows][:, :, cols].reshape(maps.shape[0], grid.video_tokens, maps.shape[-1])
 
 
 def _text_layers(adapter: ModelAdapter, transformer: torch.nn.Module) -> list[tuple[str, int]]:
@@ -525,7 +603,8 @@ def steer(
 
     Args:
         pipe: a diffusers pipeline of a supported family (Wan, LTX-Video, the embedded model,
-            FLUX, HunyuanVideo, CogVideoX, Mochi), with or without :func:`diffattn.apply`.
+            FLUX, HunyuanVideo, CogVideoX, Mochi, SD 1.x/2.x and SDXL), with or without
+            :func:`diffattn.apply`.
         token_weights: ``{word: c}``: the attention probability of the word's tokens times ``c``
             (Prompt-to-Prompt: rows are not renormalised; ``normalize=True`` adds ``log c`` to
             the logits instead, i.e. the softmax renormalises).

@@ -312,6 +312,9 @@ class CallEdit:
         text_tokens, video_tokens: ``S`` and ``N_video`` of this forward.
         layers: the layer indices to edit (None: all steered layers).
         capture_rows: the batch rows whose maps are recorded (the conditional ones).
+        level_edit: cross-attention over another query grid than the forward's (a UNet's
+            coarser resolution levels): ``level_edit(queries)`` is the edit for ``queries``
+            video tokens, or None (that call then runs unsteered, with a warning).
     """
 
     edit: ColumnEdit
@@ -320,6 +323,7 @@ class CallEdit:
     video_tokens: int
     layers: frozenset[int] | None = None
     capture_rows: torch.Tensor | None = None
+    level_edit: Callable[[int], ColumnEdit | None] | None = None
 
 
 @dataclass
@@ -386,6 +390,11 @@ class TextSteering:
         if call.text_position == "cross":
             if keys != call.text_tokens:  # not the text (an I2V image context): never steered
                 return stock_op()
+            if queries != call.video_tokens:
+                edit = call.level_edit(queries) if call.level_edit is not None else None
+                if edit is None:
+                    return self._unsteered(stock_op, f"a cross-attention with {queries} queries where "
+                                                     f"{call.video_tokens} video tokens were expected")
             text, video = slice(0, keys), slice(0, queries)
         elif call.text_position == "end" and self._valid is not None and query.shape[0] == 1:
             # Mochi's stock processor: one sample at a time, over its valid text tokens only.
