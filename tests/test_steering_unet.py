@@ -194,3 +194,20 @@ def test_sdxl_words_use_the_first_clip_tokenizer_or_the_only_one():
     assert _tokenizer(pipe) is first
     pipe.register_modules(tokenizer=None)  # as the SDXL refiner
     assert _tokenizer(pipe) is second
+
+
+def test_levels_of_an_odd_latent_grid_cover_their_latent_tokens():
+    """Latent 5 x 7, level d = 2: 3 x 4 tokens, the last row/column covering one latent token."""
+    from diffattn import VideoGrid
+    from diffattn.steering import _query_factors, _to_latent_grid, check_spec
+
+    grid = VideoGrid(1, 5, 7)
+    spec = check_spec(None, {"x": (0.0, 0.0, 3 / 7, 1.0)}, None, None, (0.0, 1.0), None, 1.0, False, False)
+    (latent,) = _query_factors(spec, grid, strength=1.0)
+    torch.testing.assert_close(latent.reshape(5, 7)[0], torch.tensor([1.0, 1, 1, -1, -1, -1, -1]))
+    (level,) = _query_factors(spec, grid, strength=1.0, downsample=2)
+    # latent columns {0, 1} inside, {2, 3} half, {4, 5} and {6} outside: bias 2 * inside - 1
+    torch.testing.assert_close(level.reshape(3, 4), torch.tensor([[1.0, 0, -1, -1]]).expand(3, 4))
+    expanded = _to_latent_grid(torch.arange(12.0).reshape(1, 12, 1), grid).reshape(5, 7)
+    rows, cols = torch.arange(5)[:, None] // 2, torch.arange(7)[None, :] // 2
+    torch.testing.assert_close(expanded, (rows * 4 + cols).float())
