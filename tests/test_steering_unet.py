@@ -211,3 +211,15 @@ def test_levels_of_an_odd_latent_grid_cover_their_latent_tokens():
     expanded = _to_latent_grid(torch.arange(12.0).reshape(1, 12, 1), grid).reshape(5, 7)
     rows, cols = torch.arange(5)[:, None] // 2, torch.arange(7)[None, :] // 2
     torch.testing.assert_close(expanded, (rows * 4 + cols).float())
+
+
+def test_cli_steers_a_local_sd_folder_and_writes_the_map(tmp_path, capsys):
+    from diffattn.cli import main
+
+    pipeline("sd").save_pretrained(tmp_path / "sd")
+    out = tmp_path / "image.gif"
+    assert main(["generate", "--model", str(tmp_path / "sd"), "--preset", "dense", "--height", "32", "--width", "32",
+                 "--steps", "1", "--prompt", PROMPT, "--region", "red=0,0,0.5,1", "--capture", "red",
+                 "--output", str(out)]) == 0
+    assert "wrote attention maps" in capsys.readouterr().out
+    assert (tmp_path / "image.red.png").is_file() and (tmp_path / "image.red.gif").is_file()
