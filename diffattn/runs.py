@@ -535,7 +535,7 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
     """
     from .adapters import apply, sparsity_state
     from .processors.freeswim import FreeSwim
-    from .processors.presets import preset_layout
+    from .processors.presets import preset_density
 
     output = check_output(options.output)
     check_given_positive_ints({"--fps": options.fps})
@@ -573,7 +573,7 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
 
     state = sparsity_state(pipe)
     grid = state.grid if state is not None else None
-    density = preset_layout(preset.config, grid).density if grid is not None else None
+    density = preset_density(preset.config, grid) if grid is not None else None
     if freeswim is not None:
         grid, density = freeswim.grid, freeswim.density
     return GenerateResult(

@@ -218,7 +218,8 @@ def test_cli_steers_a_local_sd_folder_and_writes_the_map(tmp_path, capsys):
 
     pipeline("sd").save_pretrained(tmp_path / "sd")
     out = tmp_path / "image.gif"
-    assert main(["generate", "--model", str(tmp_path / "sd"), "--preset", "dense", "--height", "32", "--width", "32",
+    # the agent preset (an op, not a layout) also checks that generate reports its pair density
+    assert main(["generate", "--model", str(tmp_path / "sd"), "--preset", "agent", "--height", "32", "--width", "32",
                  "--steps", "1", "--prompt", PROMPT, "--region", "red=0,0,0.5,1", "--capture", "red",
                  "--output", str(out)]) == 0
     assert "wrote attention maps" in capsys.readouterr().out

@@ -94,6 +94,6 @@ def density_by_length(config: Any, grids: dict[str, Any]) -> dict[str, float]:
         >>> d["65"] < d["17"] <= 1.0
         True
     """
-    from ..processors.presets import preset_layout
+    from ..processors.presets import preset_density
 
-    return {name: float(preset_layout(config, grid).density) for name, grid in grids.items()}
+    return {name: float(preset_density(config, grid)) for name, grid in grids.items()}

@@ -219,7 +219,7 @@ def _check_size(options: TrainLoraOptions, pipe: Any, family: Any) -> tuple[int,
 def _load(options: TrainLoraOptions):
     """Load the model and the data, check everything (sizes, preset, data files) and encode the
     data cache: all of it before any training starts."""
-    from ..processors.presets import load_preset, preset_layout
+    from ..processors.presets import load_preset, preset_density
     from ..runs import load_pipeline
     from .data import ProceduralData, VideoFolderData, read_metadata
     from .families import training_family
@@ -246,7 +246,7 @@ def _load(options: TrainLoraOptions):
     sample = family.latent_shape(pipe, options.num_frames, height, width)
     grid = family.token_grid(pipe, sample)
     try:
-        density = preset_layout(preset.config, grid).density
+        density = preset_density(preset.config, grid)
     except ValueError as error:
         raise UserError(f"--preset {preset.name!r} does not fit the token grid {grid.frames}x{grid.height}x"
                         f"{grid.width} of {options.num_frames} frames at {height}x{width}: {error}") from None
