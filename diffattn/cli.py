@@ -151,7 +151,8 @@ def _add_train_lora_parser(sub) -> None:
     p.add_argument("--full-finetune", action="store_true", help="train every transformer weight instead of LoRA")
     p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--timestep-shift", type=float, default=3.0, help="training noise-level shift (default 3)")
+    p.add_argument("--timestep-shift", type=float, default=None,
+                   help="training noise-level shift (default: 3; CogVideoX 1 = uniform timesteps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
