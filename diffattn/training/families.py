@@ -67,6 +67,10 @@ class TrainingFamily(abc.ABC):
         """``(height, width)`` in pixels when the user gives none."""
         return self.default_pixels
 
+    def call_kwargs(self, pipe: Any) -> dict[str, Any]:
+        """Pipeline call arguments that make inference (validation videos) condition as training did."""
+        return {}
+
     @abc.abstractmethod
     def encode_captions(self, pipe: Any, captions: list[str]) -> dict[str, torch.Tensor]:
         """Captions -> the transformer's text keyword arguments, each ``[B, ...]`` (float32, CPU)."""
@@ -354,12 +358,16 @@ class CogVideoXFamily(TrainingFamily):
             raise UserError(f"train-lora trains CogVideoX with a DDPM-style scheduler predicting one of "
                             f"{', '.join(self.predictions)}; got {type(pipe.scheduler).__name__} ({prediction!r})")
 
+    def call_kwargs(self, pipe: Any) -> dict[str, Any]:
+        # The pipeline pads prompts to 226 tokens, the released models' max_text_seq_length; the
+        # transformer's own value is the one its (absolute) text positions are built for.
+        return {"max_sequence_length": int(pipe.transformer.config.max_text_seq_length)}
+
     @torch.no_grad()
     def encode_captions(self, pipe: Any, captions: list[str]) -> dict[str, torch.Tensor]:
         self._check_text_modules(pipe)
-        embeds, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False,
-                                       max_sequence_length=pipe.transformer.config.max_text_seq_length,
-                                       device=pipe.text_encoder.device)
+        embeds, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=pipe.text_encoder.device,
+                                       **self.call_kwargs(pipe))
         return {"encoder_hidden_states": embeds.float().cpu()}
 
     def loss(self, pipe, transformer, clean, noise, sigma, text):

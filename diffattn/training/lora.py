@@ -394,7 +394,8 @@ def train_lora(options: TrainLoraOptions, log: Callable[[str], None] = print) ->
                 if done % options.save_every == 0 and done < stop:
                     save(done)
                 if options.validate_every and done % options.validate_every == 0 and main:
-                    _validate(pipe, states, options, height, width, output / "validation" / f"step-{done:06d}.gif")
+                    _validate(pipe, family, states, options, height, width,
+                              output / "validation" / f"step-{done:06d}.gif")
                 accelerator.wait_for_everyone()
                 if interrupted.requested:
                     raise KeyboardInterrupt
@@ -460,7 +461,8 @@ def _maybe_no_sync(accelerator: Any, model: Any, sync: bool):
 
 
 @torch.no_grad()
-def _validate(pipe: Any, states: list[Any], options: TrainLoraOptions, height: int, width: int, path: Path) -> None:
+def _validate(pipe: Any, family: Any, states: list[Any], options: TrainLoraOptions, height: int, width: int,
+              path: Path) -> None:
     """One seeded validation video at the training size, the preset's inference schedule on."""
     from .._io import to_uint8
     from ..runs import write_video
@@ -472,7 +474,7 @@ def _validate(pipe: Any, states: list[Any], options: TrainLoraOptions, height: i
     try:
         frames = pipe(prompt=options.validation_prompt, num_frames=options.num_frames, height=height, width=width,
                       num_inference_steps=options.validation_steps, output_type="np",
-                      generator=torch.Generator().manual_seed(options.seed)).frames[0]
+                      generator=torch.Generator().manual_seed(options.seed), **family.call_kwargs(pipe)).frames[0]
         write_video(to_uint8(frames), path, fps=8)
     finally:
         for state in states:

@@ -5,6 +5,8 @@ LoRA loaded back with ``load_lora_weights``)."""
 
 from __future__ import annotations
 
+import json
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,10 +20,16 @@ from diffattn.training.families import TRAINING_FAMILIES
 from tests.threads import one_thread  # noqa: F401 (autouse fixture)
 from tests.training.tiny import saved_tiny_cogvideox, saved_tiny_hunyuan_video, saved_tiny_mochi, video_folder
 
-FAMILIES = {  # family: (saved tiny pipeline, pipeline class, frames the family takes)
+FAMILIES = {  # (saved tiny pipeline, pipeline class, frames the model takes)
     "cogvideox": (saved_tiny_cogvideox, "CogVideoXPipeline", 9),
+    "cogvideox-1.5": (partial(saved_tiny_cogvideox, version="1.5"), "CogVideoXPipeline", 13),
     "hunyuan_video": (saved_tiny_hunyuan_video, "HunyuanVideoPipeline", 9),
     "mochi": (saved_tiny_mochi, "MochiPipeline", 7),
+}
+TEXT_INPUTS = {  # the transformer's text keyword arguments each family caches
+    "cogvideox": {"encoder_hidden_states"},
+    "hunyuan_video": {"encoder_hidden_states", "encoder_attention_mask", "pooled_projections"},
+    "mochi": {"encoder_hidden_states", "encoder_attention_mask"},
 }
 
 
@@ -93,20 +101,24 @@ def test_family_trains_sparse_and_its_lora_loads_back(name, tmp_path):
 
     build, pipeline_class, frames = FAMILIES[name]
     model = build(tmp_path / "model")
-    data = video_folder(tmp_path / "videos", frames=9, size=32)
+    data = video_folder(tmp_path / "videos", frames=frames, size=32)
     out = tmp_path / "lora"
     result = train_lora(TrainLoraOptions(output=str(out), model=str(model), data=str(data), preset="radial",
-                                         num_frames=frames, height=32, width=32, steps=2, rank=4, warmup=0),
-                        log=lambda line: None)
+                                         num_frames=frames, height=32, width=32, steps=2, rank=4, warmup=0,
+                                         validate_every=2, validation_steps=2), log=lambda line: None)
     assert len(result.losses) == 2 and all(np.isfinite(result.losses)) and result.sparse_calls > 0
+    assert (out / "validation" / "step-000002.gif").is_file()  # the pipeline runs with the family's call kwargs
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert any(".to_q." in key for key in weights)
     assert any("lora_B" in key and value.abs().max() > 0 for key, value in weights.items())  # a step changed them
     pipe = getattr(diffusers, pipeline_class).from_pretrained(str(model), local_files_only=True)
     pipe.load_lora_weights(str(out))
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
-    cached = next((Path(data) / ".diffattn-cache").iterdir())
-    assert load_file(str(cached))["clean"].shape[0] == pipe.transformer.config.in_channels
+    cached = load_file(str(next((Path(data) / ".diffattn-cache").iterdir())))
+    assert cached["clean"].shape[0] == pipe.transformer.config.in_channels  # [C, f, h, w] latents
+    assert {key[len("text."):] for key in cached if key.startswith("text.")} == TEXT_INPUTS[name.split("-")[0]]
+    if name.startswith("cogvideox"):
+        assert json.loads((out / "training.json").read_text())["timestep_shift"] == 1.0  # uniform timesteps
 
 
 def test_sizes_and_pipelines_the_families_cannot_take_are_refused_by_name():

@@ -72,12 +72,12 @@ def video_folder(folder: Path, frames: int = 9, size: int = 32, count: int = 2, 
     return folder
 
 
-def saved_tiny_cogvideox(folder: Path) -> Path:
-    """The tiny CogVideoX 1.0 pipeline of the adapter tests (rotary) with a tokenizer and a T5-style
-    text encoder of its text width, saved."""
+def saved_tiny_cogvideox(folder: Path, version: str = "1.0") -> Path:
+    """The tiny CogVideoX 1.0 (rotary) or 1.5 pipeline of the adapter tests with a tokenizer and a
+    T5-style text encoder of its text width, saved."""
     from tests.adapters.tiny_cogvideox import TEXT_DIM, tiny_cogvideox_pipeline
 
-    pipe = tiny_cogvideox_pipeline(num_layers=2, seed=0)
+    pipe = tiny_cogvideox_pipeline(version=version, num_layers=2, seed=0)
     tokenizer, encoder = _tiny_text(TEXT_DIM)
     pipe.register_modules(tokenizer=tokenizer, text_encoder=encoder)
     pipe.save_pretrained(str(folder))
