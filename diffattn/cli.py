@@ -123,10 +123,10 @@ TRAIN_LORA_HELP = """\
 LoRA (or full) fine-tuning with the preset's sparse attention in forward and backward, e.g. for
 length extension: the default trains the embedded model at 65 frames (4x its base length) on
 procedural clips. --data FOLDER trains on captioned videos (metadata.jsonl or metadata.csv);
---model a local Wan or LTX-Video pipeline folder. Output: OUTPUT/pytorch_lora_weights.safetensors (diffusers
-format: pipe.load_lora_weights(OUTPUT), diffattn generate --lora OUTPUT), checkpoints in
-OUTPUT/checkpoint (--resume), training.json. Several processes: accelerate launch -m diffattn.cli
-train-lora ... (data parallel)."""
+--model a local text-to-video pipeline folder (Wan, LTX-Video, HunyuanVideo, CogVideoX, Mochi).
+Output: OUTPUT/pytorch_lora_weights.safetensors (diffusers format: pipe.load_lora_weights(OUTPUT),
+diffattn generate --lora OUTPUT), checkpoints in OUTPUT/checkpoint (--resume), training.json.
+Several processes: accelerate launch -m diffattn.cli train-lora ... (data parallel)."""
 
 
 def _add_train_lora_parser(sub) -> None:

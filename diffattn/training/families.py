@@ -342,7 +342,6 @@ class CogVideoXFamily(TrainingFamily):
     preset_family = "cogvideox"
     timestep_shift = 1.0
     predictions = ("v_prediction", "epsilon")
-
     model_words = "a CogVideoX model"
     default_pixels = (480, 720)
 
