@@ -123,10 +123,10 @@ TRAIN_LORA_HELP = """\
 LoRA (or full) fine-tuning with the preset's sparse attention in forward and backward, e.g. for
 length extension: the default trains the embedded model at 65 frames (4x its base length) on
 procedural clips. --data FOLDER trains on captioned videos (metadata.jsonl or metadata.csv);
---model a local Wan or LTX-Video pipeline folder. Output: OUTPUT/pytorch_lora_weights.safetensors (diffusers
-format: pipe.load_lora_weights(OUTPUT), diffattn generate --lora OUTPUT), checkpoints in
-OUTPUT/checkpoint (--resume), training.json. Several processes: accelerate launch -m diffattn.cli
-train-lora ... (data parallel)."""
+--model a local text-to-video pipeline folder (Wan, LTX-Video, HunyuanVideo, CogVideoX, Mochi).
+Output: OUTPUT/pytorch_lora_weights.safetensors (diffusers format: pipe.load_lora_weights(OUTPUT),
+diffattn generate --lora OUTPUT), checkpoints in OUTPUT/checkpoint (--resume), training.json.
+Several processes: accelerate launch -m diffattn.cli train-lora ... (data parallel)."""
 
 
 def _add_train_lora_parser(sub) -> None:
@@ -151,7 +151,8 @@ def _add_train_lora_parser(sub) -> None:
     p.add_argument("--full-finetune", action="store_true", help="train every transformer weight instead of LoRA")
     p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--timestep-shift", type=float, default=3.0, help="training noise-level shift (default 3)")
+    p.add_argument("--timestep-shift", type=float, default=None,
+                   help="training noise-level shift (default: 3; CogVideoX 1 = uniform timesteps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")

@@ -93,7 +93,7 @@ class TrainLoraOptions:
     full_finetune: bool = False
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
-    timestep_shift: float = 3.0
+    timestep_shift: float | None = None
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 50
@@ -150,6 +150,8 @@ def check_options(options: TrainLoraOptions) -> None:
         raise UserError(f"--stop-after must be in 1..--steps ({options.steps}); got {options.stop_after}")
     for flag, value in (("--lr", options.learning_rate), ("--alpha", options.lora_alpha),
                         ("--timestep-shift", options.timestep_shift), ("--max-grad-norm", options.max_grad_norm)):
+        if flag == "--timestep-shift" and value is None:  # the family's default
+            continue
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise UserError(f"{flag} must be a finite number > 0; got {value!r}")
     check_choice("--targets", options.targets, TARGET_CHOICES)
@@ -340,6 +342,7 @@ def train_lora(options: TrainLoraOptions, log: Callable[[str], None] = print) ->
     if start > stop:
         raise UserError(f"--resume: the checkpoint is at step {start}, past the requested stop at step {stop}")
     wrapped, optimizer = accelerator.prepare(transformer, optimizer)
+    shift = options.timestep_shift if options.timestep_shift is not None else family.timestep_shift
     say(f"train-lora: {type(pipe).__name__} ({family.name}), {options.num_frames} frames at {height}x{width} = "
         f"{grid.frames}x{grid.height}x{grid.width} tokens, preset {preset.name} (density {density:.3f}), "
         f"{'full fine-tune' if lora_config is None else f'LoRA rank {options.rank} alpha {options.lora_alpha:g}'}, "
@@ -370,7 +373,7 @@ def train_lora(options: TrainLoraOptions, log: Callable[[str], None] = print) ->
                     clean, text = data.load(keys[own])
                     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
                     noise = torch.randn((len(keys), *clean.shape[1:]), generator=generator)[own]
-                    sigma = noise_levels(len(keys), options.timestep_shift, generator)[own]
+                    sigma = noise_levels(len(keys), shift, generator)[own]
                     text = {k: v.to(device) for k, v in text.items()}
                     sync = micro == options.grad_accum - 1
                     with _maybe_no_sync(accelerator, wrapped, sync):
@@ -391,7 +394,8 @@ def train_lora(options: TrainLoraOptions, log: Callable[[str], None] = print) ->
                 if done % options.save_every == 0 and done < stop:
                     save(done)
                 if options.validate_every and done % options.validate_every == 0 and main:
-                    _validate(pipe, states, options, height, width, output / "validation" / f"step-{done:06d}.gif")
+                    _validate(pipe, family, states, options, height, width,
+                              output / "validation" / f"step-{done:06d}.gif")
                 accelerator.wait_for_everyone()
                 if interrupted.requested:
                     raise KeyboardInterrupt
@@ -411,7 +415,7 @@ def train_lora(options: TrainLoraOptions, log: Callable[[str], None] = print) ->
         atomic_write_text(output / "training.json", json.dumps({
             "options": asdict(options), "model": type(pipe).__name__, "family": family.name,
             "grid": [grid.frames, grid.height, grid.width], "preset": preset.name, "density": density,
-            "processes": world, "steps": done, "losses": history,
+            "processes": world, "timestep_shift": shift, "steps": done, "losses": history,
             "trainable_parameters": sum(p.numel() for p in parameters),
             "seconds_per_step_median": result.seconds_per_step, "peak_memory_mb": result.peak_memory_mb,
             "torch_threads": torch.get_num_threads(), "device": str(device),
@@ -457,7 +461,8 @@ def _maybe_no_sync(accelerator: Any, model: Any, sync: bool):
 
 
 @torch.no_grad()
-def _validate(pipe: Any, states: list[Any], options: TrainLoraOptions, height: int, width: int, path: Path) -> None:
+def _validate(pipe: Any, family: Any, states: list[Any], options: TrainLoraOptions, height: int, width: int,
+              path: Path) -> None:
     """One seeded validation video at the training size, the preset's inference schedule on."""
     from .._io import to_uint8
     from ..runs import write_video
@@ -469,7 +474,7 @@ def _validate(pipe: Any, states: list[Any], options: TrainLoraOptions, height: i
     try:
         frames = pipe(prompt=options.validation_prompt, num_frames=options.num_frames, height=height, width=width,
                       num_inference_steps=options.validation_steps, output_type="np",
-                      generator=torch.Generator().manual_seed(options.seed)).frames[0]
+                      generator=torch.Generator().manual_seed(options.seed), **family.call_kwargs(pipe)).frames[0]
         write_video(to_uint8(frames), path, fps=8)
     finally:
         for state in states:

@@ -70,3 +70,54 @@ def video_folder(folder: Path, frames: int = 9, size: int = 32, count: int = 2, 
     if captions:
         (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder
+
+
+def saved_tiny_cogvideox(folder: Path, version: str = "1.0") -> Path:
+    """The tiny CogVideoX 1.0 (rotary) or 1.5 pipeline of the adapter tests with a tokenizer and a
+    T5-style text encoder of its text width, saved."""
+    from tests.adapters.tiny_cogvideox import TEXT_DIM, tiny_cogvideox_pipeline
+
+    pipe = tiny_cogvideox_pipeline(version=version, num_layers=2, seed=0)
+    tokenizer, encoder = _tiny_text(TEXT_DIM)
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=encoder)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def saved_tiny_hunyuan_video(folder: Path) -> Path:
+    """The tiny HunyuanVideoPipeline of the adapter tests with word-level tokenizers, a 2-layer
+    Llama (its prompt embeddings) and a 1-layer CLIP text model (its pooled embedding), saved."""
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    from diffattn.pipelines.embedded import build_tokenizer
+    from tests.adapters.tiny_hunyuan_video import POOLED_DIM, TEXT_DIM, tiny_hunyuan_video_pipeline
+
+    pipe = tiny_hunyuan_video_pipeline(seed=0)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    llama = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                   max_position_embeddings=512, pad_token_id=0))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=POOLED_DIM, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                                        pad_token_id=0, bos_token_id=0, eos_token_id=1))
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=llama, tokenizer_2=build_tokenizer(), text_encoder_2=clip)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def saved_tiny_mochi(folder: Path) -> Path:
+    """The tiny MochiPipeline of the adapter tests (12 latent channels) with a tiny Mochi VAE
+    (32-channel blocks: its group norms need 32), a tokenizer and a T5-style encoder, saved."""
+    from diffusers import AutoencoderKLMochi
+
+    from tests.adapters.tiny_mochi import TEXT_DIM, tiny_mochi_pipeline
+
+    pipe = tiny_mochi_pipeline(num_layers=2, seed=0, in_channels=12)
+    torch.manual_seed(0)
+    vae = AutoencoderKLMochi(encoder_block_out_channels=(32,) * 4, decoder_block_out_channels=(32,) * 4,
+                             layers_per_block=(1,) * 5, add_attention_block=(False,) * 5)
+    tokenizer, encoder = _tiny_text(TEXT_DIM)
+    pipe.register_modules(vae=vae, tokenizer=tokenizer, text_encoder=encoder)
+    pipe.save_pretrained(str(folder))
+    return folder
