@@ -12,26 +12,32 @@ Example:
     >>> _ = diffattn.remove(pipe)         # the stock processors, exactly
 """
 
-from .adapters import apply, remove, sparse_processors
+from .adapters import apply, sparse_processors
 from .errors import DenseFallbackWarning, UserError
 from .kernels import agent_attention, block_sparse_attention
 from .patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
 from .patterns import PyramidSparse
 from .processors import SparsityConfig
+from .processors.agent import AgentSD
+from .processors.freeswim import FreeSwim
 from .profiler import ProfileReport, profile
+from .steering import SteeringHandle, remove, steer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgentSD",
     "BlockLayout",
     "Dense",
     "DenseFallbackWarning",
+    "FreeSwim",
     "Neighborhood",
     "Pattern",
     "ProfileReport",
     "PyramidSparse",
     "Radial",
     "SparsityConfig",
+    "SteeringHandle",
     "UserError",
     "VideoGrid",
     "__version__",
@@ -41,4 +47,5 @@ __all__ = [
     "profile",
     "remove",
     "sparse_processors",
+    "steer",
 ]

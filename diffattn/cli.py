@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(p)
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--output", required=True, help=".mp4 (imageio-ffmpeg) or .gif, written atomically")
+    _add_steering_arguments(p)
 
     p = sub.add_parser("profile", help="dense vs preset with the same seed: speedups, density, Amdahl bound, PSNR/SSIM",
                        description=PROFILE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,7 +114,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", action="store_true",
                    help="also run the diagnostics on the tuning captions: one-step denoising profile and "
                         "caption-word sensitivity (about 3x the evaluation's model calls)")
+    _add_train_lora_parser(sub)
     return parser
+
+
+# --- train-lora (diffattn.training) ------------------------------------------------------------
+TRAIN_LORA_HELP = """\
+LoRA (or full) fine-tuning with the preset's sparse attention in forward and backward, e.g. for
+length extension: the default trains the embedded model at 65 frames (4x its base length) on
+procedural clips. --data FOLDER trains on captioned videos (metadata.jsonl or metadata.csv);
+--model a local text-to-video pipeline folder (Wan, LTX-Video, HunyuanVideo, CogVideoX, Mochi).
+Output: OUTPUT/pytorch_lora_weights.safetensors (diffusers format: pipe.load_lora_weights(OUTPUT),
+diffattn generate --lora OUTPUT), checkpoints in OUTPUT/checkpoint (--resume), training.json.
+Several processes: accelerate launch -m diffattn.cli train-lora ... (data parallel)."""
+
+
+def _add_train_lora_parser(sub) -> None:
+    p = sub.add_parser("train-lora", help="LoRA fine-tuning with sparse attention (length extension)",
+                       description=TRAIN_LORA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="output folder (LoRA, checkpoint/, training.json)")
+    p.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the embedded model)")
+    p.add_argument("--data", default=None, help="folder of videos + metadata.jsonl/csv (default: procedural clips)")
+    p.add_argument("--preset", default="radial", help="sparsity preset or YAML, active in training (default radial)")
+    p.add_argument("--num-frames", type=int, default=65, help="training clip length (default 65)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many of --steps (then --resume)")
+    p.add_argument("--batch-size", type=int, default=1, help="clips per step and process (default 1)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-steps (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 LoRA, 1e-4 full)")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (default 10)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--targets", default="attention", choices=("attention", "attention+ffn"))
+    p.add_argument("--full-finetune", action="store_true", help="train every transformer weight instead of LoRA")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--timestep-shift", type=float, default=None,
+                   help="training noise-level shift (default: 3; CogVideoX 1 = uniform timesteps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    p.add_argument("--validate-every", type=int, default=0, help="validation video every K steps (0: never)")
+    p.add_argument("--validation-prompt", default="a red circle moves right")
+    p.add_argument("--validation-steps", type=int, default=10, help="denoising steps of a validation video")
+    p.add_argument("--cache-dir", default=None, help="latent/text cache (default DATA/.diffattn-cache)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def cmd_train_lora(args) -> int:
+    from .training import TrainLoraOptions, train_lora
+
+    options = TrainLoraOptions(**{k: v for k, v in vars(args).items() if k != "command"})
+    train_lora(options, log=lambda line: print(line, file=sys.stderr))
+    return 0
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -133,10 +188,30 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--cpu-offload", action="store_true", help="diffusers model CPU offload (needs an accelerator)")
-    p.add_argument("--lora", default=None, help="LoRA weights (.safetensors only)")
+    p.add_argument("--lora", default=None, help="LoRA weights: .safetensors file or train-lora output folder")
     p.add_argument("--ulysses-degree", type=int, default=1,
                    help="diffusers context parallelism (Ulysses) over N processes: run under "
                         "`torchrun --nproc-per-node N -m diffattn.cli ...` (Wan, LTX-Video, FLUX; default 1)")
+
+
+def _add_steering_arguments(p: argparse.ArgumentParser) -> None:
+    """generate's steering flags (diffattn.steer); each repeatable."""
+    g = p.add_argument_group("steering (text attention; see README 'Steering')")
+    g.add_argument("--weight", action="append", default=[], metavar="WORD=FACTOR",
+                   help="multiply the attention to WORD's tokens by FACTOR (e.g. red=2.0)")
+    g.add_argument("--region", action="append", default=[], metavar="PHRASE=x0,y0,x1,y1",
+                   help="favour PHRASE inside the box (fractions of the frame), suppress it outside")
+    g.add_argument("--exclude", action="append", default=[], metavar="PHRASE=x0,y0,x1,y1",
+                   help="suppress PHRASE inside the box")
+    g.add_argument("--capture", action="append", default=[], metavar="WORD",
+                   help="write WORD's attention map next to the video (OUTPUT_STEM.WORD.png and a heat-map video)")
+    g.add_argument("--steer-strength", type=float, default=3.0,
+                   help="region/exclusion logit bias (default 3; inf: hard)")
+
+
+def _steering_options(args) -> dict:
+    return dict(weights=tuple(args.weight), regions=tuple(args.region), excludes=tuple(args.exclude),
+                captures=tuple(args.capture), steer_strength=args.steer_strength)
 
 
 def _run_options(args) -> dict:
@@ -201,7 +276,7 @@ def cmd_bench(argv: list[str]) -> int:
 def cmd_generate(args) -> int:
     from .runs import GenerateOptions, generate, is_main_rank
 
-    options = GenerateOptions(output=args.output, fps=args.fps, **_run_options(args))
+    options = GenerateOptions(output=args.output, fps=args.fps, **_run_options(args), **_steering_options(args))
     result = generate(options)
     if not is_main_rank():
         return 0
@@ -210,6 +285,8 @@ def cmd_generate(args) -> int:
     print(f"wrote {result.path}: {result.num_frames} frames {result.height}x{result.width} in {result.seconds:.1f} s, "
           f"preset {result.family}/{result.preset}, layout density {density}{grid}, "
           f"{result.sparse_calls} sparse attention calls")
+    if result.maps:
+        print("wrote attention maps: " + ", ".join(str(path) for path in result.maps))
     return 0
 
 
@@ -274,6 +351,8 @@ def _dispatch(argv: list[str]) -> int:
         return cmd_profile(args)
     if args.command == "eval-embedded":
         return cmd_eval_embedded(args)
+    if args.command == "train-lora":
+        return cmd_train_lora(args)
     return cmd_generate(args)
 
 

@@ -74,6 +74,13 @@ class GenerateOptions(RunOptions):
 
     output: str
     fps: int = 16
+    #: Steering flags (see :func:`steering_arguments`): ``WORD=FACTOR``, ``PHRASE=x0,y0,x1,y1``
+    #: (twice) and ``WORD``, each repeatable.
+    weights: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    captures: tuple[str, ...] = ()
+    steer_strength: float = 3.0
 
 
 @dataclass
@@ -115,6 +122,7 @@ class GenerateResult:
     density: float | None
     grid: object | None
     sparse_calls: int = 0
+    maps: tuple[Path, ...] = ()
 
 
 def check_output(path: str | os.PathLike, suffixes: tuple[str, ...] = VIDEO_SUFFIXES, flag: str = "--output") -> Path:
@@ -252,7 +260,8 @@ def is_main_rank() -> bool:
 
 def check_lora(path: str | None) -> Path | None:
     """``path`` as a Path (None stays None); UserError unless it is an existing ``.safetensors``
-    file (pickled weights are never loaded).
+    file (pickled weights are never loaded) or a folder holding ``pytorch_lora_weights.safetensors``
+    (what ``diffattn train-lora`` and diffusers' ``save_lora_weights`` write).
 
     Example:
         >>> check_lora(None) is None
@@ -264,8 +273,13 @@ def check_lora(path: str | None) -> Path | None:
     if path is None:
         return None
     lora = Path(path)
+    if lora.is_dir():
+        lora = lora / "pytorch_lora_weights.safetensors"
+        if not lora.is_file():
+            raise UserError(f"--lora folder {str(path)!r} has no pytorch_lora_weights.safetensors")
     if lora.suffix.lower() != ".safetensors":
-        raise UserError(f"--lora must be a .safetensors file (pickled weights are never loaded); got {str(lora)!r}")
+        raise UserError(f"--lora must be a .safetensors file or a folder holding pytorch_lora_weights.safetensors "
+                        f"(pickled weights are never loaded); got {str(lora)!r}")
     if not lora.is_file():
         raise UserError(f"--lora file {str(lora)!r} does not exist")
     return lora
@@ -416,6 +430,11 @@ def prepare_run(options: RunOptions) -> PreparedRun:
             pipe.load_lora_weights(str(lora))
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise UserError(f"--lora {str(lora)!r} could not be loaded: {error_message(error)}") from None
+    from .training.length import install_rope_fit
+
+    for name in ("transformer", "transformer_2"):  # Wan's RoPE tables grow for videos longer than built for
+        if isinstance(getattr(pipe, name, None), torch.nn.Module):
+            install_rope_fit(getattr(pipe, name))
     if options.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -424,6 +443,83 @@ def prepare_run(options: RunOptions) -> PreparedRun:
     call = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in call.items()}
     return PreparedRun(pipe=pipe, preset=preset, family=family, call=call, device=device, dtype=dtype,
                        is_default=is_default)
+
+
+def _freeswim_coarse_to_fine(run: PreparedRun, generator: torch.Generator):
+    """FreeSwim's coarse-to-fine result when the preset is FreeSwim and the size is above the
+    model's native one, else None (the plain call)."""
+    from .freeswim_run import coarse_to_fine, is_above_native
+    from .processors.freeswim import FreeSwim
+
+    config, call = run.preset.config, dict(run.call)
+    height, width = call.pop("height", None), call.pop("width", None)
+    if not isinstance(config, FreeSwim) or height is None or width is None:
+        return None
+    if not is_above_native(run.pipe, height, width, config):
+        return None
+    return coarse_to_fine(run.pipe, config, height=height, width=width, generator=generator, **call)
+
+
+def _split_flag(value: str, flag: str, what: str) -> tuple[str, str]:
+    word, sep, rest = value.rpartition("=")
+    if not sep or not word.strip() or not rest.strip():
+        raise UserError(f"{flag} must be {what}; got {value!r}")
+    return word.strip(), rest.strip()
+
+
+def steering_arguments(options: GenerateOptions) -> dict | None:
+    """The keyword arguments of :func:`diffattn.steer` the steering flags ask for (None: no
+    steering), checked before any model is loaded (:class:`UserError` naming the flag).
+
+    Example:
+        >>> options = GenerateOptions(output="v.mp4", weights=("red=2",), regions=("red circle=0,0,0.5,1",),
+        ...                           captures=("red",))
+        >>> arguments = steering_arguments(options)
+        >>> arguments["token_weights"], arguments["regions"], arguments["capture"]
+        ({'red': 2.0}, {'red circle': (0.0, 0.0, 0.5, 1.0)}, ['red'])
+    """
+    from .steering import check_box, check_spec
+
+    if not (options.weights or options.regions or options.excludes or options.captures):
+        return None
+    weights = {}
+    for value in options.weights:
+        word, factor = _split_flag(value, "--weight", "WORD=FACTOR (e.g. red=2.0)")
+        try:
+            weights[word] = float(factor)
+        except ValueError:
+            raise UserError(f"--weight {value!r}: FACTOR must be a number; got {factor!r}") from None
+    boxes = {}
+    for flag, values in (("--region", options.regions), ("--exclude", options.excludes)):
+        boxes[flag] = {}
+        for value in values:
+            phrase, box = _split_flag(value, flag, "PHRASE=x0,y0,x1,y1 (fractions of the frame)")
+            boxes[flag][phrase] = check_box(box, f"{flag} {value!r}: the box")
+    arguments = dict(token_weights=weights, regions=boxes["--region"], exclude=boxes["--exclude"],
+                     capture=list(options.captures), strength=options.steer_strength)
+    check_spec(**arguments, steps=(0.0, 1.0), layers=None, decay=True, normalize=False)
+    return arguments
+
+
+def write_maps(handle: Any, frames: np.ndarray, output: Path, fps: int) -> tuple[Path, ...]:
+    """Write each captured word's map next to the video: ``<stem>.<word>.png`` (frames above
+    heat maps) and ``<stem>.<word><suffix>`` (the heat-map video); returns the paths."""
+    import re
+
+    from PIL import Image
+
+    from .steering import heatmap_sheet, heatmap_video
+
+    written = []
+    for word, word_map in handle.maps.items():
+        name = re.sub(r"[^\w-]+", "_", str(word)).strip("_") or "word"
+        sheet = output.with_name(f"{output.stem}.{name}.png")
+        with atomic_path(sheet) as tmp:
+            Image.fromarray(heatmap_sheet(word_map, frames)).save(tmp, format="PNG")
+        video = output.with_name(f"{output.stem}.{name}{output.suffix}")
+        write_video(heatmap_video(word_map, frames), video, fps=fps)
+        written += [sheet, video]
+    return tuple(written)
 
 
 def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> GenerateResult:
@@ -438,27 +534,52 @@ def generate(options: GenerateOptions, log: Callable[[str], None] = print) -> Ge
         (True, 5, 'radial-fast')
     """
     from .adapters import apply, sparsity_state
+    from .processors.freeswim import FreeSwim
     from .processors.presets import preset_density
 
     output = check_output(options.output)
     check_given_positive_ints({"--fps": options.fps})
+    steering = steering_arguments(options)
     run = prepare_run(options)
     pipe, preset = run.pipe, run.preset
-    apply(pipe, preset.config)
+    if steering is not None and isinstance(preset.config, FreeSwim):
+        raise UserError(
+            f"the steering flags (--weight/--region/--exclude/--capture) do not compose with the FreeSwim preset "
+            f"{preset.name!r}: FreeSwim owns the cross-attention layers; drop one of them"
+        )
     generator = torch.Generator(device="cpu").manual_seed(options.seed)
-
     start = time.perf_counter()
-    result = pipe(**run.call, generator=generator, output_type="np")
+    # FreeSwim above the native size: base pass, upscale, refine (diffattn.freeswim_run).
+    freeswim = _freeswim_coarse_to_fine(run, generator)
+    handle = None
+    if freeswim is None:
+        apply(pipe, preset.config)
+        if steering is not None:
+            from .steering import steer
+
+            handle = steer(pipe, **steering)
+        result = pipe(**run.call, generator=generator, output_type="np")
+    else:
+        result = freeswim
+        log(f"FreeSwim coarse-to-fine: base {freeswim.base_size[0]}x{freeswim.base_size[1]}, window "
+            f"{freeswim.window}, guide steps {freeswim.guide_steps}, cache {freeswim.cache_bytes / 2**20:.2f} MiB")
     frames = to_uint8(result.frames[0] if hasattr(result, "frames") else result.images)
     seconds = time.perf_counter() - start
+    maps: tuple[Path, ...] = ()
     if is_main_rank():  # under --ulysses-degree every rank has the whole video
         write_video(frames, output, fps=options.fps)
+        if handle is not None:
+            maps = write_maps(handle, frames, output, options.fps)
 
     state = sparsity_state(pipe)
     grid = state.grid if state is not None else None
     density = preset_density(preset.config, grid) if grid is not None else None
+    if freeswim is not None:
+        grid, density = freeswim.grid, freeswim.density
     return GenerateResult(
         path=output, num_frames=frames.shape[0], height=frames.shape[1], width=frames.shape[2], seconds=seconds,
         preset=preset.name, family=run.family, density=density, grid=grid,
-        sparse_calls=sum(state.sparse_calls.values()) if state is not None else 0,
+        sparse_calls=freeswim.sparse_calls if freeswim is not None else
+        sum(state.sparse_calls.values()) if state is not None else 0,
+        maps=maps,
     )

@@ -39,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from diffattn._io import atomic_path, atomic_write_text  # noqa: E402
 from diffattn.pipelines.embedded import (  # noqa: E402
     EMBEDDED_DIR,
     EmbeddedModelConfig,
@@ -48,6 +47,9 @@ from diffattn.pipelines.embedded import (  # noqa: E402
     encode_text,
 )
 from diffattn.pipelines.shapes import sample_batch  # noqa: E402
+from diffattn.training.checkpoint import load_checkpoint as read_checkpoint  # noqa: E402
+from diffattn.training.checkpoint import save_checkpoint as write_checkpoint  # noqa: E402
+from diffattn.training.objectives import denoising_loss, noise_levels, noised  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,100 +110,26 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def noise_levels(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """``[batch]`` training noise levels: uniform ``u`` warped by the timestep shift,
-    ``sigma = shift u / (1 + (shift - 1) u)`` (more high noise levels for ``shift > 1``).
-
-    Example:
-        >>> sigma = noise_levels(4, 3.0, torch.Generator().manual_seed(0))
-        >>> sigma.shape, bool(((0 <= sigma) & (sigma <= 1)).all())
-        (torch.Size([4]), True)
-    """
-    u = torch.rand(batch, generator=generator)
-    return shift * u / (1 + (shift - 1) * u)
-
-
-# ---- checkpoints: safetensors + JSON, written atomically ------------------------------------------------
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        # clone(): tied weights (the text encoder's shared embedding) must not share memory in safetensors
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp))
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Flatten an optimizer's state into safetensors-able tensors and a JSON-able remainder."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entry in state["state"].items():
-        for name, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value
-            else:
-                scalars[f"{index}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def save_checkpoint(folder: Path, step: int, models: dict[str, torch.nn.Module], ema: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, losses: list[float], args: argparse.Namespace) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     weights = {f"{name}.{k}": v for name, model in models.items() for k, v in model.state_dict().items()}
-    _save_tensors(weights, folder / "weights.safetensors")
-    _save_tensors(ema, folder / "ema.safetensors")
-    tensors, meta = optimizer_tensors(optimizer)
-    _save_tensors(tensors, folder / "optimizer.safetensors")
-    # Written last: a checkpoint counts only once its JSON names the step all files belong to.
-    atomic_write_text(folder / "checkpoint.json", json.dumps(
-        {"step": step, "optimizer": meta, "args": vars(args), "recent_losses": losses[-100:]}, indent=1))
+    write_checkpoint(folder, step, {"weights": weights, "ema": ema}, optimizer,
+                     {"args": vars(args), "recent_losses": losses[-100:]})
 
 
 def load_checkpoint(folder: Path, models: dict[str, torch.nn.Module], ema: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer) -> int:
     """Restore weights, EMA and optimizer; return the number of steps already done (0 if none)."""
-    from safetensors.torch import load_file
-
-    info_path = folder / "checkpoint.json"
-    if not info_path.is_file():
+    info = read_checkpoint(folder, optimizer, groups=["weights", "ema"])
+    if info is None:
         return 0
-    info = json.loads(info_path.read_text())
-    weights = load_file(str(folder / "weights.safetensors"))
+    weights = info["tensors"]["weights"]
     for name, model in models.items():
         prefix = f"{name}."
         model.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
-    for key, value in load_file(str(folder / "ema.safetensors")).items():
+    for key, value in info["tensors"]["ema"].items():
         ema[key].copy_(value)
-    restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), info["optimizer"])
     return int(info["step"])
-
-
-def denoising_loss(prediction: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor,
-                   min_loss_sigma: float) -> torch.Tensor:
-    """Rectified-flow loss of a clean-clip prediction ``[B, C, F, H, W]`` at noise levels ``sigma``
-    ``[B]``: the mean of ``((x0_hat - x0) / max(sigma, min_loss_sigma))^2``, the velocity error
-    (as JiT) for ``min_loss_sigma -> 0``, the plain x0 error at 1. The shipped model uses 1: with
-    the velocity loss (0.25) near-clean steps, which this model already denoises well, got up to
-    16x the weight of the high noise levels where it fails (layout, colour and motion are decided there).
-
-    Example:
-        >>> clean = torch.zeros(2, 3, 1, 2, 2)
-        >>> float(denoising_loss(clean + 1, clean, torch.tensor([0.1, 0.5]), 0.25))   # (16 + 4) / 2
-        10.0
-    """
-    weight = sigma.view(-1, 1, 1, 1, 1).clamp(min=min_loss_sigma)
-    return torch.mean(((prediction - clean) / weight) ** 2)
 
 
 def write_pipeline(components: dict, ema: dict[str, torch.Tensor], output: Path, provenance: dict) -> None:
@@ -244,8 +172,7 @@ def noisy_batch(videos: np.ndarray, shift: float, generator: torch.Generator
     clean = torch.from_numpy(videos).to(torch.float32).permute(0, 4, 1, 2, 3) / 127.5 - 1.0
     noise = torch.randn(clean.shape, generator=generator)
     sigma = noise_levels(clean.shape[0], shift, generator)
-    s = sigma.view(-1, 1, 1, 1, 1)
-    return clean, sigma, (1 - s) * clean + s * noise
+    return clean, sigma, noised(clean, noise, sigma)
 
 
 def relative_to_repo(path: str) -> str:

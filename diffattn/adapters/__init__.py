@@ -6,6 +6,7 @@ One adapter per model family knows its token order, latent grid and self-attenti
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from ..errors import UserError
 from ..patterns import Pattern, VideoGrid
 from ..processors.config import SparsityConfig
+from ..processors.freeswim import FreeSwim
 from ..processors.presets import load_preset
 from .base import INSTALLED_ATTRIBUTE, DenseFallbackWarning, ModelAdapter, install, uninstall, unwrap_compiled
 from .base import sparse_processors as _sparse_processors
@@ -21,6 +23,7 @@ from .flux import FluxAdapter
 from .hunyuan_video import HunyuanVideoAdapter
 from .ltx_video import LTXVideoAdapter
 from .mochi import MochiAdapter
+from .unet import StableDiffusionAdapter, StableDiffusionXLAdapter
 from .wan import WanAdapter
 
 ADAPTERS: tuple[ModelAdapter, ...] = (
@@ -30,6 +33,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
     LTXVideoAdapter(),
     HunyuanVideoAdapter(),
     MochiAdapter(),
+    StableDiffusionAdapter(),
+    StableDiffusionXLAdapter(),
 )
 
 
@@ -39,7 +44,9 @@ def find_adapter(pipe: Any) -> ModelAdapter:
         if adapter.matches(pipe):
             return adapter
     names = ", ".join(a.family for a in ADAPTERS)
-    found = getattr(getattr(pipe, "transformer", None), "__class__", type(None)).__name__
+    model = getattr(pipe, "transformer", None)
+    model = getattr(pipe, "unet", None) if model is None else model
+    found = getattr(model, "__class__", type(None)).__name__
     raise UserError(
         f"{type(pipe).__name__} (transformer {found}) is not a supported pipeline; supported model families: {names}"
     )
@@ -47,9 +54,12 @@ def find_adapter(pipe: Any) -> ModelAdapter:
 
 def adapter_for_transformer(transformer: Any) -> ModelAdapter:
     """The adapter whose family's transformer ``transformer`` is, or :class:`UserError`."""
-    name = type(unwrap_compiled(transformer)).__name__
+    transformer = unwrap_compiled(transformer)
+    name = type(transformer).__name__
     for adapter in ADAPTERS:
-        if name in adapter.transformer_classes:
+        # As its pipeline's model: tells SD from SDXL UNets (one class, two families).
+        as_pipe = SimpleNamespace(**dict.fromkeys(adapter.transformer_attributes, transformer))
+        if name in adapter.transformer_classes and adapter.matches(as_pipe):
             return adapter
     supported = ", ".join(c for a in ADAPTERS for c in a.transformer_classes)
     raise UserError(f"transformer must be one of {supported}; got a {name}")
@@ -105,6 +115,9 @@ def sparse_processors(
     """
     adapter = adapter_for_transformer(transformer)
     config = resolve_config(config, adapter.family, **overrides)
+    if isinstance(config, FreeSwim):
+        raise UserError("FreeSwim needs the pipeline (its native size and the transformer hooks): use "
+                        "diffattn.apply(pipe, FreeSwim(...)), not sparse_processors")
     return _sparse_processors(adapter, transformer, config, scheduler)
 
 
@@ -113,9 +126,9 @@ def apply(pipe: Any, config: SparsityConfig | Pattern | str | os.PathLike, **ove
 
     Args:
         pipe: a diffusers pipeline of a supported family.
-        config: a :class:`SparsityConfig`; a bare pattern (then every layer and step is sparse); a
-            preset name of the pipeline's family (``"radial"``, see ``configs/<family>/``); or the
-            path of a preset YAML file.
+        config: a :class:`SparsityConfig` (or :class:`~diffattn.FreeSwim`); a bare pattern (then every
+            layer and step is sparse); a preset name of the pipeline's family (``"radial"``, see
+            ``configs/<family>/``); or the path of a preset YAML file.
         **overrides: :class:`SparsityConfig` fields to replace (e.g. ``dense_steps=10``).
 
     Applying again replaces the previous configuration (never stacks); :func:`remove` restores
@@ -140,6 +153,10 @@ def apply(pipe: Any, config: SparsityConfig | Pattern | str | os.PathLike, **ove
     adapter = find_adapter(pipe)
     config = resolve_config(config, adapter.family, **overrides)
     remove(pipe)
+    if isinstance(config, FreeSwim):  # FreeSwim: processors on both attention layers and batch hooks
+        from .freeswim import apply_freeswim
+
+        return apply_freeswim(pipe, adapter, config)
     scheduler = getattr(pipe, "scheduler", None)
     for _, transformer in adapter.transformers(pipe):
         install(adapter, transformer, config, scheduler)
@@ -154,15 +171,18 @@ def remove(pipe: Any) -> Any:
     if isinstance(pipe, torch.nn.Module):
         uninstall(pipe)
         return pipe
-    for attribute in ("transformer", "transformer_2"):
+    for attribute in ("transformer", "transformer_2", "unet"):
         module = getattr(pipe, attribute, None)
         if module is not None and hasattr(module, INSTALLED_ATTRIBUTE):
             uninstall(module)
     return pipe
 
 
-def sparsity_state(pipe: Any, attribute: str = "transformer"):
-    """The :class:`SparsityState` installed on ``pipe.<attribute>`` (None if not applied)."""
+def sparsity_state(pipe: Any, attribute: str | None = None):
+    """The :class:`SparsityState` installed on ``pipe.<attribute>`` (None if not applied); by
+    default ``pipe.transformer``, or ``pipe.unet`` for a UNet pipeline."""
+    if attribute is None:
+        attribute = "unet" if getattr(pipe, "transformer", None) is None and hasattr(pipe, "unet") else "transformer"
     installed = getattr(getattr(pipe, attribute, None), INSTALLED_ATTRIBUTE, None)
     return None if installed is None else installed.state
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import abc
 import fnmatch
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -61,6 +61,10 @@ class ModelAdapter(abc.ABC):
     def timestep_from_call(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The timestep argument of one transformer forward."""
 
+    def make_state(self, config: SparsityConfig, scheduler: Any, label: str) -> SparsityState:
+        """The state the processors of one transformer share (FreeSwim's adapter makes its own)."""
+        return SparsityState(config, scheduler, label=label)
+
     def make_processor(self, stock: Any, state: SparsityState | None, layer_index: int) -> Any:
         """The sparse processor that replaces ``stock`` on one layer; ``stock`` itself when it is
         not a processor the family's sparse processor reproduces (e.g. a third-party one, or
@@ -69,6 +73,11 @@ class ModelAdapter(abc.ABC):
         if type(stock).__name__ not in self.processor_class.stock_classes:
             return stock
         return self.processor_class(stock, state, layer_index)
+
+    def extra_hooks(self, transformer: torch.nn.Module, layers: list[tuple[str, int]],
+                    state: SparsityState) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks on submodules the family's processors read from (removed with the installation)."""
+        return []
 
 
 def call_argument(args: tuple, kwargs: dict, name: str, position: int, required: bool = True) -> Any:
@@ -91,6 +100,8 @@ class Installed:
     end_hook: torch.utils.hooks.RemovableHandle
     state: SparsityState
     assigned_directly: bool
+    #: More to undo on remove (e.g. FreeSwim's batch hooks), run in order.
+    undo: list[Callable[[], None]] = field(default_factory=list)
 
 
 INSTALLED_ATTRIBUTE = "_diffattn_installed"
@@ -134,10 +145,10 @@ def sparse_processors(
     transformer = unwrap_compiled(transformer)
     processors = attention_processors(transformer)
     for key, processor in processors.items():
-        if isinstance(processor, SparseAttnProcessor):
-            processors[key] = processor.stock  # re-installing: start from the stock processors
+        if isinstance(processor, SparseAttnProcessor) or getattr(processor, "wraps_stock", False):
+            processors[key] = processor.stock  # re-installing (or steered): start from the stock processors
     layers = adapter.self_attention_layers(transformer)
-    state = SparsityState(config, scheduler, label=f"{adapter.family} transformer ({type(transformer).__name__})")
+    state = adapter.make_state(config, scheduler, f"{adapter.family} transformer ({type(transformer).__name__})")
     state.dense_layer_indices = dense_layer_indices(config, layers)
     kept: Counter[str] = Counter()
     for name, index in layers:
@@ -169,7 +180,8 @@ def sparse_processors(
     hook = transformer.register_forward_pre_hook(torch.compiler.disable(publish), with_kwargs=True)
     end_hook = transformer.register_forward_hook(torch.compiler.disable(book), with_kwargs=True)
     direct = not hasattr(transformer, "set_attn_processor")
-    setattr(transformer, INSTALLED_ATTRIBUTE, Installed(layers, hook, end_hook, state, direct))
+    undo = [extra.remove for extra in adapter.extra_hooks(transformer, layers, state)]
+    setattr(transformer, INSTALLED_ATTRIBUTE, Installed(layers, hook, end_hook, state, direct, undo))
     return processors
 
 
@@ -268,6 +280,8 @@ def _forget(transformer: torch.nn.Module) -> None:
     if installed is not None:
         installed.hook.remove()
         installed.end_hook.remove()
+        for undo in installed.undo:
+            undo()
         delattr(transformer, INSTALLED_ATTRIBUTE)
 
 

@@ -9,7 +9,7 @@ from .agent import agent_attention, agent_attention_problems
 from .api import block_sparse_attention, support_problems
 from .backends import BACKEND_NAMES, BACKENDS, Backend, backends_on, resolve_backend, triton_interpreter
 from .cpu import cpu_block_sparse_attention
-from .reference import masked_attention_reference
+from .reference import masked_attention_reference, pooled_attention_reference
 
 __all__ = [
     "BACKENDS",
@@ -21,6 +21,7 @@ __all__ = [
     "block_sparse_attention",
     "cpu_block_sparse_attention",
     "masked_attention_reference",
+    "pooled_attention_reference",
     "resolve_backend",
     "support_problems",
     "triton_interpreter",

@@ -198,7 +198,11 @@ def block_sparse_attention(
         q, k, v: ``[B, H, N, D]`` in the caller's token order; float16, bfloat16 or float32;
             same shape, dtype and device. ``N`` must equal ``layout.num_tokens``.
         layout: the :class:`BlockLayout` to execute (``pattern.layout(grid)``); shared by all
-            heads (``num_heads == 1``) or one per head (``num_heads == H``). Moved to the inputs'
+            heads (``num_heads == 1``) or one per head (``num_heads == H``). With pooled tiles
+            (``layout.kv_levels``, PSA plans) a level-``p`` tile attends to the means of
+            consecutive groups of ``p`` keys and values (kernel token order), each logit plus
+            ``log(group size)``, on every backend
+            (:func:`~diffattn.kernels.reference.pooled_attention_reference` states it). Moved to the inputs'
             device if needed (the moved copy is cached per layout).
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp of each row.

@@ -20,6 +20,13 @@ thread, instead of running each small op on all cores (see :class:`_Pool`). The 
 masked softmax attention: excluded scores become ``-1e30``, whose ``exp`` is exactly 0 in
 float32. Everything is computed in float32 whatever the input dtype (float64 inputs in float64).
 
+Pooled tiles (``layout.kv_levels``, PSA) fit the same scheme: the key rows a gather indexes are
+a bank (:class:`_KeyBank`) of the raw keys, a zero row, then the group means of each pooling
+level used (built once per call), and a level-``p`` tile lists one row per group, so it costs
+``1 / p`` of a level-1 tile. Buckets with pooled keys add the groups' ``log(size)`` to the scores
+(folded into the cached bias of partial buckets). The backward spreads each pooled row's dK, dV
+back to its group's keys (``1 / c`` each).
+
 The backward pass recomputes the probabilities chunk by chunk (nothing ``O(N^2)`` is saved) and
 accumulates dK, dV with ``index_add_`` over the gathered key rows. The plan (buckets, key lists,
 biases) is built once per layout object and cached for the layout's lifetime.

@@ -478,7 +478,7 @@ def _backward(
     dk = torch.empty((batch, heads, n, d), dtype=grad_dtype(k), device=k.device) if need_dkdv else None
     dv = torch.empty((batch, heads, n, d), dtype=grad_dtype(v), device=v.device) if need_dkdv else None
     if q.numel() == 0:
-        return dq, dk, dv
+        return (dq if need_dq else None), _as(dk, k), _as(dv, v)
     head_meta = _head_dim_meta(d)
     precision = _dot_precision(q.dtype)
     qk_scale = float(scale) * _LOG2E
@@ -533,8 +533,12 @@ def _backward(
         if pooled and need_dkdv:
             kl.pool.spread(dk, pool_grads[0])
             kl.pool.spread(dv, pool_grads[1])
-            dk, dv = dk.to(k.dtype), dv.to(v.dtype)
-    return (dq if need_dq else None), dk, dv
+    return (dq if need_dq else None), _as(dk, k), _as(dv, v)
+
+
+def _as(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``grad`` in ``like``'s dtype (pooled layouts accumulate dK, dV in fp32)."""
+    return None if grad is None else grad.to(like.dtype)
 
 
 # ------------------------------------------------------------------------------------ autograd

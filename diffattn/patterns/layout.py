@@ -111,10 +111,10 @@ class BlockLayout:
         Example:
             >>> from diffattn import Dense, VideoGrid
             >>> layout = Dense().layout(VideoGrid(1, 4, 16), block_size=32)
-            >>> layout.with_levels(torch.full_like(layout.kv_indices, 3))
+            >>> layout.with_levels(torch.full_like(layout.kv_indices, 3))  # doctest: +ELLIPSIS
             Traceback (most recent call last):
             ...
-            diffattn.errors.UserError: invalid BlockLayout.kv_levels: kv_levels holds level 3 at (head 0, query block 0, slot 0); allowed: 1, 2, 4, 8
+            diffattn.errors.UserError: invalid BlockLayout.kv_levels: ...level 3 at ...; allowed: 1, 2, 4, 8
         """
         levels = self.kv_levels
         if levels is None:
@@ -126,7 +126,8 @@ class BlockLayout:
             problems.append(f"kv_levels must be int32, got {levels.dtype}")
         if tuple(levels.shape) != tuple(self.kv_indices.shape):
             problems.append(
-                f"kv_levels has shape {tuple(levels.shape)}, kv_indices has {tuple(self.kv_indices.shape)}; they must match"
+                f"kv_levels has shape {tuple(levels.shape)}, kv_indices has {tuple(self.kv_indices.shape)}; "
+                "they must match"
             )
         if problems or levels.device.type == "meta" or torch.compiler.is_compiling():
             return problems
@@ -285,11 +286,16 @@ class BlockLayout:
         return int(self.kv_counts.sum())
 
     def __repr__(self) -> str:
+        pooled = ""
+        if self.is_pooled:
+            pooled = (f"tiles_per_level={self.tiles_per_level}, "
+                      f"effective_tile_density={self.effective_tile_density:.4f}, ")
         return (
             f"BlockLayout(N={self.num_tokens}, block=({self.block_q}, {self.block_k}), heads={self.num_heads}, "
             f"tiles={self.num_visited_tiles} ({self.num_partial_tiles} partial, {self.num_masks} masks), "
             f"density={self.density:.4f}, "
-            f"tile_density={self.tile_density:.4f}, permuted={self.permutation is not None}, device={self.device})"
+            f"tile_density={self.tile_density:.4f}, {pooled}permuted={self.permutation is not None}, "
+            f"device={self.device})"
         )
 
     # ----------------------------------------------------------------- derived views

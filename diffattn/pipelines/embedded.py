@@ -43,6 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.utils import BaseOutput
 
 from ..errors import UserError
@@ -157,8 +158,9 @@ class EmbeddedPipelineOutput(BaseOutput):
     frames: Any
 
 
-class EmbeddedVideoPipeline(DiffusionPipeline):
-    """Text-to-video with the embedded pixel-space Wan transformer (see the module docstring)."""
+class EmbeddedVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
+    """Text-to-video with the embedded pixel-space Wan transformer (see the module docstring).
+    LoRA weights (``diffattn train-lora``) load with ``load_lora_weights`` as for ``WanPipeline``."""
 
     model_cpu_offload_seq = "text_encoder->transformer"
 

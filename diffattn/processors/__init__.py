@@ -9,10 +9,11 @@ from .hunyuan_video import HunyuanVideoSparseAttnProcessor
 from .ltx_video import LTXVideoSparseAttnProcessor
 from .mochi import MochiSparseAttnProcessor
 from .state import SparseUnsupported, SparsityState
+from .unet import UNetSparseAttnProcessor
 from .wan import WanSparseAttnProcessor
 
 __all__ = [
     "CogVideoXSparseAttnProcessor", "FluxSparseAttnProcessor", "HunyuanVideoSparseAttnProcessor",
     "LTXVideoSparseAttnProcessor", "MochiSparseAttnProcessor", "SparseAttnProcessor", "SparseUnsupported",
-    "SparsityConfig", "SparsityState", "WanSparseAttnProcessor",
+    "SparsityConfig", "SparsityState", "UNetSparseAttnProcessor", "WanSparseAttnProcessor",
 ]

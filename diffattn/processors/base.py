@@ -111,6 +111,12 @@ class SparseAttnProcessor:
     #: is ``dispatch_attention_fn`` and how its model's ``_cp_plan`` shards the self-attention
     #: sequence is known (video only, or each rank's text then video share).
     ulysses: ClassVar[bool] = False
+    #: The extension point of attention edits on the text columns: an object with
+    #: ``run_stock(stock, call, layer_index)`` (every stock run of this layer goes through it) and
+    #: ``sparse_attention(processor, q, k, v, key_padding, parallel_config)`` (the sparse call's attention,
+    #: or None to run ours). :func:`diffattn.steer` sets it (a
+    #: :class:`~diffattn.processors.steering.TextSteering`); None runs the stock processor as it is.
+    text_steering: Any = None
 
     def __init_subclass__(
         cls,
@@ -178,7 +184,7 @@ class SparseAttnProcessor:
     def process(self, call: dict[str, Any]) -> Any:
         """Run one call (the stock ``__call__``'s arguments by name) through the template."""
         if not self.is_self_attention(call):
-            return self.stock(**call)
+            return self._run_stock(call)
         reason = self._decide(call)
         if reason is None:
             try:
@@ -187,8 +193,12 @@ class SparseAttnProcessor:
                 reason = unsupported.reason
                 self.fall_back(reason)
         if self.state is None:
-            return self.stock(**call)
-        return self.state.run_dense(self.layer_index, lambda: self.stock(**call))
+            return self._run_stock(call)
+        return self.state.run_dense(self.layer_index, lambda: self._run_stock(call))
+
+    def _run_stock(self, call: dict[str, Any]) -> Any:
+        steering = self.text_steering
+        return self.stock(**call) if steering is None else steering.run_stock(self.stock, call, self.layer_index)
 
     def _decide(self, call: dict[str, Any]) -> str | None:
         """None when the call runs sparse; else why not, recorded as a fallback unless it is the
@@ -294,6 +304,10 @@ class SparseAttnProcessor:
         the tensors are this rank's shard ``[B, N/P, H, D]`` of the sequence (see
         :func:`~diffattn.processors.parallel.ulysses_attention`).
         """
+        if self.text_steering is not None:
+            steered = self.text_steering.sparse_attention(self, query, key, value, key_padding, parallel_config)
+            if steered is not None:
+                return steered
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    heads: tuple[int, int] | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ A preset file (``yaml.safe_load``; nothing else is ever executed or unpickled)::
 
     description: Radial attention, paper-like (dense warm-up and first layer)
     pattern:
-      type: radial          # dense | radial | neighborhood | pyramid
+      type: radial          # dense | radial | neighborhood | freeswim | agent | pyramid
       decay: 1.0
     dense_steps: 12
     dense_layers: [0]
@@ -28,6 +28,7 @@ import yaml
 
 from ..errors import UserError
 from ..patterns import Dense, Neighborhood, Pattern, PyramidSparse, Radial
+from .agent import AGENT_PATTERN_KEYS
 from .config import SparsityConfig
 
 #: Where a wheel installs the presets (``[tool.setuptools.data-files]`` in pyproject.toml).
@@ -48,6 +49,9 @@ _PATTERN_KEYS: dict[str, tuple[type[Pattern], tuple[str, ...]]] = {
     "dense": (Dense, ()),
     "radial": (Radial, ("decay", "sink_frames", "dense_frame_distance", "block_size")),
     "neighborhood": (Neighborhood, ("kernel_size", "stride", "dilation", "causal")),
+    # Not a pattern class: FreeSwim's window, scale and guide cache (the whole config is a FreeSwim).
+    "freeswim": (Pattern, ("window", "cache_steps", "scale", "offload_cache")),
+    **AGENT_PATTERN_KEYS,  # agent (AgentSD, UNets)
     # Dynamic (planned per call from q and k): see preset_density for what a preset list shows.
     "pyramid": (PyramidSparse, ("levels", "mode", "min_full", "estimate")),
 }
@@ -100,9 +104,14 @@ def parse_preset(data: Any, source: str) -> tuple[str, SparsityConfig]:
             f"{spec['type']!r}; allowed: {', '.join(allowed) or '(none)'}"
         )
     try:
-        pattern = cls(**{k: _tuple_if_list(v) for k, v in spec.items() if k != "type"})
+        arguments = {k: _tuple_if_list(v) for k, v in spec.items() if k != "type"}
         fields = {k: _tuple_if_list(data[k]) for k in _CONFIG_KEYS if k in data}
-        config = SparsityConfig(pattern=pattern, **fields)
+        if spec["type"] == "freeswim":
+            from .freeswim import FreeSwim  # freeswim imports the processor template, which imports presets' peers
+
+            config = FreeSwim(**arguments, **fields)
+        else:
+            config = SparsityConfig(pattern=cls(**arguments), **fields)
     except (ValueError, TypeError) as error:  # a UserError too: add the file to its message
         raise UserError(f"{source}: {error}") from None
     return description.strip(), config
@@ -165,16 +174,20 @@ def is_dynamic(config: SparsityConfig) -> bool:
 
 
 def preset_density(config: SparsityConfig, grid) -> float:
-    """The density a preset list shows for ``grid``: the layout's density, or for a dynamic
+    """The fraction of the ``N x N`` (query, key) pairs ``config``'s sparse steps compute on ``grid``:
+    the layout's density, an agent pattern's pair density (an op, not a layout), or for a dynamic
     pattern (checked against the grid) the effective density its shares stand for
     (:attr:`~diffattn.patterns.PyramidSparse.nominal_density`).
 
     Example:
         >>> from diffattn import VideoGrid
+        >>> round(preset_density(load_preset("agent", family="sd").config, VideoGrid(1, 64, 64)), 4)
+        0.075
         >>> round(preset_density(load_preset("psa", family="wan").config, VideoGrid(21, 30, 52)), 3)
         0.15
     """
     if is_dynamic(config):
         config.pattern.validate_grid(grid)
         return config.pattern.nominal_density
-    return preset_layout(config, grid).density
+    pair_density = getattr(config.pattern, "pair_density", None)
+    return pair_density(grid) if pair_density is not None else preset_layout(config, grid).density

@@ -14,6 +14,7 @@ import torch
 
 from ..adapters import apply, find_adapter, remove
 from ..adapters.base import INSTALLED_ATTRIBUTE, ModelAdapter
+from ..errors import UserError
 from ..patterns import Pattern
 from ..processors.config import SparsityConfig
 from ..processors.presets import load_preset, preset_layout
@@ -150,6 +151,9 @@ def profile(
     if reserved:
         raise ValueError(f"profile sets {', '.join(RESERVED_ARGUMENTS)} itself (use seed=); got {', '.join(reserved)}")
     adapter = find_adapter(pipe)
+    if adapter.family in ("sd", "sdxl"):  # densities come from the latent grid, a UNet has one per level
+        raise UserError(f"diffattn.profile does not cover the {adapter.family} (UNet) family yet: its layers run at "
+                        "several resolutions and AgentSD is not a layout; use scripts/bench_agent.py --part unet")
     name, config = resolve_preset(preset, adapter.family)
     # Every layer kept dense: the stock processor (PyTorch SDPA) runs every call, as without diffattn.
     dense_config = replace(load_preset("dense", family=adapter.family).config, dense_layers=("*",))

@@ -166,7 +166,9 @@ class AttentionTimer:
         self.calls = []
 
     def _record(self, state: SparsityState, layer_index: int, sparse: bool, spans: list) -> None:
-        self.calls.append(AttentionCall(state.step, layer_index, sparse, state.grid, state.config, spans))
+        # A FreeSwim state's config may hold a placeholder pattern (window=None): its layout_config has the window.
+        config = getattr(state, "layout_config", state.config)
+        self.calls.append(AttentionCall(state.step, layer_index, sparse, state.grid, config, spans))
 
     def sparse_call(self, state: SparsityState, layer_index: int, attention: Callable[[], T]) -> T:
         if self._depth:

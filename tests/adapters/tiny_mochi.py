@@ -13,13 +13,13 @@ TEXT_TOKENS = 8
 TEXT_DIM = 32
 
 
-def tiny_mochi_pipeline(num_layers: int = 2, seed: int = 0):
+def tiny_mochi_pipeline(num_layers: int = 2, seed: int = 0, in_channels: int = 4):
     from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
 
     torch.manual_seed(seed)
     transformer = MochiTransformer3DModel(
         patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=num_layers, pooled_projection_dim=16,
-        in_channels=4, text_embed_dim=TEXT_DIM, time_embed_dim=4, max_sequence_length=TEXT_TOKENS,
+        in_channels=in_channels, text_embed_dim=TEXT_DIM, time_embed_dim=4, max_sequence_length=TEXT_TOKENS,
     )
     # Mochi initialises its rotary frequencies to 0 (rotation = identity); random ones exercise the rotary.
     with torch.no_grad():

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from diffattn import BlockLayout, Dense, Neighborhood, VideoGrid
-from diffattn.errors import UserError
 from diffattn.kernels import block_sparse_attention
 from diffattn.kernels.reference import pooled_attention_reference
 
@@ -33,6 +32,8 @@ def with_random_levels(layout: BlockLayout, seed: int, choices: tuple[int, ...] 
 def layouts(kind: str, block: int = 32) -> BlockLayout:
     if kind == "dense":
         return with_random_levels(Dense().layout(GRID, block_size=block), 1)
+    if kind == "dense64":  # 64-key blocks: the kernels' wider pooled chunks
+        return with_random_levels(Dense().layout(GRID, block_q=32, block_k=64), 4)
     if kind == "permuted":  # partial tiles, a permutation, pooled full tiles
         lay = Neighborhood(kernel_size=(3, 5, 5)).layout(PERMUTED_GRID, block_size=block, tile_shape=(1, 4, 8))
         return with_random_levels(lay, 2)
@@ -75,48 +76,6 @@ def brute_force_row(q_row, k, v, layout: BlockLayout, head: int, row: int, scale
     return (weights[:, None] * torch.stack(values)).sum(0)
 
 
-# ---------------------------------------------------------------------------------- the layout side
-def test_levels_are_validated_with_the_value_named():
-    layout = Dense().layout(GRID, block_size=32)
-    with pytest.raises(UserError, match="level 3"):
-        layout.with_levels(torch.full_like(layout.kv_indices, 3))
-    with pytest.raises(UserError, match=r"shape \(1, 4\)"):
-        layout.with_levels(torch.ones(1, 4, dtype=torch.int32))
-    with pytest.raises(UserError, match="int32"):
-        layout.with_levels(torch.ones_like(layout.kv_indices, dtype=torch.int64))
-    partial = Neighborhood(kernel_size=(1, 3, 3)).layout(GRID, block_size=32)
-    with pytest.raises(UserError, match="element mask"):
-        partial.with_levels(torch.where(partial.kv_mask_ids >= 0, 2, 1).to(torch.int32))
-    # Slots past kv_counts are never read, whatever they hold.
-    ok = partial.with_levels(torch.ones_like(partial.kv_indices))
-    assert not ok.is_pooled and ok.tiles_per_level == {1: partial.num_visited_tiles}
-
-
-def test_effective_density_counts_a_level_p_tile_as_one_pth():
-    layout = layouts("per_head")
-    levels = layout._slot_levels()
-    valid = layout._valid_slots()
-    rows = torch.tensor([min(32, GRID.num_tokens - 32 * i) for i in range(layout.num_q_blocks)], dtype=torch.float64)
-    cols = rows  # block_q == block_k
-    area = rows[None, :, None] * cols[layout.kv_indices.long()] * valid / levels
-    expected = float(area.sum()) / layout.num_heads / GRID.num_tokens**2
-    assert layout.effective_tile_density == pytest.approx(expected, rel=1e-12)
-    assert layout.effective_tile_density < layout.tile_density
-    assert sum(layout.tiles_per_level.values()) == layout.num_visited_tiles
-
-
-def test_stack_carries_levels_and_fills_missing_ones_with_one():
-    pooled = with_random_levels(Dense().layout(GRID, block_size=32), 5)
-    plain = Neighborhood(kernel_size=(1, 3, 3)).layout(GRID, block_size=32)
-    both = BlockLayout.stack([plain, pooled])
-    assert both.kv_levels is not None and both.kv_levels.shape == both.kv_indices.shape
-    assert bool((both.kv_levels[0] == 1).all())
-    width = pooled.max_kv_blocks
-    assert torch.equal(both.kv_levels[1, :, :width], pooled.kv_levels[0])
-    assert BlockLayout.stack([plain, plain]).kv_levels is None
-    assert torch.equal(both.select_heads(1, 2).kv_levels, both.kv_levels[1:2])
-
-
 # ---------------------------------------------------------------------------------- the reference
 @pytest.mark.parametrize("kind", ["dense", "permuted", "per_head"])
 def test_reference_matches_a_per_row_brute_force(kind):
@@ -153,14 +112,14 @@ def run(backend: str, q, k, v, layout, grad_out, grad_lse):
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", ["dense", "permuted", "per_head"])
+@pytest.mark.parametrize("kind", ["dense", "permuted", "per_head", "dense64"])
 def test_backend_equals_the_reference_forward_and_backward(backend, dtype, kind):
     layout = layouts(kind).to(DEVICE)
-    n = layout.num_tokens
-    q, k, v = (x.to(DEVICE) for x in qkv(2, 2, n, 16, dtype, seed=7))
+    n, heads = layout.num_tokens, 2 if kind == "per_head" else 1  # the interpreter is slow: B=2 only
+    q, k, v = (x.to(DEVICE) for x in qkv(2, heads, n, 16, dtype, seed=7))
     gen = torch.Generator().manual_seed(8)
-    grad_out = torch.randn(2, 2, n, 16, generator=gen).to(DEVICE)
-    grad_lse = torch.randn(2, 2, n, generator=gen).to(DEVICE)
+    grad_out = torch.randn(2, heads, n, 16, generator=gen).to(DEVICE)
+    grad_lse = torch.randn(2, heads, n, generator=gen).to(DEVICE)
     got = run(backend, q, k, v, layout, grad_out, grad_lse)
     names = ["out", "lse", "dq", "dk", "dv"]
     if dtype == torch.float32:
@@ -190,9 +149,39 @@ def test_equal_keys_in_each_group_give_exactly_the_full_tile(backend, kind):
     k, v = (pooled.unpermute_tokens(x.repeat_interleave(8, dim=2)[:, :, :n].to(DEVICE)) for x in base)
     q = torch.randn(2, 2, n, 16, generator=gen).to(DEVICE)
     out = block_sparse_attention(q, k, v, pooled, backend=backend)
-    mask = static.token_mask()
-    oracle = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask.dim() == 2 else mask[None])
+    mask = static.token_mask()  # [N, N] or [H, N, N]: broadcasts against [B, H, N, N] either way
+    oracle = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out, oracle, atol=2e-5, rtol=1e-5)
+
+
+def pooled_keys_per_query_block(layout: BlockLayout, min_level: int = 1) -> torch.Tensor:
+    """int64 ``[Hl, Mq]``: the keys a pooled kernel scores per query block (a level-p tile: one per
+    group), counting tiles of level >= ``min_level``."""
+    n, bk = layout.num_tokens, layout.block_k
+    out = torch.zeros(layout.kv_counts.shape, dtype=torch.int64)
+    for h, qb in torch.cartesian_prod(torch.arange(layout.num_heads), torch.arange(layout.num_q_blocks)).tolist():
+        for slot in range(int(layout.kv_counts[h, qb])):
+            kb, level = int(layout.kv_indices[h, qb, slot]), int(layout.kv_levels[h, qb, slot])
+            if level >= min_level:
+                    out[h, qb] += -(-(min(n, kb * bk + bk) - kb * bk) // level)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "per_head", "dense64"])
+def test_a_level_p_tile_costs_one_pth(kind):
+    from diffattn.kernels.cpu import computed_pairs
+
+    layout = layouts(kind)
+    keys = pooled_keys_per_query_block(layout)
+    bq = layout.block_q
+    rows = torch.tensor([min(bq, layout.num_tokens - bq * i) for i in range(layout.num_q_blocks)])
+    if layout.num_partial_tiles == 0:  # the CPU path pads partial buckets' key lists to 32
+        assert computed_pairs(layout) == int((keys * layout.block_q).sum()) // layout.num_heads
+    assert (keys * rows).sum() / layout.num_heads / layout.num_tokens**2 <= layout.effective_tile_density + 0.02
+    triton_attention = pytest.importorskip("diffattn.kernels.triton_attention")
+    # Triton: each query block gathers exactly its pooled tiles' group means.
+    pool = triton_attention._kernel_layout(layout, torch.device("cpu")).pool
+    assert torch.equal(pool.count.long(), pooled_keys_per_query_block(layout, min_level=2))
 
 
 def test_static_levels_run_exactly_as_without_levels():
@@ -202,3 +191,15 @@ def test_static_levels_run_exactly_as_without_levels():
     for backend in ["reference", "cpu"]:
         assert torch.equal(block_sparse_attention(q, k, v, ones, backend=backend),
                            block_sparse_attention(q, k, v, static, backend=backend))
+
+
+def test_cpu_bias_rebuilt_per_chunk_keeps_the_log_sizes(monkeypatch):
+    """Above its budget the CPU path rebuilds partial-tile biases per chunk: the pooled keys'
+    log sizes must be added there too."""
+    import diffattn.kernels.cpu as cpu
+
+    monkeypatch.setattr(cpu, "_BIAS_CACHE_BYTES", 0)
+    layout = layouts("permuted")
+    q, k, v = qkv(2, 1, layout.num_tokens, 16, seed=3)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, layout, backend="cpu"),
+                               block_sparse_attention(q, k, v, layout, backend="reference"), atol=1e-5, rtol=1e-5)

@@ -163,3 +163,58 @@ def test_large_layout_without_dense_mask():
     # A separable rule's pair count is the product of its per-axis counts (Kronecker product).
     per_axis = [int(table.sum()) for table in pattern.axis_tables(grid)]
     assert layout.allowed_pairs[0] == per_axis[0] * per_axis[1] * per_axis[2]
+
+
+# ---------------------------------------------------------------------------------- pooling levels (PSA)
+POOL_GRID = VideoGrid(3, 5, 7, text_tokens=5)  # N = 110: a ragged last block
+
+
+def pooled_on_full_tiles(layout: BlockLayout) -> BlockLayout:
+    """``layout`` with levels 2, 4, 8, 1, 2, ... on its full tiles in slot order (partial tiles: 1)."""
+    cycle = torch.tensor([2, 4, 8, 1], dtype=torch.int32)[torch.arange(layout.kv_indices.numel()) % 4]
+    levels = torch.where(layout.kv_mask_ids == -1, cycle.view(layout.kv_indices.shape), 1)
+    return layout.with_levels(levels.to(torch.int32))
+
+
+def test_levels_are_validated_with_the_value_named():
+    layout = Dense().layout(POOL_GRID, block_size=32)
+    with pytest.raises(UserError, match="level 3"):
+        layout.with_levels(torch.full_like(layout.kv_indices, 3))
+    with pytest.raises(UserError, match=r"shape \(1, 4\)"):
+        layout.with_levels(torch.ones(1, 4, dtype=torch.int32))
+    with pytest.raises(UserError, match="int32"):
+        layout.with_levels(torch.ones_like(layout.kv_indices, dtype=torch.int64))
+    partial = Neighborhood(kernel_size=(1, 3, 3)).layout(POOL_GRID, block_size=32)
+    with pytest.raises(UserError, match="element mask"):
+        partial.with_levels(torch.where(partial.kv_mask_ids >= 0, 2, 1).to(torch.int32))
+    # Slots past kv_counts are never read, whatever they hold.
+    past = torch.arange(partial.max_kv_blocks) >= partial.kv_counts[..., None]
+    ok = partial.with_levels(torch.where(past, 3, 1).to(torch.int32))
+    assert not ok.is_pooled and ok.tiles_per_level == {1: partial.num_visited_tiles}
+
+
+def test_effective_density_counts_a_level_p_tile_as_one_pth():
+    layout = BlockLayout.stack([pooled_on_full_tiles(Dense().layout(POOL_GRID, block_size=32)),
+                                Neighborhood(kernel_size=(1, 3, 3)).layout(POOL_GRID, block_size=32)])
+    levels = layout.kv_levels.double()
+    valid = torch.arange(layout.max_kv_blocks) < layout.kv_counts[..., None]
+    n = POOL_GRID.num_tokens
+    rows = torch.tensor([min(32, n - 32 * i) for i in range(layout.num_q_blocks)], dtype=torch.float64)
+    cols = rows  # block_q == block_k
+    area = rows[None, :, None] * cols[layout.kv_indices.long()] * valid / levels
+    expected = float(area.sum()) / layout.num_heads / POOL_GRID.num_tokens**2
+    assert layout.effective_tile_density == pytest.approx(expected, rel=1e-12)
+    assert layout.effective_tile_density < layout.tile_density
+    assert sum(layout.tiles_per_level.values()) == layout.num_visited_tiles
+
+
+def test_stack_carries_levels_and_fills_missing_ones_with_one():
+    pooled = pooled_on_full_tiles(Dense().layout(POOL_GRID, block_size=32))
+    plain = Neighborhood(kernel_size=(1, 3, 3)).layout(POOL_GRID, block_size=32)
+    both = BlockLayout.stack([plain, pooled])
+    assert both.kv_levels is not None and both.kv_levels.shape == both.kv_indices.shape
+    assert bool((both.kv_levels[0] == 1).all())
+    width = pooled.max_kv_blocks
+    assert torch.equal(both.kv_levels[1, :, :width], pooled.kv_levels[0])
+    assert BlockLayout.stack([plain, plain]).kv_levels is None
+    assert torch.equal(both.select_heads(1, 2).kv_levels, both.kv_levels[1:2])

@@ -19,13 +19,15 @@ from diffattn.processors.presets import (
 from ..adapters.tiny_pipelines import tiny_wan_pipeline, wan_call_kwargs
 
 REQUIRED = {"dense", "radial", "radial-fast", "neighborhood", "freeswim-window"}
+# UNet images have one frame: Radial does not apply; AgentSD is their preset.
+REQUIRED_UNET = {"dense", "neighborhood", "agent", "agent-fast", "tome"}
 
 
 def test_every_family_ships_the_required_presets_and_they_validate():
     assert set(families()) == {adapter.family for adapter in ADAPTERS}
     for family in families():
         presets = list_presets(family)
-        assert REQUIRED <= {p.name for p in presets}, family
+        assert (REQUIRED_UNET if family in ("sd", "sdxl") else REQUIRED) <= {p.name for p in presets}, family
         for preset in presets:
             assert isinstance(preset.config, SparsityConfig) and preset.description
 
@@ -86,7 +88,7 @@ def test_apply_takes_a_preset_name_or_a_user_yaml(tmp_path):
 
 
 def _tiny_pipeline(family):
-    from ..adapters import test_ltx_video, tiny_cogvideox, tiny_flux, tiny_hunyuan_video, tiny_mochi
+    from ..adapters import test_ltx_video, tiny_cogvideox, tiny_flux, tiny_hunyuan_video, tiny_mochi, tiny_unet
 
     builders = {
         "wan": tiny_wan_pipeline,
@@ -95,6 +97,8 @@ def _tiny_pipeline(family):
         "hunyuan_video": tiny_hunyuan_video.tiny_hunyuan_video_pipeline,
         "mochi": tiny_mochi.tiny_mochi_pipeline,
         "ltx_video": test_ltx_video.tiny_ltx_pipeline,
+        "sd": tiny_unet.tiny_sd_pipeline,
+        "sdxl": tiny_unet.tiny_sdxl_pipeline,
     }
     return builders[family]()
 

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from diffattn import VideoGrid
+from diffattn import AgentSD, VideoGrid
 from diffattn.adapters import ADAPTERS, apply, remove, sparsity_state
 from diffattn.adapters import family_default_grid as default_grid
 from diffattn.processors.presets import families, is_dynamic, list_presets, preset_layout
@@ -20,9 +20,11 @@ from diffattn.processors.presets import families, is_dynamic, list_presets, pres
 from ..patterns.reference_rows import layout_rows_in_caller_order, reference_rows
 
 FAMILIES = sorted({adapter.family for adapter in ADAPTERS})
-# Static presets: a dynamic one (PSA) has no layout without a call's q and k (tests/processors/test_psa_presets.py).
-PRESETS = [(family, preset.name) for family in FAMILIES for preset in list_presets(family)
-           if not is_dynamic(preset.config)]
+PRESETS = [(family, preset.name) for family in FAMILIES for preset in list_presets(family)]
+# Agent presets are an op, not a block layout (their layout refuses): only the end-to-end test runs them.
+# Dynamic presets (PSA) have no layout without a call's q and k: tests/processors/test_psa_presets.py runs them.
+LAYOUT_PRESETS = [(family, preset.name) for family in FAMILIES for preset in list_presets(family)
+                  if not isinstance(preset.config.pattern, AgentSD) and not is_dynamic(preset.config)]
 
 
 def _preset(family, name):
@@ -33,7 +35,7 @@ def test_every_family_is_covered():
     assert FAMILIES == families() and len(PRESETS) >= 5 * len(FAMILIES)
 
 
-@pytest.mark.parametrize("family, name", PRESETS, ids=lambda x: str(x))
+@pytest.mark.parametrize("family, name", LAYOUT_PRESETS, ids=lambda x: str(x))
 def test_preset_layout_fits_the_smallest_grids(family, name):
     config = _preset(family, name).config
     big = default_grid(family)
@@ -45,7 +47,7 @@ def test_preset_layout_fits_the_smallest_grids(family, name):
         assert torch.equal(layout.token_mask(), reference_rows(config.pattern, grid, tokens)), shape
 
 
-@pytest.mark.parametrize("family, name", PRESETS, ids=lambda x: str(x))
+@pytest.mark.parametrize("family, name", LAYOUT_PRESETS, ids=lambda x: str(x))
 def test_preset_layout_at_the_default_grid_matches_the_reference_on_random_rows(family, name):
     config = _preset(family, name).config
     grid = default_grid(family)
@@ -57,7 +59,15 @@ def test_preset_layout_at_the_default_grid_matches_the_reference_on_random_rows(
 
 def _pipeline_and_sizes(family):
     """The tiny pipeline of ``family`` and call arguments for its smallest and a larger size."""
-    from ..adapters import test_ltx_video, tiny_cogvideox, tiny_flux, tiny_hunyuan_video, tiny_mochi, tiny_pipelines
+    from ..adapters import (
+        test_ltx_video,
+        tiny_cogvideox,
+        tiny_flux,
+        tiny_hunyuan_video,
+        tiny_mochi,
+        tiny_pipelines,
+        tiny_unet,
+    )
 
     small, large = dict(frames=1, height=16, width=16), dict(frames=13, height=96, width=80)
     one_step, no_negative = dict(steps=1), dict(negative_valid=None)
@@ -74,6 +84,9 @@ def _pipeline_and_sizes(family):
                       dict(frames=1, height=32, width=32), dict(frames=9, height=64, width=64), one_step),
         "flux": (tiny_flux.tiny_flux_pipeline, tiny_flux.flux_call_kwargs,
                  dict(height=16, width=16), dict(height=160, width=96), one_step),
+        "sd": (tiny_unet.tiny_sd_pipeline, tiny_unet.unet_call_kwargs, dict(size=8), dict(size=64), one_step),
+        "sdxl": (tiny_unet.tiny_sdxl_pipeline, lambda **kw: tiny_unet.unet_call_kwargs(xl=True, **kw),
+                 dict(size=16), dict(size=64), one_step),
     }
     build, make, first, second, common = table[family]
     return build(), [make(**first, **common), make(**second, **common)]
@@ -83,7 +96,7 @@ def _pipeline_and_sizes(family):
 def test_every_preset_runs_end_to_end_at_the_smallest_and_a_larger_size(family):
     pipe, sizes = _pipeline_and_sizes(family)
     try:
-        for preset in [p for p in list_presets(family) if not is_dynamic(p.config)]:
+        for preset in list_presets(family):
             # Sparse from the first step in every layer (the dense preset stays the stock path).
             overrides = {} if preset.name == "dense" else dict(dense_steps=0, dense_layers=())
             apply(pipe, preset.name, **overrides)
