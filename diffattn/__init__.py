@@ -15,8 +15,7 @@ Example:
 from .adapters import apply, sparse_processors
 from .errors import DenseFallbackWarning, UserError
 from .kernels import agent_attention, block_sparse_attention
-from .patterns import BlockLayout, Dense, Neighborhood, Pattern, Radial, VideoGrid
-from .patterns import PyramidSparse
+from .patterns import BlockLayout, Dense, Neighborhood, Pattern, PyramidSparse, Radial, VideoGrid
 from .processors import SparsityConfig
 from .processors.agent import AgentSD
 from .processors.freeswim import FreeSwim
