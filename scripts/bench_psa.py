@@ -3,6 +3,7 @@ estimates and fidelity on the embedded model): a thin wrapper of :mod:`diffattn.
 
     python scripts/bench_psa.py                      # all parts -> benchmarks/results/psa-*-cpu-2026-12-07.*
     python scripts/bench_psa.py --parts kernel
+    python scripts/bench_psa.py --parts small [--compete]   # N = 2,112 (the embedded model), plan + call
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .._threads import one_cpu_thread
 from ..patterns.layout import BlockLayout
 from ._cache import cached_per_layout
 from .op import attention_op
@@ -52,6 +53,9 @@ from .reference import add_pooled_grad, pooled_keys
 # Finite stand-in for -inf: exp(-1e30 - max) == 0 exactly in float32, and a row whose every score
 # is masked gives a finite (uniform) softmax instead of NaN, which is then zeroed explicitly.
 _MASKED = -1.0e30
+# q elements (B * H * N * D) up to which a call's whole-tensor copies run on one intra-op thread:
+# the embedded model's calls (2 x 4 x 2,112 x 32 = 540k) are below, N = 16,384 x 4 x 64 is above.
+_SMALL_CALL_ELEMENTS = 1 << 21
 # Score elements per chunk (float32): a few MiB keeps the score / probability buffers in the
 # last-level cache and below glibc's mmap threshold, so buffers are reused, not faulted in again.
 _CHUNK_SCORES = 1 << 19
@@ -156,7 +160,14 @@ class _KeyBank:
 
 def _plan(layout: BlockLayout) -> _Plan:
     """Bucket the layout's query blocks and prepare masks (cached per layout tensors)."""
-    return cached_per_layout(_PLANS, layout, lambda: _build_plan(layout))
+    return cached_per_layout(_PLANS, layout, lambda: _build_plan_one_thread(layout))
+
+
+def _build_plan_one_thread(layout: BlockLayout) -> _Plan:
+    # Hundreds of operations on tensors of a few thousand elements: OpenMP regions cost more
+    # than they save (a dynamic pattern such as PSA builds a plan every call).
+    with one_cpu_thread():
+        return _build_plan(layout)
 
 
 def computed_pairs(layout: BlockLayout) -> int:
@@ -495,15 +506,15 @@ class _Pool:
 _POOL = _Pool()
 
 
-def _run(tasks: list[_Task], fn: Callable[[_Task, _Workspace], None], dtype: torch.dtype) -> None:
-    """Run ``fn(task, workspace)`` for every task, spread over ``torch.get_num_threads()`` workers."""
-    workers = min(torch.get_num_threads(), len(tasks))
+def _run(tasks: list[_Task], fn: Callable[[_Task, _Workspace], None], dtype: torch.dtype, threads: int) -> None:
+    """Run ``fn(task, workspace)`` for every task, spread over ``threads`` workers."""
+    workers = min(threads, len(tasks))
     if workers <= 1:
         ws = _Workspace(dtype)
         for task in tasks:
             fn(task, ws)
         return
-    executor = _POOL.executor(torch.get_num_threads())
+    executor = _POOL.executor(threads)
     counter = itertools.count()  # next() is atomic under the GIL: dynamic load balancing
 
     def loop() -> None:
@@ -524,9 +535,11 @@ def _load_keys(rows: _Rows, bank: _KeyBank, x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float, need_lse: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float, need_lse: bool,
+    threads: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``out [B, H, N, D]`` (dtype of q) and float32 ``lse [B, H, N]`` (or None)."""
+    """``out [B, H, N, D]`` (dtype of q) and float32 ``lse [B, H, N]`` (or None); chunks run on
+    ``threads`` workers."""
     batch, heads, n, dim = q.shape
     bq = layout.block_q
     plan = _plan(layout)
@@ -566,7 +579,7 @@ def _forward(
                 l_c.masked_fill_(empty, float("-inf"))
             lv[rs].index_copy_(1, qb, l_c)
 
-    _run(_tasks(plan, rows.rows, bq), task_fn, qp.dtype)
+    _run(_tasks(plan, rows.rows, bq), task_fn, qp.dtype, threads)
     lse_dtype = torch.float64 if qp.dtype == torch.float64 else torch.float32
     out_bhnd = rows.store(out, n, q.dtype)
     return out_bhnd, (rows.store(lse[..., None], n, lse_dtype)[..., 0] if lse is not None else None)
@@ -581,8 +594,10 @@ def _backward(
     grad_lse: torch.Tensor | None,
     layout: BlockLayout,
     scale: float,
+    threads: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``dq, dk, dv`` ``[B, H, N, D]`` in the inputs' dtypes, recomputing the probabilities."""
+    """``dq, dk, dv`` ``[B, H, N, D]`` in the inputs' dtypes, recomputing the probabilities;
+    chunks run on ``threads`` workers."""
     batch, heads, n, dim = q.shape
     bq = layout.block_q
     plan = _plan(layout)
@@ -637,7 +652,7 @@ def _backward(
         # dK += dS^T (scale q); q_c is already scaled
         _scatter_keys(dkv, torch.matmul(_fold(ds, shared).transpose(-1, -2), _fold(q_c, shared)), group, rs, gs)
 
-    _run(_tasks(plan, rows.rows, bq), task_fn, qp.dtype)
+    _run(_tasks(plan, rows.rows, bq), task_fn, qp.dtype, threads)
     parts = list(accumulators.values())
     if parts:
         dk, dv = parts[0]
@@ -652,11 +667,20 @@ def _backward(
     return rows.store(dq, n, q.dtype), rows.store(dk, n, k.dtype), rows.store(dv, n, v.dtype)
 
 
+def _small_call(q: torch.Tensor) -> bool:
+    """Whether the call's whole-tensor operations (loads, pooled key means, stores) run on one
+    intra-op thread: below :data:`_SMALL_CALL_ELEMENTS` their OpenMP regions cost more than they
+    save. The chunks still run on every worker of :class:`_Pool`."""
+    return q.numel() <= _SMALL_CALL_ELEMENTS
+
+
 def kernel_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float, want_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The custom op's forward on this backend (kernel order, validated inputs): ``out, lse``."""
-    return _forward(q, k, v, layout, scale, want_lse)
+    threads = torch.get_num_threads()
+    with one_cpu_thread(when=_small_call(q)):
+        return _forward(q, k, v, layout, scale, want_lse, threads)
 
 
 def kernel_backward(
@@ -664,7 +688,9 @@ def kernel_backward(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, layout: BlockLayout, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The custom op's backward on this backend: ``dq, dk, dv`` (recomputes, ``lse`` unused)."""
-    return _backward(q, k, v, out, grad_out, grad_lse, layout, scale)
+    threads = torch.get_num_threads()
+    with one_cpu_thread(when=_small_call(q)):
+        return _backward(q, k, v, out, grad_out, grad_lse, layout, scale, threads)
 
 
 def cpu_block_sparse_attention(

@@ -25,12 +25,12 @@ on the embedded model's activations.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
+from .._threads import one_cpu_thread
 from ..errors import UserError
 from ._checks import check_block_size, check_choice, is_finite_number
 from .base import Pattern
@@ -224,33 +224,14 @@ class PyramidSparse(Pattern):
             permutation[grid.video_offset : grid.video_offset + grid.video_tokens] = (
                 order.raster_index() + grid.video_offset
             )
-        with torch.no_grad(), _one_cpu_thread(q.device):
+        # One thread: a plan is a few dozen operations on small tensors (see one_cpu_thread).
+        with torch.no_grad(), one_cpu_thread(q.device):
             q_kernel = q.detach() if permutation is None else q.detach()[:, :, permutation.to(q.device)]
             k_kernel = k.detach() if permutation is None else k.detach()[:, :, permutation.to(k.device)]
             importance = block_importance(q_kernel, k_kernel, block_q, block_k, self.estimate)
             text_q, text_k = _text_blocks(grid, permutation, block_q), _text_blocks(grid, permutation, block_k)
             levels = assign_levels(importance, self, text_q.to(q.device), text_k.to(q.device))
-        return levels_to_layout(levels, n, block_q, block_k, permutation)
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Plan with one intra-op thread on the CPU (restored afterwards).
-
-    A plan is a few dozen operations on small tensors (``H x Mq x Mk``); waking a second thread
-    for each costs more than it saves, and on a busy machine far more: at N = 16,384 (4 heads)
-    the plan took 17 ms with one thread and 460 ms with two on the shared 2-core development
-    machine (``benchmarks/results/psa-kernel-cpu-2026-12-07.md``).
-    """
-    saved = torch.get_num_threads()
-    if device.type != "cpu" or saved == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
+            return levels_to_layout(levels, n, block_q, block_k, permutation)
 
 
 def _check_levels(levels: Any) -> tuple[tuple[int, float], ...]:

@@ -1,7 +1,7 @@
 """Pyramid Sparse Attention numbers (issue 25 item 5): kernel speed, planning cost, importance
 estimates and fidelity on the embedded model. ``scripts/bench_psa.py`` is the thin wrapper.
 
-Three parts, each written to ``<out>-<part>.json`` and ``.md``:
+Parts, each written to ``<out>-<part>.json`` and ``.md``:
 
 * ``kernel``: at N = 16,384 (16x32x32, 4 heads x 64, fp32, the CPU path's target shape of
   :mod:`diffattn.profiler.bench_kernels`): dense SDPA, the PSA plan and the PSA block-sparse call
@@ -13,6 +13,9 @@ Three parts, each written to ``<out>-<part>.json`` and ``.md``:
 * ``fidelity``: ``diffattn.profile`` on the embedded model with the same seeds, PSNR/SSIM against
   dense for the ``psa`` preset and for Radial at the nearest effective density (same schedule).
 * ``matched``: the same with PSA's shares raised to Radial's density on that grid.
+* ``small``: at the embedded model's size (N = 2,112, batch 2, 4 heads x 32, q/k/v laid out as the
+  processors pass them): dense SDPA against plan + PSA call (a fresh plan every call, as in a
+  pipeline), alone and next to a busy neighbour process (``--compete``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +116,74 @@ def _kernel_rows_now(grid: VideoGrid, q: torch.Tensor, k: torch.Tensor, v: torch
                 ideal_speedup=ideal, achieved_over_ideal=ratio / ideal, plan_share=plan_share,
             ))
     return rows
+
+
+# ------------------------------------------------------------------------------------ small calls
+#: The busy neighbour of ``small_rows(compete=True)``: dense SDPA on two threads until killed.
+_NEIGHBOUR = ("import torch; torch.set_num_threads(2); a = torch.randn(2, 4, 2112, 32)\n"
+              "while True: torch.nn.functional.scaled_dot_product_attention(a, a, a)")
+
+
+def small_rows(grid: VideoGrid = VideoGrid(33, 8, 8), batch: int = 2, heads: int = 4, head_dim: int = 32,
+               block_sizes: tuple[int, ...] = (64, 128), threads: tuple[int, ...] = (1, 2), repeats: int = 15,
+               compete: bool = False) -> list[dict[str, Any]]:
+    """One row per thread count and block size: dense SDPA, the plan alone and plan + PSA call
+    (``psa`` shares, a new plan each call as in a pipeline) in milliseconds (medians, timed in
+    turn), and dense / (plan + call). ``compete`` runs :data:`_NEIGHBOUR` in another process meanwhile.
+
+    Example:
+        >>> rows = small_rows(VideoGrid(2, 8, 8), batch=1, heads=1, head_dim=16, block_sizes=(32,),
+        ...                   threads=(1,), repeats=1)
+        >>> rows[0]["psa_ms"] > 0, rows[0]["competing_process"]
+        (True, False)
+    """
+    gen = torch.Generator().manual_seed(0)
+    # [B, N, H, D] transposed to [B, H, N, D]: the strided views the processors hand the kernel.
+    q, k, v = (torch.randn(batch, grid.num_tokens, heads, head_dim, generator=gen).transpose(1, 2)
+               for _ in range(3))
+    pattern = SETTINGS["psa (default)"]
+    neighbour = subprocess.Popen([sys.executable, "-c", _NEIGHBOUR]) if compete else None
+    saved = torch.get_num_threads()
+    rows = []
+    try:
+        for count in threads:
+            torch.set_num_threads(count)
+            for block in block_sizes:
+                steps = {
+                    "dense": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                    "plan": lambda: pattern.plan(q, k, grid, block_size=block),
+                    "psa": lambda: block_sparse_attention(q, k, v, pattern.plan(q, k, grid, block_size=block),
+                                                          backend="cpu"),
+                }
+                times = _timed_in_turn(steps, repeats)
+                rows.append(dict(
+                    threads=count, competing_process=compete, load_average=round(os.getloadavg()[0], 1),
+                    tokens=grid.num_tokens, batch=batch, heads=heads, head_dim=head_dim, block_size=block,
+                    dense_sdpa_ms=1e3 * statistics.median(times["dense"]),
+                    plan_ms=1e3 * statistics.median(times["plan"]),
+                    psa_ms=1e3 * statistics.median(times["psa"]),
+                    speedup=statistics.median(d / s for d, s in zip(times["dense"], times["psa"])),
+                ))
+    finally:
+        torch.set_num_threads(saved)
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
+    return rows
+
+
+def _timed_in_turn(steps: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each step per repeat, the steps timed one after the other (after a warm-up)."""
+    times: dict[str, list[float]] = {key: [] for key in steps}
+    with torch.no_grad():
+        for step in steps.values():
+            step()
+        for _ in range(repeats):
+            for key, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[key].append(time.perf_counter() - start)
+    return times
 
 
 # ------------------------------------------------------------------------------------ estimates
@@ -294,13 +367,16 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> l
     return lines
 
 
-MARKDOWN_COLUMNS = {
+MARKDOWN_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     "kernel": [("threads", "threads", ""), ("load avg", "load_average", ""), ("setting", "setting", ""),
                ("tiles per level", "tiles_per_level", ""),
                ("effective density", "effective_tile_density", ".4f"), ("dense SDPA s", "dense_sdpa_s", ".3f"),
                ("PSA call s", "sparse_s", ".3f"), ("plan s", "plan_s", ".4f"), ("speedup", "speedup", ".2f"),
                ("ideal", "ideal_speedup", ".2f"), ("achieved / ideal", "achieved_over_ideal", ".2f"),
                ("with plan", "speedup_with_plan", ".2f"), ("plan / call", "plan_share", ".3f")],
+    "small": [("threads", "threads", ""), ("neighbour", "competing_process", ""), ("load avg", "load_average", ""),
+              ("block", "block_size", ""), ("dense SDPA ms", "dense_sdpa_ms", ".1f"), ("plan ms", "plan_ms", ".2f"),
+              ("plan + PSA call ms", "psa_ms", ".1f"), ("speedup", "speedup", ".2f")],
     "estimate": [("block", "block_size", ""), ("estimate", "estimate", ""), ("share", "share", ".2f"),
                  ("key blocks", "key_blocks", ""), ("true mass / oracle", "mass_ratio", ".4f"),
                  ("recall of true top", "recall", ".4f"), ("estimate ms", "estimate_ms", ".1f")],
@@ -314,14 +390,14 @@ MARKDOWN_COLUMNS = {
 
 
 def write(part: str, rows: list[dict[str, Any]], out: str, seconds: float, notes: str) -> list[Path]:
-    """``<out>-<part>-cpu-<DATE>.json`` and ``.md``."""
+    """``<out>-<part>-cpu-<DATE>.json`` and ``.md`` (``small-compete`` is laid out as ``small``)."""
     base = Path(f"{out}-{part}-cpu-{DATE}")
     meta = dict(part=part, date=DATE, device="cpu", torch_threads=torch.get_num_threads(),
                 wall_seconds=round(seconds, 1), notes=notes)
     with atomic_path(base.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2, default=str) + "\n")
     lines = [f"**PSA {part}, cpu, {DATE}** ({torch.get_num_threads()} threads, {seconds:.0f} s)", "", notes, "",
-             *_table(rows, MARKDOWN_COLUMNS[part])]
+             *_table(rows, MARKDOWN_COLUMNS[part.removesuffix("-compete")])]
     with atomic_path(base.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return [base.with_suffix(".json"), base.with_suffix(".md")]
@@ -337,6 +413,11 @@ NOTES = {
                "shared: 'load avg' is its 1-minute load when the row was measured; above 2, threads wait for "
                "cores. The planner always runs with one thread (PyramidSparse.plan; with two it took 460 ms "
                "instead of 17 ms at load 5)."),
+    "small": ("Random q, k, v (fp32) at the embedded model's call size: N=2,112 (33x8x8), batch 2 (guidance), "
+              "4 heads x 32, laid out [B, N, H, D] and transposed as the processors pass them; psa shares. "
+              "Dense SDPA, plan alone, and plan + PSA call (backend cpu; a fresh plan each call, as in a pipeline) "
+              "timed in turn; medians. speedup = median of per-repeat dense / (plan + call). 'neighbour': another "
+              "process ran dense SDPA on two threads meanwhile (the shared 2-core machine's usual state)."),
     "estimate": ("The embedded model's self-attention q and k (every 10th call of a 33-frame 64x64, 25-step run, "
                  "2,112 tokens, 4 heads x 32). For each query block the top ceil(share x key blocks) blocks by each "
                  "estimate; 'true mass / oracle': the exact attention mass they hold over that of the exact top "
@@ -355,16 +436,20 @@ NOTES = {
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="kernel,estimate,fidelity",
-                        help="comma-separated: kernel, estimate, fidelity (default: all)")
+                        help="comma-separated: kernel, small, estimate, fidelity, matched "
+                             "(default: kernel, estimate, fidelity)")
     parser.add_argument("--out", default="benchmarks/results/psa", help="path prefix of the result files")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the kernel part (median)")
     parser.add_argument("--seeds", default="0,1", help="seeds of the fidelity part")
+    parser.add_argument("--compete", action="store_true", help="small part: time next to a busy neighbour process")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
         start = time.perf_counter()
         if part == "kernel":
             rows = kernel_rows(repeats=args.repeats, threads=(1, 2))
+        elif part == "small":
+            rows = small_rows(compete=args.compete)
         elif part == "estimate":
             rows = estimate_rows(record_embedded_qk())
         elif part == "fidelity":
@@ -372,7 +457,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         elif part == "matched":
             rows = matched_rows(seeds=tuple(int(s) for s in args.seeds.split(",")))
         else:
-            parser.error(f"--parts: unknown part {part!r}; allowed: kernel, estimate, fidelity, matched")
-        paths = write(part, rows, args.out, time.perf_counter() - start, NOTES[part])
+            parser.error(f"--parts: unknown part {part!r}; allowed: kernel, small, estimate, fidelity, matched")
+        name = "small-compete" if part == "small" and args.compete else part
+        paths = write(name, rows, args.out, time.perf_counter() - start, NOTES[part])
         print(*[str(p) for p in paths], sep="\n")
     return 0
