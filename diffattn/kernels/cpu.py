@@ -53,7 +53,7 @@ from .reference import add_pooled_grad, pooled_keys
 # Finite stand-in for -inf: exp(-1e30 - max) == 0 exactly in float32, and a row whose every score
 # is masked gives a finite (uniform) softmax instead of NaN, which is then zeroed explicitly.
 _MASKED = -1.0e30
-# q elements (B * H * N * D) up to which a call's whole-tensor copies run on one intra-op thread:
+# q elements (B * H * N * D) up to which a call's plan build and copies run on one intra-op thread:
 # the embedded model's calls (2 x 4 x 2,112 x 32 = 540k) are below, N = 16,384 x 4 x 64 is above.
 _SMALL_CALL_ELEMENTS = 1 << 21
 # Score elements per chunk (float32): a few MiB keeps the score / probability buffers in the
@@ -160,14 +160,7 @@ class _KeyBank:
 
 def _plan(layout: BlockLayout) -> _Plan:
     """Bucket the layout's query blocks and prepare masks (cached per layout tensors)."""
-    return cached_per_layout(_PLANS, layout, lambda: _build_plan_one_thread(layout))
-
-
-def _build_plan_one_thread(layout: BlockLayout) -> _Plan:
-    # Hundreds of operations on tensors of a few thousand elements: OpenMP regions cost more
-    # than they save (a dynamic pattern such as PSA builds a plan every call).
-    with one_cpu_thread():
-        return _build_plan(layout)
+    return cached_per_layout(_PLANS, layout, lambda: _build_plan(layout))
 
 
 def computed_pairs(layout: BlockLayout) -> int:
@@ -668,9 +661,11 @@ def _backward(
 
 
 def _small_call(q: torch.Tensor) -> bool:
-    """Whether the call's whole-tensor operations (loads, pooled key means, stores) run on one
-    intra-op thread: below :data:`_SMALL_CALL_ELEMENTS` their OpenMP regions cost more than they
-    save. The chunks still run on every worker of :class:`_Pool`."""
+    """Whether the call's plan build (a dynamic pattern such as PSA builds one per call) and its
+    whole-tensor operations (loads, pooled key means, stores) run on one intra-op thread: below
+    :data:`_SMALL_CALL_ELEMENTS` their OpenMP regions cost more than they save (at N = 16,384,
+    4 heads, a PSA plan build took 56 ms on one thread and 38 ms on two on an idle machine). The
+    chunks still run on every worker of :class:`_Pool`."""
     return q.numel() <= _SMALL_CALL_ELEMENTS
 
 
