@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import INTERPRET, load_pooled, load_rows, prune_configs, store_rows, tile_allowed, tuning_configs
+from .triton_fwd import INTERPRET, load_rows, pooled_chunk, prune_configs, store_rows, tile_allowed, tuning_configs
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -325,13 +325,8 @@ def _dq_pooled(
     pooled-gradient banks: a pooled row is shared by every query block that lists it, and a
     program per pooled row would need per-block column masks (see the module docstring)."""
     for start in range(0, count, POOL_N):
-        offs = start + tl.arange(0, POOL_N)
-        c_ok = offs < count
-        rows = tl.load(idx_ptr + offs, mask=c_ok, other=0)
-        k = load_pooled(pk_base, rows, c_ok, offs_d, d_ok, HEAD_DIM, PAD_D)
-        v = load_pooled(pv_base, rows, c_ok, offs_d, d_ok, HEAD_DIM, PAD_D)
-        bias = tl.load(bias_ptr + rows, mask=c_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias[None, :]
+        rows, c_ok, k, v, s = pooled_chunk(q, pk_base, pv_base, idx_ptr, start, count, bias_ptr, offs_d, d_ok,
+                                           qk_scale, HEAD_DIM, POOL_N, PAD_D, PRECISION)
         p = tl.where(c_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])

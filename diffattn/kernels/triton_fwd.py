@@ -95,6 +95,26 @@ def store_rows(ptrs, x, row_ok, d_ok, PAD_D: tl.constexpr):
 
 # ------------------------------------------------------------------------------------ forward
 @triton.jit
+def online_softmax_step(acc, l_i, m_i, s, v, MAY_BE_EMPTY: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold one chunk of scores ``s`` [BLOCK_M, C] (log2 units) and values ``v`` [C, BLOCK_D] into
+    the running ``(acc, l_i, m_i)``; returns the updated triple.
+
+    ``MAY_BE_EMPTY``: some rows may have no allowed key so far (m_new = -inf); subtracting 0
+    instead keeps exp2(-inf - -inf) = NaN out of p and alpha (both become exactly 0).
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MAY_BE_EMPTY:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_tiles(
     acc,
     l_i,
@@ -145,18 +165,7 @@ def _fwd_tiles(
                 allowed = tile_allowed(masks_ptr, mask_id, 0, sub * SUB_N, BLOCK_M, SUB_N, BLOCK_M, WORDS)
                 allowed = allowed & n_ok[None, :] & m_ok[:, None]
                 s = tl.where(allowed, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                # A row with no allowed key so far has m_new = -inf; subtracting 0 instead keeps
-                # exp2(-inf - -inf) = NaN out of p and alpha (both become exactly 0).
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = m_new
-            p = tl.math.exp2(s - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, MASKED, PRECISION)
     return acc, l_i, m_i
 
 
@@ -165,6 +174,22 @@ def load_pooled(base, rows, c_ok, offs_d, d_ok, HEAD_DIM: tl.constexpr, PAD_D: t
     """Gather pooled-bank rows ``rows`` ([POOL_N], masked by ``c_ok``) of a contiguous
     ``[R, HEAD_DIM]`` bank: ``[POOL_N, BLOCK_D]``, zeros where masked."""
     return load_rows(base + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], c_ok, d_ok, True, PAD_D)
+
+
+@triton.jit
+def pooled_chunk(q, pk_base, pv_base, idx_ptr, start, count, bias_ptr, offs_d, d_ok, qk_scale,
+                 HEAD_DIM: tl.constexpr, POOL_N: tl.constexpr, PAD_D: tl.constexpr, PRECISION: tl.constexpr):
+    """The ``POOL_N`` pooled-bank rows of a query block's list from ``start`` on: ``(rows, c_ok, k,
+    v, s)`` with ``c_ok`` masking entries past ``count`` and ``s`` the scores plus each group's
+    ``log2(size)`` (``bias_ptr``, base-2 units like the scores); masked columns are not -inf yet."""
+    offs = start + tl.arange(0, POOL_N)
+    c_ok = offs < count
+    rows = tl.load(idx_ptr + offs, mask=c_ok, other=0)
+    k = load_pooled(pk_base, rows, c_ok, offs_d, d_ok, HEAD_DIM, PAD_D)
+    v = load_pooled(pv_base, rows, c_ok, offs_d, d_ok, HEAD_DIM, PAD_D)
+    bias = tl.load(bias_ptr + rows, mask=c_ok, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias[None, :]
+    return rows, c_ok, k, v, s
 
 
 @triton.jit
@@ -190,21 +215,10 @@ def _fwd_pooled(
     bank (listed at ``idx_ptr``), gathered ``POOL_N`` at a time, each logit plus its group's
     ``log2(size)`` (``bias_ptr``, base-2 units like the scores)."""
     for start in range(0, count, POOL_N):
-        offs = start + tl.arange(0, POOL_N)
-        c_ok = offs < count
-        rows = tl.load(idx_ptr + offs, mask=c_ok, other=0)
-        k = load_pooled(pk_base, rows, c_ok, offs_d, d_ok, HEAD_DIM, PAD_D)
-        v = load_pooled(pv_base, rows, c_ok, offs_d, d_ok, HEAD_DIM, PAD_D)
-        bias = tl.load(bias_ptr + rows, mask=c_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias[None, :]
+        rows, c_ok, k, v, s = pooled_chunk(q, pk_base, pv_base, idx_ptr, start, count, bias_ptr, offs_d, d_ok,
+                                           qk_scale, HEAD_DIM, POOL_N, PAD_D, PRECISION)
         s = tl.where(c_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in the masked loop: no NaN
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, True, PRECISION)
     return acc, l_i, m_i
 
 
