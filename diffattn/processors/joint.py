@@ -75,10 +75,22 @@ def _split_attention(
     out_vv, lse_vv = state.attend(q_video, key[:, video], value[:, video], layer_index, grid=video_grid,
                                   return_lse=True, processor=processor)
     out_vt, lse_vt = _dense_with_lse(q_video, key[:, text], value[:, text], key_padding[:, text])
-    lse = torch.logaddexp(lse_vv, lse_vt)
-    video_out = out_vv.float() * _merge_weight(lse_vv, lse) + out_vt * _merge_weight(lse_vt, lse)
+    video_out, _ = _merge_parts(out_vv, lse_vv, out_vt, lse_vt)
+    return _with_dense_text_queries(query, key, value, video, text, video_out, key_padding)
 
-    # Text queries attend everything that is not padding (dense, as in the stock processor).
+
+def _merge_parts(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                 lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over two disjoint key sets from each part's output ``[B, Nq, H, D]`` and
+    LSE ``[B, Nq, H]``: ``(out float32, total lse)``, exact, an empty part weighing 0."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return out_a.float() * _merge_weight(lse_a, lse) + out_b * _merge_weight(lse_b, lse), lse
+
+
+def _with_dense_text_queries(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, video: slice, text: slice,
+                             video_out: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
+    """The joint output ``[B, N, H, D]``: ``video_out`` on the video rows; text queries attend
+    everything that is not padding (dense, as in the stock processor)."""
     text_out = F.scaled_dot_product_attention(
         query[:, text].transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
         attn_mask=key_padding[:, None, None, :],

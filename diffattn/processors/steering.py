@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..patterns import VideoGrid
 from .base import SparseAttnProcessor, _FunctionalWith, _with_global
-from .joint import _merge_weight
+from .joint import _merge_parts, _text_slice, _video_slice, _with_dense_text_queries
 from .state import SparseUnsupported
 
 #: The logit bias of a hard (infinite-strength) region: exp(-HARD_BIAS) is exactly 0 in every dtype.
@@ -246,8 +246,7 @@ def steered_split_attention(
     grid: VideoGrid = state.grid
     if grid is None or grid.text_tokens == 0:
         raise SparseUnsupported("no joint token grid for a steered sparse call")
-    video = slice(grid.video_offset, grid.video_offset + grid.video_tokens)
-    text = slice(0, grid.text_tokens) if grid.text_position == "start" else slice(grid.video_tokens, grid.num_tokens)
+    video, text = _video_slice(grid), _text_slice(grid)
     padding = key_padding if key_padding is not None else torch.ones(
         query.shape[0], query.shape[1], dtype=torch.bool, device=query.device)
     if not bool(padding[:, video].all()):
@@ -276,8 +275,7 @@ def steered_split_attention(
         lses.append(lse.transpose(1, 2))
         chunks.append((scores, lse))
     out_vt, lse_vt = torch.cat(outs, 1), torch.cat(lses, 1)
-    lse = torch.logaddexp(lse_vv, lse_vt)
-    video_out = out_vv.float() * _merge_weight(lse_vv, lse) + out_vt * _merge_weight(lse_vt, lse)
+    video_out, lse = _merge_parts(out_vv, lse_vv, out_vt, lse_vt)
     maps = None
     if edit.capture is not None:
         total = lse.transpose(1, 2)  # [B, H, Nv]
@@ -288,14 +286,7 @@ def steered_split_attention(
             parts.append(probs @ edit.capture[:, None])
             start += rows
         maps = torch.cat(parts, 2)
-    text_out = F.scaled_dot_product_attention(
-        query[:, text].transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        attn_mask=padding[:, None, None, :],
-    ).transpose(1, 2)
-    out = torch.empty_like(query)
-    out[:, video] = video_out.to(query.dtype)
-    out[:, text] = text_out
-    return out, maps
+    return _with_dense_text_queries(query, key, value, video, text, video_out, padding), maps
 
 
 # -- the per-transformer controller and the processor of stock layers -------------------------------
